@@ -1,0 +1,284 @@
+"""The one tokenizer wrapper: a byte-level BPE trained with `tokenizers`, run with `tiktoken`.
+
+Design:
+- Training uses the Rust `tokenizers` trainer (minutes on 2 cores for 32k merges); encoding and
+  decoding use `tiktoken`, which is faster and has a tiny on-disk format. Both split text with the
+  same regex (`PATTERN`) and the trained merges become tiktoken ranks, so the two give identical
+  ids (tests/test_tokenizer.py checks it on held-out wiki text).
+- `PATTERN` keeps runs of Han characters together (so BPE can learn multi-character words, which
+  is where the characters-per-token gain on Chinese comes from), separates them from Latin
+  letters, digits (1-3 at a time) and punctuation.
+- Special tokens sit after the BPE ids. Only code inserts them (by id): user text is always
+  encoded as ordinary text, so typing "<|endoftext|>" cannot end a document or fake a role.
+- A tokenizer is a folder: `ranks.tiktoken` (base64 token, rank) + `tokenizer.json` (pattern,
+  special tokens, and a sha256 of both). `identity` names it exactly in meta.json and checkpoints.
+- `gpt2` stays available for compatibility: GPT-2's ranks with EOT 50256, our other special tokens
+  appended from 50257.
+"""
+import base64
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import tiktoken
+
+PATTERN = (
+    r"\p{Han}+"
+    r"|'(?i:[sdmt]|ll|ve|re)"
+    r"|[^\r\n\p{L}\p{N}]?(?:(?!\p{Han})\p{L})+"
+    r"|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+"
+    r"|\s+(?!\S)"
+    r"|\s+"
+)
+# name -> spelling; the order fixes their ids after the BPE vocabulary
+SPECIAL_TOKENS = {
+    "eot": "<|endoftext|>",
+    "pad": "<|pad|>",
+    "answer": "<|answer|>",  # separates question and answer (the original design's "##")
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "end": "<|end|>",  # end of a chat turn
+}
+DEFAULT_VOCAB_SIZE = 32000
+
+
+def _bytes_to_unicode():
+    """GPT-2's map from bytes to printable characters, used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class Tokenizer:
+    """Encode/decode text; knows the special token ids as attributes (tok.eot, tok.pad, ...)."""
+
+    def __init__(self, enc, special, identity):
+        self.enc = enc
+        self.special = special  # name -> id
+        self.identity = identity
+        for name, idx in special.items():
+            setattr(self, name, idx)
+        self.n_vocab = enc.n_vocab
+        self._special_ids = frozenset(special.values())
+
+    def encode(self, text):
+        """Ordinary text only: special-token spellings inside `text` stay plain text."""
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts, num_threads=8):
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode(self, ids):
+        """Text of the ordinary tokens; special tokens are dropped."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids):
+        return self.enc.decode_bytes([i for i in ids if i not in self._special_ids])
+
+    def is_special(self, idx):
+        return idx in self._special_ids
+
+    # -- prompt layouts shared by data preparation, sampling, serving and evaluation --
+
+    def encode_qa(self, question, answer=None):
+        """question <|answer|> [answer <|endoftext|>] — the SFT layout; without answer, a prompt."""
+        ids = self.encode(question) + [self.answer]
+        if answer is not None:
+            ids += self.encode(answer) + [self.eot]
+        return ids
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        """<|role|> content <|end|> per message; a prompt ends with <|assistant|>.
+
+        A finished conversation (training data) ends with <|endoftext|> instead.
+        """
+        ids = []
+        for m in messages:
+            role = m["role"]
+            if role not in ("system", "user", "assistant"):
+                raise ValueError(f"unknown chat role {role!r} (expected system, user or assistant)")
+            ids += [self.special[role]] + self.encode(m["content"]) + [self.end]
+        return ids + ([self.assistant] if add_generation_prompt else [self.eot])
+
+    def stop_ids(self, mode):
+        return {self.eot, self.end} if mode == "chat" else {self.eot}
+
+    def save(self, folder):
+        """Write this tokenizer's folder (used to keep a copy inside each run directory)."""
+        src = self.identity.get("path") if isinstance(self.identity, dict) else None
+        if src is None:
+            return
+        folder = Path(folder)
+        if folder.resolve() == Path(src).resolve():
+            return
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+
+
+class StreamDecoder:
+    """Token ids in, text out, never a U+FFFD for a character split across tokens.
+
+    Bytes of an incomplete UTF-8 sequence at the end are held back until the next token completes
+    them; `flush()` returns what is left (invalid bytes then become U+FFFD, as they must).
+    """
+
+    def __init__(self, tok):
+        self.tok, self.pending = tok, b""
+
+    def push(self, idx):
+        if self.tok.is_special(idx):
+            return ""
+        self.pending += self.tok.enc.decode_single_token_bytes(idx)
+        # keep at most the last 3 bytes if they start an unfinished multi-byte sequence
+        cut = len(self.pending)
+        for back in range(1, min(4, len(self.pending)) + 1):
+            b = self.pending[-back]
+            if b & 0xC0 == 0x80:  # continuation byte: look further back
+                continue
+            need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+            if need > back:
+                cut = len(self.pending) - back
+            break
+        text = self.pending[:cut].decode("utf-8", errors="replace")
+        self.pending = self.pending[cut:]
+        return text
+
+    def flush(self):
+        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""
+        return text
+
+
+def file_sha256(*paths):
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()
+
+
+def load_tokenizer(spec="data/tokenizer"):
+    """A tokenizer folder path, 'gpt2', or an identity dict from meta.json / a checkpoint."""
+    if isinstance(spec, dict):
+        spec = spec["path"]
+    if spec == "gpt2":
+        base = tiktoken.get_encoding("gpt2")
+        special = {"eot": base.eot_token}
+        extra = {}
+        for i, name in enumerate(n for n in SPECIAL_TOKENS if n != "eot"):
+            special[name] = base.n_vocab + i
+            extra[SPECIAL_TOKENS[name]] = base.n_vocab + i
+        enc = tiktoken.Encoding(
+            "gpt2-minigpt", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+            special_tokens={**base._special_tokens, **extra},
+        )
+        return Tokenizer(enc, special, "gpt2")
+    folder = Path(spec)
+    config_path, ranks_path = folder / "tokenizer.json", folder / "ranks.tiktoken"
+    if not config_path.exists() or not ranks_path.exists():
+        raise FileNotFoundError(f"no tokenizer at {folder} (expected tokenizer.json and ranks.tiktoken); "
+                                "train one with `python tokenizer.py --input DIR` or let data/prepare.py do it")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    ranks = {}
+    for line in ranks_path.read_text().splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    digest = hashlib.sha256(ranks_path.read_bytes() + config["pattern"].encode()).hexdigest()
+    if digest != config["sha256"]:
+        raise ValueError(f"tokenizer at {folder} is corrupt: its files do not match the recorded sha256")
+    specials = config["special_tokens"]  # name -> [spelling, id]
+    enc = tiktoken.Encoding(f"minigpt-{digest[:8]}", pat_str=config["pattern"], mergeable_ranks=ranks,
+                            special_tokens={s: i for s, i in specials.values()})
+    identity = {"path": str(folder), "sha256": digest}
+    return Tokenizer(enc, {name: i for name, (_, i) in specials.items()}, identity)
+
+
+def train_tokenizer(texts, folder, vocab_size=DEFAULT_VOCAB_SIZE):
+    """Train byte-level BPE on an iterable of strings and write the tokenizer folder atomically."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    n_special = len(SPECIAL_TOKENS)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False, min_frequency=2)
+    hf.train_from_iterator(texts, trainer)
+    ranks = ranks_from_hf(hf)
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ranks_text = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+    (tmp / "ranks.tiktoken").write_text(ranks_text)
+    digest = hashlib.sha256(ranks_text.encode() + PATTERN.encode()).hexdigest()
+    specials = {name: [s, len(ranks) + i] for i, (name, s) in enumerate(SPECIAL_TOKENS.items())}
+    config = {"pattern": PATTERN, "special_tokens": specials, "vocab_size": len(ranks) + n_special, "sha256": digest}
+    (tmp / "tokenizer.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return load_tokenizer(folder)
+
+
+def ranks_from_hf(hf):
+    """tiktoken ranks from a trained `tokenizers` BPE: bytes first, then merges in merge order.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank, which replays the
+    trainer's merge list exactly when rank = position of the merge that created the token.
+    """
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    to_bytes = lambda s: bytes(byte_of[c] for c in s)  # noqa: E731
+    ranks = {bytes([b]): b for b in range(256)}
+    merges = json.loads(hf.to_str())["model"]["merges"]
+    for merge in merges:
+        left, right = merge if isinstance(merge, list) else merge.split(" ")
+        token = to_bytes(left) + to_bytes(right)
+        if token not in ranks:
+            ranks[token] = len(ranks)
+    return ranks
+
+
+def sample_texts(input_path, max_chars=30_000_000, every=1):
+    """Cleaned article bodies from wiki jsonl, about `max_chars` in total, spread over all files."""
+    from data_utils import clean_article, find_jsonl, iter_jsonl
+
+    files = find_jsonl(input_path)
+    per_file = max_chars // max(len(files), 1)
+    for path in files:
+        got = 0
+        for _, obj in iter_jsonl(path):
+            body = clean_article(obj["text"])
+            if len(body) >= 50:
+                yield body
+                got += len(body)
+                if got >= per_file:
+                    break
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description="Train the Chinese byte-level BPE tokenizer on wiki jsonl.")
+    ap.add_argument("--input", required=True, help="folder (walked for *.jsonl) or one jsonl file")
+    ap.add_argument("--out", default="data/tokenizer")
+    ap.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE)
+    ap.add_argument("--max_chars", type=int, default=30_000_000, help="characters sampled for training")
+    args = ap.parse_args()
+    t0 = time.time()
+    tok = train_tokenizer(sample_texts(args.input, args.max_chars), args.out, args.vocab_size)
+    print(f"trained {tok.n_vocab}-token tokenizer in {time.time() - t0:.0f}s -> {args.out} (sha256 {tok.identity['sha256'][:12]})")
