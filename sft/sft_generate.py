@@ -1,0 +1,567 @@
+"""Generate question-answer pairs from wiki articles, for supervised fine-tuning.
+
+    python sft/sft_generate.py --input ../shared/data/zhwiki --output sft/sft_saves.jsonl \
+        --base_url http://127.0.0.1:1234/v1 --model NAME [--workers 4] [--limit N]
+    python sft/sft_generate.py --input ../shared/data/zhwiki --backend extractive
+
+Output: one line per pair, `{"question", "answer", "id", "title"}` (`id` = the article's id), which
+`data/prepare_sft.py` reads directly.
+
+Design choices:
+- Two backends behind one validator. `llm` sends one article per request to any OpenAI-compatible
+  chat-completions server (LM Studio, vLLM, Ollama, llama.cpp, this project's server.py) through
+  the official `openai` client with its own retries off (`max_retries=0`), so the backoff policy
+  below is the only one. `extractive` turns definitional and factual sentences that start with the
+  article's title ("X位于…", "X成立于…", "X由…开发") into pairs by rule, so the pipeline runs
+  without any model; it yields fewer and simpler pairs.
+- Every candidate pair, from either backend, passes the same checks (`validate`): JSON objects
+  are pulled out of a reply tolerantly (code fences, prose, a list or one object per line), lengths
+  are bounded, questions opening with a pronoun are rejected (they cannot be understood without
+  the article), an answer must be supported by the article (the share of its character bigrams
+  that occur in the article, `--min_support`), duplicates are dropped. A reply that fails, and a
+  timeout, connection error, 429 or 5xx, is retried with exponential backoff (Retry-After honoured)
+  up to `--max_attempts`; then the article is recorded as failed with the reason. 401/403 (and 404:
+  a wrong URL or model) stop the run at once: every later request would fail the same way.
+- Resumable append-only output rather than write-then-rename: a run over 100k articles must
+  survive Ctrl-C or a kill. Only the main thread writes; each article's lines go out in one write
+  and flush, then one line in the sidecar `OUTPUT.state.jsonl` (`{"id", "status", "reason",
+  "pairs", "end"}`, `end` = output size after the article). On resume, ids marked done there or
+  present in the output are skipped, failed ones are retried, and a torn last line is cut back to
+  the last recorded `end`, so a kill loses at most the articles in flight and duplicates nothing.
+- Articles are cleaned with `data_utils.clean_article` (as for pretraining), articles shorter than
+  `--min_chars` are skipped and longer ones cut at a sentence boundary to `--max_chars`, so the
+  prompt fits a local model's context; answers are checked against that same cut text.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+from collections import Counter, namedtuple
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data_utils import BadLines, clean_article, find_jsonl, iter_jsonl, split_sentences  # noqa: E402
+
+DEFAULT_PROMPT = Path(__file__).with_name("prompt_zh.txt")
+Article = namedtuple("Article", "id title text")
+Outcome = namedtuple("Outcome", "status pairs reason")  # status: "done" | "failed"
+Limits = namedtuple("Limits", "min_qa max_qa max_question_chars max_answer_chars min_support")
+
+
+class FatalError(Exception):
+    """A failure every later request would repeat (bad key, wrong URL): stop the run."""
+
+
+# ----------------------------------------------------------------------------- articles
+
+
+def truncate_at_sentence(text, max_chars):
+    """The longest run of whole sentences (paragraph breaks kept) within `max_chars`."""
+    if len(text) <= max_chars:
+        return text
+    paragraphs, used, full = [], 0, False
+    for paragraph in text.split("\n"):
+        kept = []
+        for sentence in split_sentences(paragraph):
+            full = used + len(sentence) > max_chars
+            if full:
+                break
+            kept.append(sentence)
+            used += len(sentence)
+        if kept:
+            paragraphs.append("".join(kept))
+            used += 1
+        if full:
+            break
+    # a first sentence longer than the budget still gives the model something to read
+    return "\n".join(paragraphs) or text[:max_chars]
+
+
+class ArticleReader:
+    """Articles to work on, read lazily; counts what it skips for the summary and progress bar."""
+
+    def __init__(self, input_path, min_chars, max_chars, limit=None):
+        self.root = Path(input_path)
+        self.files = find_jsonl(self.root)
+        if not self.files:
+            raise SystemExit(f"no .jsonl files found at {self.root}")
+        self.min_chars, self.max_chars, self.limit = min_chars, max_chars, limit
+        self.bad = BadLines()
+        self.lines = self.eligible = self.too_short = 0
+
+    def count_lines(self):
+        return sum(f.read_bytes().count(b"\n") for f in self.files)
+
+    def __iter__(self):
+        for path in self.files:
+            name = path.relative_to(self.root) if self.root.is_dir() else path.name
+            for lineno, obj in iter_jsonl(path, self.bad):
+                if self.limit is not None and self.eligible >= self.limit:
+                    return
+                self.lines += 1
+                title = str(obj.get("title") or "").strip()
+                body = clean_article(obj["text"], drop_title=bool(title) and obj["text"].startswith(title))
+                if len(body) < self.min_chars:
+                    self.too_short += 1
+                    continue
+                self.eligible += 1
+                article_id = str(obj["id"]) if obj.get("id") is not None else f"{name}:{lineno}"
+                title = title or body.split("\n", 1)[0][:30]
+                yield Article(article_id, title, truncate_at_sentence(body, self.max_chars))
+
+
+# ----------------------------------------------------------------------------- validation
+
+_THINK = re.compile(r"<think>.*?</think>", re.S)
+_JSON_START = re.compile(r"[\[{]")
+_DECODER = json.JSONDecoder()
+# Questions that lean on the article for their subject cannot be asked on their own.
+PRONOUNS = ("他", "她", "它", "这", "该", "此", "其", "那个", "那些", "那位", "本文", "文中", "文章", "上述", "作者")
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
+def extract_json_objects(reply):
+    """Every JSON object holding a question or answer in a model's reply, however it is wrapped."""
+    reply = _THINK.sub("", reply)
+    found, i = [], 0
+    while match := _JSON_START.search(reply, i):
+        try:
+            value, i = _DECODER.raw_decode(reply, match.start())
+        except json.JSONDecodeError:
+            i = match.start() + 1  # a broken list may still hold whole objects further on
+            continue
+        found.extend(_qa_objects(value))
+    return found
+
+
+def _qa_objects(value):
+    if isinstance(value, dict):
+        if any(k in value for k in ("question", "answer", "问题", "答案")):
+            return [value]
+        value = list(value.values())  # a wrapper such as {"qa_pairs": [...]}
+    if isinstance(value, list):
+        return [obj for item in value for obj in _qa_objects(item)]
+    return []
+
+
+def support(answer, article_text):
+    """Share of the answer's character bigrams (punctuation ignored) that occur in the article."""
+    answer = _NOT_WORD.sub("", answer).lower()
+    text = _NOT_WORD.sub("", article_text).lower()
+    if len(answer) < 2:
+        return float(bool(answer) and answer in text)
+    grams = {text[i : i + 2] for i in range(len(text) - 1)}
+    wanted = [answer[i : i + 2] for i in range(len(answer) - 1)]
+    return sum(g in grams for g in wanted) / len(wanted)
+
+
+def validate(candidates, article, limits):
+    """Keep the acceptable pairs (at most `max_qa`) and count why the others were rejected."""
+    pairs, rejected, seen = [], Counter(), set()
+    for obj in candidates:
+        question, answer = obj.get("question", obj.get("问题")), obj.get("answer", obj.get("答案"))
+        if not isinstance(question, str) or not isinstance(answer, str) or not question.strip() or not answer.strip():
+            rejected["missing_fields"] += 1
+            continue
+        question, answer = question.strip(), answer.strip()
+        key = _NOT_WORD.sub("", question)
+        if len(question) > limits.max_question_chars or len(answer) > limits.max_answer_chars:
+            rejected["too_long"] += 1
+        elif question.startswith(PRONOUNS):
+            rejected["pronoun_question"] += 1
+        elif support(answer, article.text) < limits.min_support:
+            rejected["unsupported_answer"] += 1
+        elif key in seen:
+            rejected["duplicate"] += 1
+        else:
+            seen.add(key)
+            pairs.append({"question": question, "answer": answer})
+    return pairs[: limits.max_qa], rejected
+
+
+def judge(candidates, article, limits, nothing="malformed_json"):
+    """Done with the valid pairs, or failed with the main reason there were too few of them."""
+    if not candidates:
+        return Outcome("failed", [], nothing)
+    pairs, rejected = validate(candidates, article, limits)
+    if len(pairs) >= limits.min_qa:
+        return Outcome("done", pairs, None)
+    # the reason behind most candidates, valid pairs (too few of them) counting as "too_few_pairs"
+    reasons = rejected + Counter(too_few_pairs=len(pairs))
+    return Outcome("failed", [], reasons.most_common(1)[0][0])
+
+
+# ----------------------------------------------------------------------------- llm backend
+
+
+RETRY_AFTER_CAP_S = 600  # a server asking for longer (or "inf") is treated as asking for 10 minutes
+
+
+def _retry_after(headers):
+    """Seconds asked for by a Retry-After header (seconds or an HTTP date), or None."""
+    value = headers.get("retry-after") if headers is not None else None
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S) if seconds == seconds else None  # NaN is no answer
+
+
+class LLMBackend:
+    """One chat-completions request per article, validated and retried by our own policy."""
+
+    def __init__(self, args, prompt, limits, stop):
+        import openai  # only this backend needs it
+
+        self.openai, self.args, self.prompt, self.limits, self.stop = openai, args, prompt, limits, stop
+        self.client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, timeout=args.timeout, max_retries=0)
+
+    def request(self, article):
+        content = self.prompt.replace("{title}", article.title).replace("{text}", article.text)
+        return {"model": self.args.model, "messages": [{"role": "user", "content": content}],
+                "temperature": self.args.temperature, "max_tokens": self.args.max_tokens}
+
+    def __call__(self, article):
+        errors = self.openai
+        for attempt in range(1, self.args.max_attempts + 1):
+            wait_s = None
+            try:
+                reply = self.client.chat.completions.create(**self.request(article))
+            except (errors.AuthenticationError, errors.PermissionDeniedError) as e:
+                raise FatalError(f"authentication failed (HTTP {e.status_code}) at {self.args.base_url}: "
+                                 f"check --api_key ({str(e)[:200]})") from e
+            except errors.NotFoundError as e:
+                raise FatalError(f"HTTP 404 from {self.args.base_url}/chat/completions: check --base_url (it usually "
+                                 f"ends in /v1) and --model {self.args.model!r} ({str(e)[:200]})") from e
+            except errors.APITimeoutError:
+                reason = "timeout"
+            except errors.APIConnectionError:
+                reason = "connection_error"
+            except errors.APIStatusError as e:
+                reason = f"http_{e.status_code}"
+                if e.status_code != 429 and e.status_code < 500:
+                    return Outcome("failed", [], reason)  # the same request would be refused again
+                wait_s = _retry_after(e.response.headers)
+            except (errors.APIResponseValidationError, ValueError):  # a 200 whose body is not JSON
+                reason = "bad_response"
+            else:
+                content = reply.choices[0].message.content if getattr(reply, "choices", None) else None
+                outcome = judge(extract_json_objects(content), article, self.limits) if content else None
+                if outcome and outcome.status == "done":
+                    return outcome
+                reason = outcome.reason if outcome else "empty_reply"
+            if attempt < self.args.max_attempts:
+                if wait_s is None:
+                    wait_s = min(self.args.max_backoff, self.args.backoff * 2 ** (attempt - 1))
+                    wait_s *= random.uniform(0.75, 1)  # jitter, so workers do not retry in lockstep
+                if self.stop.wait(wait_s):
+                    break
+        return Outcome("failed", [], reason)
+
+
+# ----------------------------------------------------------------------------- extractive backend
+
+_BRACKETS = r"(?:\s*[（(][^（）()]*[)）])*\s*"  # asides after the subject: "X（英语：…；1900年－1950年）"
+_ASIDE = _BRACKETS + r"[，,]?\s*"
+_OPENING = re.compile(_BRACKETS + r"[，,]\s*")  # "X（…），中国演员。": a definition without 是
+_ON = r"(?:(?:在|于)[^，,；;。]{0,20}?)?(?:最初|最早|主要|目前|现|原|曾|也)?"  # "X在1919年出生于…"
+_BY = re.compile(_ASIDE + _ON + r"由([^，,；;。]{1,30})(开发|创作|执导|导演|编剧|设计|制作|出版|发行|编写|撰写|创办|创立|"
+                 r"创建|建造|兴建|主演|主持|作曲|作词|演唱|经营|运营|管理|主办|研发|生产|制造|发明|提出|发现|命名)(?![人者师商院])")
+_WHEN_WHERE = re.compile(_ASIDE + _ON + r"(位于|坐落于|座落于|地处|毕业于|成立于|创立于|创办于|创建于|始建于|建于|建成于|落成于|"
+                         r"开业于|启用于|开通于|出版于|发行于|首播于|出生于|生于|逝世于|去世于|卒于)")
+_DATE = r"(?:公元前?|西元前?)?[0-9０-９]{1,4}年(?:[0-9０-９]{1,2}月)?(?:[0-9０-９]{1,2}日)?"
+_DATED = re.compile(_ASIDE + r"(?:于|在)(" + _DATE + r")(?:在[^，,；;。]{1,20}?)?(?:正式|首次|首度|开始|共同)?(成立|创立|创办|建立|"
+                    r"建成|落成|出生|逝世|去世|开业|开通|通车|启用|开播|首播|首映|上映|发行|出版|发布|推出|召开|举行|创刊|出道)")
+_ALIAS = re.compile(_ASIDE + r"(又称|又名|又译|亦称|也称|通称|简称|别称|旧称|原名|俗称)")
+_DEFINE = re.compile(_ASIDE + r"(?:也|现|曾|乃|即)?(?:是|为(?![了何]))")
+_LIFE_DATES = re.compile(r"^[（(][^）)]*\d+年[^）)]*[－\-—–至~][^）)]*[)）]")
+_TIME = re.compile(r"[0-9０-９]|年|世纪|时期|时代|[朝代]$")  # "1938年", "清乾隆二十九年", "唐贞观时期", "清代"
+_PLACE_VERBS = ("位于", "坐落于", "座落于", "地处", "毕业于")
+_PERSON_NOUN = ("人", "人物", "家", "员", "者", "手", "师", "官", "将", "帝", "王", "相", "臣", "干部", "男性", "女性", "将领", "声优")
+_CLAUSE = re.compile(r"[^，,；;。！？!?]+")
+
+
+def _subjects(title):
+    """Ways the title may open a sentence, longest first: 'X (消歧义)', 'X', '《X》'."""
+    base = re.sub(r"\s*[（(][^（）()]*[)）]$", "", title).strip()
+    return sorted({s for s in (title, base, f"《{base}》") if s}, key=len, reverse=True)
+
+
+def _is_person(rest, definition):
+    """Whether to ask 是谁 rather than 是什么: life dates in the aside, "一位…", "男，…", a courtesy
+    name "字…", or one of the first clauses naming a kind of person ("河北平山人", "日本女演员")."""
+    if _LIFE_DATES.match(rest.lstrip()) or definition.startswith(("一位", "一名", "男，", "女，", "字")):
+        return True
+    clauses = [c.strip() for c in _CLAUSE.findall(definition)[:3]]
+    return any(c.endswith(_PERSON_NOUN) and not c.endswith(("国家", "世家")) for c in clauses)
+
+
+def _pair_from(subject, rest, opening):
+    """The pair one sentence "subject + rest" gives, or None; the first rule that matches wins."""
+    if m := _BY.match(rest):
+        # "由三宅精一于1965年发明": the agent alone answers 由谁
+        agent = re.split(r"[于在](?=[0-9０-９])", m.group(1))[0].strip()
+        return f"{subject}由谁{m.group(2)}？", agent
+    if m := _DATED.match(rest):
+        return f"{subject}什么时候{m.group(2)}？", m.group(1)
+    if m := _WHEN_WHERE.match(rest):
+        answer = _CLAUSE.match(rest[m.end() :].lstrip())
+        answer = answer.group().strip() if answer else ""
+        # "成立于1938年" but also "出生于上海": the answer tells which was asked
+        asked = "什么时候" if m.group(1) not in _PLACE_VERBS and _TIME.search(answer) else "哪里"
+        return f"{subject}{m.group(1)}{asked}？", answer
+    if m := _ALIAS.match(rest):
+        answer = _CLAUSE.match(rest[m.end() :].lstrip())
+        return f"{subject}{m.group(1)}什么？", answer.group().strip() if answer else ""
+    if (m := _DEFINE.match(rest)) or (opening and (m := _OPENING.match(rest))):
+        # "X是…" anywhere; "X（…），…" only as the article's opening definition
+        answer = rest[m.end() :].strip()
+        return f"{subject}是{'谁' if _is_person(rest, answer) else '什么'}？", answer
+    return None
+
+
+def extract_candidates(article):
+    """Rule-based pairs from sentences that open with the article's title; answers verbatim."""
+    subjects, found = _subjects(article.title), []
+    for n, sentence in enumerate(split_sentences(article.text)):
+        subject = next((s for s in subjects if sentence.startswith(s)), None)
+        pair = subject and _pair_from(subject, sentence[len(subject) :], opening=n == 0)
+        if pair and len(_NOT_WORD.sub("", pair[1])) >= 2:
+            found.append({"question": pair[0], "answer": pair[1]})
+    return found
+
+
+def extractive_outcome(article, limits):
+    outcome = judge(extract_candidates(article), article, limits)
+    return outcome if outcome.status == "done" else Outcome("failed", [], "no_pairs")
+
+
+# ----------------------------------------------------------------------------- output and resume
+
+
+class Store:
+    """The output file and its sidecar state file; only the main thread writes to them."""
+
+    def __init__(self, output):
+        self.output = Path(output)
+        self.state_path = self.output.with_name(self.output.name + ".state.jsonl")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        states = self._read_lines(self.state_path)
+        out_size = self.output.stat().st_size if self.output.exists() else 0
+        ends = [s.get("end") for s in states if isinstance(s.get("end"), int)]
+        if ends and max(ends) > out_size:
+            print(f"{self.state_path} records more output than {self.output} holds: ignoring it")
+            states, ends = [], []
+            self.state_path.write_bytes(b"")
+        lines = self._read_lines(self.output, safe_end=max(ends, default=None))
+        last_status = {s["id"]: s.get("status") for s in states if "id" in s}
+        self.done = {i for i, status in last_status.items() if status == "done"}
+        self.done |= {str(line["id"]) for line in lines if "id" in line}
+        self.failed_before = {i for i, status in last_status.items() if status == "failed"} - self.done
+        self.pairs_before = len(lines)
+        self._out, self._state = open(self.output, "ab"), open(self.state_path, "ab")
+
+    @staticmethod
+    def _read_lines(path, safe_end=None):
+        """JSON lines of a file, after cutting a last line torn by a kill (back to `safe_end` when
+        that is earlier: the torn write may have left whole lines of its article before it)."""
+        if not path.exists():
+            return []
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            if safe_end is not None and safe_end < keep:
+                keep = safe_end
+            print(f"{path}: dropping {len(data) - keep} bytes of an interrupted write")
+            with open(path, "rb+") as f:
+                f.truncate(keep)
+            data = data[:keep]
+        lines = []
+        for raw in data.splitlines():
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                lines.append(obj)
+        return lines
+
+    def record(self, article, outcome):
+        if outcome.pairs:
+            rows = [{**pair, "id": article.id, "title": article.title} for pair in outcome.pairs]
+            self._out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+            self._out.flush()
+        state = {"id": article.id, "status": outcome.status, "reason": outcome.reason,
+                 "pairs": len(outcome.pairs), "end": self._out.tell()}
+        self._state.write((json.dumps(state, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._state.flush()
+
+    def close(self):
+        self._out.close()
+        self._state.close()
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_concurrently(generate, articles, workers, stop):
+    """Yield (article, outcome) as requests finish, with at most 2 * workers articles in flight."""
+    pool, pending, articles = ThreadPoolExecutor(workers), {}, iter(articles)
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(pending) < 2 * workers:
+                article = next(articles, None)
+                exhausted = article is None
+                if article is not None:
+                    pending[pool.submit(generate, article)] = article
+            if not pending:
+                return
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield pending.pop(future), future.result()
+    finally:
+        stop.set()  # ends backoff waits at once when we stop early
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, help="a .jsonl file or a folder of them ({id, title, text} lines)")
+    p.add_argument("--output", default="sft/sft_saves.jsonl")
+    p.add_argument("--backend", choices=("llm", "extractive"), default="llm")
+    p.add_argument("--base_url", default="http://127.0.0.1:1234/v1",
+                   help="OpenAI-compatible API root (default: LM Studio's)")
+    p.add_argument("--model", help="model name as the server knows it (required with --backend llm)")
+    p.add_argument("--api_key", default="not-needed", help="local servers usually ignore it")
+    p.add_argument("--workers", type=int, default=4, help="concurrent requests (llm; extractive runs single-threaded)")
+    p.add_argument("--limit", type=int, help="work on the first N articles long enough to use")
+    p.add_argument("--min_qa", type=int, help="fewest valid pairs per article (default 3; 1 for extractive)")
+    p.add_argument("--max_qa", type=int, default=6, help="pairs kept per article at most")
+    p.add_argument("--max_question_chars", type=int, default=15)
+    p.add_argument("--max_answer_chars", type=int, default=300)
+    p.add_argument("--min_support", type=float, default=0.6,
+                   help="least share of an answer's character bigrams that must occur in the article")
+    p.add_argument("--min_chars", type=int, default=200, help="skip articles shorter than this after cleaning")
+    p.add_argument("--max_chars", type=int, default=2000, help="cut longer articles at a sentence boundary")
+    p.add_argument("--prompt_file", default=str(DEFAULT_PROMPT),
+                   help="prompt with {title} {text} {min_qa} {max_qa} {max_question_chars} {max_answer_chars}")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max_tokens", type=int, default=1024)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
+    p.add_argument("--max_attempts", type=int, default=4, help="tries per article before it is recorded failed")
+    p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each retry")
+    p.add_argument("--max_backoff", type=float, default=60.0)
+    p.add_argument("--dry_run", action="store_true", help="print the request for one article and exit")
+    args = p.parse_args(argv)
+    if args.min_qa is None:
+        args.min_qa = 1 if args.backend == "extractive" else 3
+    if args.backend == "llm" and not args.model:
+        p.error("--model is required with --backend llm (the name the server lists at /v1/models)")
+    if not 1 <= args.min_qa <= args.max_qa or args.workers < 1 or args.max_attempts < 1:
+        p.error("need 1 <= --min_qa <= --max_qa, --workers >= 1 and --max_attempts >= 1")
+    return args
+
+
+def load_prompt(args):
+    prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+    if "{text}" not in prompt:
+        raise SystemExit(f"{args.prompt_file} has no {{text}} placeholder for the article")
+    for key in ("min_qa", "max_qa", "max_question_chars", "max_answer_chars"):
+        prompt = prompt.replace("{" + key + "}", str(getattr(args, key)))
+    return prompt
+
+
+def summarize(done, failures, pairs, reader, store, elapsed):
+    finished = done + sum(failures.values())
+    reasons = ", ".join(f"{r} {n}" for r, n in failures.most_common()) or "none"
+    print(f"articles: {done} done, {sum(failures.values())} failed ({reasons}); "
+          f"{len(store.done)} done before, {reader.too_short} shorter than --min_chars skipped")
+    print(f"pairs: {pairs} new ({pairs / max(done, 1):.2f} per done article), {store.pairs_before} before; "
+          f"{finished / max(elapsed, 1e-9):.1f} articles/s, {pairs / max(elapsed, 1e-9):.1f} pairs/s "
+          f"in {elapsed:.1f}s -> {store.output}")
+    reader.bad.report("malformed input lines")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    limits = Limits(args.min_qa, args.max_qa, args.max_question_chars, args.max_answer_chars, args.min_support)
+    reader = ArticleReader(args.input, args.min_chars, args.max_chars, args.limit)
+    stop = threading.Event()
+    backend = LLMBackend(args, load_prompt(args), limits, stop) if args.backend == "llm" else None
+    if args.dry_run:
+        article = next(iter(reader), None)
+        if article is None:
+            raise SystemExit(f"no article in {args.input} has --min_chars {args.min_chars} characters")
+        if backend:
+            print(json.dumps({"url": args.base_url.rstrip("/") + "/chat/completions", **backend.request(article)},
+                             ensure_ascii=False, indent=2))
+        else:
+            print(json.dumps({"id": article.id, **extractive_outcome(article, limits)._asdict()},
+                             ensure_ascii=False, indent=2))
+        return 0
+
+    store = Store(args.output)
+    if store.failed_before:
+        print(f"retrying {len(store.failed_before)} articles that failed before")
+    seen = set(store.done)
+
+    def todo():
+        for article in reader:
+            if article.id not in seen:  # done before, or listed twice in the input
+                seen.add(article.id)
+                yield article
+
+    if backend:
+        results = run_concurrently(backend, todo(), args.workers, stop)
+    else:
+        results = ((a, extractive_outcome(a, limits)) for a in todo())
+    done, pairs, failures, started = 0, 0, Counter(), time.time()
+    bar = tqdm(total=args.limit or reader.count_lines(), unit="article", mininterval=0.5)
+    code = 0
+    try:
+        for article, outcome in results:
+            store.record(article, outcome)
+            if outcome.status == "done":
+                done, pairs = done + 1, pairs + len(outcome.pairs)
+            else:
+                failures[outcome.reason] += 1
+            bar.n = reader.eligible if args.limit else reader.lines
+            rate = pairs / max(time.time() - started, 1e-9)
+            bar.set_postfix(pairs=pairs, pairs_per_s=f"{rate:.1f}", failed=sum(failures.values()), refresh=False)
+            bar.update(0)
+        bar.n = reader.eligible if args.limit else reader.lines
+    except FatalError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished articles are saved; run again to resume", file=sys.stderr)
+        code = 130
+    finally:
+        results.close()  # stops the workers' retries and cancels articles not yet sent
+        bar.close()
+        store.close()
+    summarize(done, failures, pairs, reader, store, time.time() - started)
+    return code
+
+
+if __name__ == "__main__":
+    exit_code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # everything is written and closed; requests still in flight after Ctrl-C or a fatal error
+    # would otherwise hold the exit until --timeout, and their answers would be dropped anyway
+    os._exit(exit_code)

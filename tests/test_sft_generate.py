@@ -1,0 +1,360 @@
+"""Tests for sft/sft_generate.py against a real OpenAI-compatible HTTP server on loopback.
+
+The server (`FakeChatServer`) answers `POST /v1/chat/completions` like LM Studio or vLLM would,
+with behaviour scripted per article title (read back from the prompt): good replies wrapped in
+prose and code fences, malformed JSON, too few pairs, pronoun questions, unsupported answers, slow
+replies, 500s, 429s with Retry-After, 401s, and requests held until the test releases them (to
+SIGKILL the generator mid-run). Backoff is tiny so the file runs in seconds.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, need_shared
+
+sys.path.insert(0, str(ROOT / "sft"))
+import sft_generate as gen  # noqa: E402
+
+SCRIPT = ROOT / "sft" / "sft_generate.py"
+FAST = ["--backoff", "0.01", "--max_backoff", "0.05", "--timeout", "0.5", "--max_attempts", "3", "--min_chars", "50"]
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def chat_reply(content):
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "fake",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}}
+
+
+class FakeChatServer:
+    """script: title -> function(attempt number) -> (status, content or error, headers, delay_s)."""
+
+    def __init__(self, script):
+        self.script, self.calls, self.times = script, Counter(), defaultdict(list)
+        self.release = threading.Event()
+        lock, server = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                assert self.path == "/v1/chat/completions"
+                title = re.search(r"文章标题：(.+)", body["messages"][0]["content"]).group(1).strip()
+                with lock:
+                    server.calls[title] += 1
+                    server.times[title].append(time.monotonic())
+                    attempt = server.calls[title]
+                status, content, headers, delay = server.script[title](attempt)
+                if delay == "hold":
+                    server.release.wait(30)
+                else:
+                    time.sleep(delay)
+                payload = json.dumps(chat_reply(content) if status == 200 else {"error": {"message": content}}).encode()
+                try:
+                    self.send_response(status)
+                    for k, v in {"Content-Type": "application/json", **headers}.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:  # the client gave up (timeout) or was killed
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(script):
+        servers.append(FakeChatServer(script))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+# ----------------------------------------------------------------------------- articles and replies
+
+
+def river(title):
+    return (f"{title}是一条位于示例省的河流，全长约480公里。{title}发源于青石山脉的北坡。"
+            f"{title}流经三座城市，最后注入白鹭湖。{title}流域盛产稻米和茶叶。")
+
+
+def good_pairs(title):
+    return [{"question": f"{title}全长多少公里？", "answer": "约480公里"},
+            {"question": f"{title}发源于哪里？", "answer": "青石山脉的北坡"},
+            {"question": f"{title}最后注入哪里？", "answer": "白鹭湖"},
+            {"question": f"{title}流域盛产什么？", "answer": "稻米和茶叶"}]
+
+
+def as_list(pairs):
+    return json.dumps(pairs, ensure_ascii=False)
+
+
+def ok(content, delay=0):
+    return lambda attempt: (200, content, {}, delay)
+
+
+def first_then_ok(status, headers, content, delay=0):
+    return lambda attempt: (status, "busy", headers, 0) if attempt == 1 else (200, content, {}, delay)
+
+
+def write_articles(path, titles, extra_lines=()):
+    lines = [json.dumps({"id": f"a{i}", "title": t, "text": f"{t}\n\n{river(t)}"}, ensure_ascii=False)
+             for i, t in enumerate(titles)]
+    path.write_text("\n".join([*lines, *extra_lines]) + "\n", encoding="utf-8")
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def last_states(output):
+    return {s["id"]: s for s in read_jsonl(Path(f"{output}.state.jsonl"))}
+
+
+def assert_valid_and_unique(output, articles_path):
+    """Every output pair passes the generator's own validator; no (id, question) twice."""
+    articles = {a.id: a for a in gen.ArticleReader(articles_path, 50, 2000)}
+    limits = gen.Limits(1, 6, 15, 300, 0.6)
+    rows = read_jsonl(output)
+    for row in rows:
+        assert set(row) == {"question", "answer", "id", "title"}
+        kept, rejected = gen.validate([row], articles[row["id"]], limits)
+        assert kept and not rejected, row
+    assert len({(r["id"], r["question"]) for r in rows}) == len(rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------- end-to-end with the server
+
+PRONOUN_PAIRS = [{"question": "它发源于哪里？", "answer": "青石山脉的北坡"}, {"question": "该河流全长多少？", "answer": "约480公里"},
+                 {"question": "这条河注入哪里？", "answer": "白鹭湖"}]
+UNSUPPORTED = [{"question": "河流己的长度？", "answer": "火星上的奥林帕斯山"}, {"question": "河流己的源头？", "answer": "南极冰盖下的湖泊群"},
+               {"question": "河流己的物产？", "answer": "黄金与钻石矿藏"}]
+
+
+def test_generate_against_scripted_server(serve, tmp_path, capsys):
+    pairs_jia = good_pairs("河流甲")
+    script = {
+        # prose and a code fence around a list holding a duplicate: done, duplicate dropped
+        "河流甲": ok("好的，以下是问答对：\n```json\n" + as_list(pairs_jia + pairs_jia[:1]) + "\n```\n希望有帮助！"),
+        # one object per line, plus a pronoun question that is dropped while the rest pass
+        "河流乙": ok("\n".join(json.dumps(p, ensure_ascii=False) for p in good_pairs("河流乙") + PRONOUN_PAIRS[:1])),
+        "河流丙": ok('问答：{question: "河流丙有多长", answer: 480}'),
+        "河流丁": ok(as_list(good_pairs("河流丁")[:2])),
+        "河流戊": ok(as_list(PRONOUN_PAIRS)),
+        "河流己": ok(as_list(UNSUPPORTED)),
+        "河流庚": first_then_ok(500, {}, as_list(good_pairs("河流庚"))),
+        "河流辛": first_then_ok(429, {"Retry-After": "1"}, as_list(good_pairs("河流辛"))),
+        "河流壬": ok(as_list(good_pairs("河流壬")), delay=2),
+        "河流癸": lambda n: (200, as_list(good_pairs("河流癸")), {}, 2 if n == 1 else 0),
+        "短": ok("[]"),
+    }
+    server = serve(script)
+    titles = [t for t in script if t != "短"]
+    short = json.dumps({"id": "short", "title": "短", "text": "短\n\n太短的条目。"}, ensure_ascii=False)
+    articles = write_articles(tmp_path / "wiki.jsonl", titles, [short, "{broken json"])
+    output = tmp_path / "out" / "sft_saves.jsonl"
+    argv = ["--input", str(articles), "--output", str(output), "--base_url", server.base_url, "--model", "fake",
+            "--workers", "4", *FAST]
+
+    assert gen.main(argv) == 0
+    rows = assert_valid_and_unique(output, articles)
+    per_title = Counter(r["title"] for r in rows)
+    assert per_title == {t: 4 for t in ("河流甲", "河流乙", "河流庚", "河流辛", "河流癸")}
+    states = last_states(output)
+    assert {s["id"]: s["reason"] for s in states.values() if s["status"] == "failed"} == {
+        "a2": "malformed_json", "a3": "too_few_pairs", "a4": "pronoun_question", "a5": "unsupported_answer",
+        "a8": "timeout"}
+    assert "short" not in states and "短" not in server.calls
+    assert server.calls["河流丙"] == 3 and server.calls["河流庚"] == 2 and server.calls["河流癸"] == 2
+    retry_gap = server.times["河流辛"][1] - server.times["河流辛"][0]
+    assert retry_gap >= 0.9, "Retry-After: 1 must be honoured even though --backoff is 0.01"
+    summary = capsys.readouterr().out
+    assert "5 done, 5 failed" in summary and "skipped 1 malformed input lines" in summary
+
+    # a second run retries only the failed articles and leaves the done ones alone
+    before = output.read_bytes()
+    assert gen.main(argv) == 0
+    assert output.read_bytes() == before
+    assert server.calls["河流甲"] == 1 and server.calls["河流丙"] == 6
+
+
+def test_authentication_error_stops_at_once(serve, tmp_path, capsys):
+    server = serve(defaultdict(lambda: lambda attempt: (401, "invalid api key", {}, 0)))
+    articles = write_articles(tmp_path / "wiki.jsonl", [f"河流{i}" for i in range(20)])
+    output = tmp_path / "out.jsonl"
+    argv = ["--input", str(articles), "--output", str(output), "--base_url", server.base_url, "--model", "fake",
+            "--api_key", "wrong", "--workers", "2", *FAST]
+    assert gen.main(argv) == 2
+    assert "authentication failed (HTTP 401)" in capsys.readouterr().err
+    assert sum(server.calls.values()) <= 4  # no retries, no sweep through the remaining articles
+    assert output.read_bytes() == b""
+
+
+def test_dry_run_prints_the_request_and_sends_nothing(serve, tmp_path, capsys):
+    server = serve({})
+    articles = write_articles(tmp_path / "wiki.jsonl", ["河流甲", "河流乙"])
+    argv = ["--input", str(articles), "--output", str(tmp_path / "out.jsonl"), "--base_url", server.base_url,
+            "--model", "qwen2.5-7b-instruct", "--dry_run", *FAST]
+    assert gen.main(argv) == 0
+    request = json.loads(capsys.readouterr().out)
+    assert request["url"] == server.base_url + "/chat/completions" and request["model"] == "qwen2.5-7b-instruct"
+    prompt = request["messages"][0]["content"]
+    assert "文章标题：河流甲" in prompt and river("河流甲") in prompt and "3到6个" in prompt
+    assert not server.calls and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_interrupt_and_resume_loses_and_duplicates_nothing(serve, tmp_path, sig):
+    titles = [f"河流{i:02d}" for i in range(12)]
+    # the first six answer at once; the rest are held until the test has stopped the generator
+    script = {t: ok(as_list(good_pairs(t)), delay=0 if i < 6 else "hold") for i, t in enumerate(titles)}
+    server = serve(script)
+    articles = write_articles(tmp_path / "wiki.jsonl", titles)
+    output = tmp_path / "sft_saves.jsonl"
+    argv = ["--input", str(articles), "--output", str(output), "--base_url", server.base_url, "--model", "fake",
+            "--workers", "2", *FAST, "--timeout", "30"]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = Path(f"{output}.state.jsonl")
+
+    def six_done_two_held():
+        return (state.exists() and len(state.read_bytes().splitlines()) >= 6
+                and sum(server.calls[t] for t in titles[6:]) >= 2)
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not six_done_two_held():
+        time.sleep(0.05)
+    assert six_done_two_held()
+    stopped_at = time.monotonic()
+    os.kill(proc.pid, sig)
+    assert proc.wait(timeout=10) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    assert time.monotonic() - stopped_at < 5, "Ctrl-C must not wait for the held requests"
+    assert len(read_jsonl(output)) == 24, "the six answered articles were written before the stop"
+    # what a kill in the middle of an article's write would leave: a whole line of it, then a torn
+    # one; resuming must cut both, or article a6 would count as done with a single pair
+    whole = {**good_pairs("河流06")[0], "id": "a6", "title": "河流06"}
+    with open(output, "ab") as f:
+        f.write((json.dumps(whole, ensure_ascii=False) + '\n{"question": "河流06发源于哪里？", "answer": "青').encode())
+
+    server.release.set()  # the resumed run gets answers for the held articles
+    assert gen.main(argv) == 0
+    rows = assert_valid_and_unique(output, articles)
+    assert Counter(r["title"] for r in rows) == {t: 4 for t in titles}
+    assert all(server.calls[t] == 1 for t in titles[:6]), "finished articles are not asked again"
+    assert all(s["status"] == "done" for s in last_states(output).values())
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+
+def test_extract_json_objects_tolerates_wrapping():
+    pair = {"question": "长江有多长？", "answer": "约6300公里"}
+    text = json.dumps(pair, ensure_ascii=False)
+    assert gen.extract_json_objects(f"当然！\n```json\n[{text}]\n```\n以上。") == [pair]
+    assert gen.extract_json_objects(f"{text}\n{text}") == [pair, pair]
+    assert gen.extract_json_objects(json.dumps({"qa_pairs": [pair]}, ensure_ascii=False)) == [pair]
+    draft_then_cut_off = f'<think>{{"question": "草稿", "answer": "x"}}</think>[{text}, {{"question": "断'
+    assert gen.extract_json_objects(draft_then_cut_off) == [pair]
+    assert gen.extract_json_objects("抱歉，我无法回答。[1]") == []
+
+
+def test_validate_rules():
+    article = gen.Article("x", "长江", "长江是中国最长的河流，全长约6300公里，发源于青藏高原的唐古拉山脉，最后注入东海。")
+    limits = gen.Limits(1, 2, 15, 20, 0.6)
+    candidates = [{"question": "长江有多长？", "answer": "全长约6300公里"},
+                  {"question": "长江有多长 ?", "answer": "约6300公里"},  # same question once punctuation is ignored
+                  {"question": "它发源于哪里？", "answer": "唐古拉山脉"},
+                  {"question": "长江的源头在哪座遥远而高耸的山脉之中？", "answer": "唐古拉山脉"},
+                  {"question": "长江流入哪里？", "answer": "太平洋西岸的日本海"},
+                  {"question": "长江流入哪里？"},
+                  {"question": "长江发源于哪里？", "answer": "青藏高原的唐古拉山脉"},
+                  {"question": "长江是什么？", "answer": "中国最长的河流"}]
+    kept, rejected = gen.validate(candidates, article, limits)
+    assert [p["question"] for p in kept] == ["长江有多长？", "长江发源于哪里？"]  # max_qa = 2
+    assert rejected == {"duplicate": 1, "pronoun_question": 1, "too_long": 1, "unsupported_answer": 1,
+                        "missing_fields": 1}
+    assert gen.judge(candidates[2:3], article, limits) == gen.Outcome("failed", [], "pronoun_question")
+    assert gen.judge([], article, limits).reason == "malformed_json"
+
+
+def test_retry_after_header():
+    assert gen._retry_after({"retry-after": "3"}) == 3.0
+    in_a_minute = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))
+    assert 50 < gen._retry_after({"retry-after": in_a_minute}) <= 60
+    assert gen._retry_after({"retry-after": "inf"}) == gen.RETRY_AFTER_CAP_S
+    assert gen._retry_after({"retry-after": "soon"}) is None and gen._retry_after({}) is None
+
+
+def test_truncate_at_sentence_keeps_whole_sentences():
+    text = "第一句话。第二句话比较长一些！\n第三句？第四句。"
+    assert gen.truncate_at_sentence(text, 100) == text
+    assert gen.truncate_at_sentence(text, 16) == "第一句话。第二句话比较长一些！"
+    assert gen.truncate_at_sentence(text, 21) == "第一句话。第二句话比较长一些！\n第三句？"
+    assert gen.truncate_at_sentence("没有句号的很长一段文字" * 5, 10) == "没有句号的很长一段文"
+
+
+def test_extractive_rules_on_a_written_article():
+    text = ("东富山站（）是隶属于爱之风富山铁道的铁路车站，座落于富山县富山市。东富山站位于富山市北部，靠近富山湾。"
+            "东富山站于1908年正式开业。东富山站由日本国有铁道于1908年兴建，现由富山铁道管理。它的站房是木造建筑。")
+    pairs = gen.extract_candidates(gen.Article("1", "东富山站", text))
+    assert pairs == [{"question": "东富山站是什么？", "answer": "隶属于爱之风富山铁道的铁路车站，座落于富山县富山市。"},
+                     {"question": "东富山站位于哪里？", "answer": "富山市北部"},
+                     {"question": "东富山站什么时候开业？", "answer": "1908年"},
+                     {"question": "东富山站由谁兴建？", "answer": "日本国有铁道"}]
+    person = gen.extract_candidates(gen.Article("2", "张三 (演员)", "张三（1950年－2010年），中国男演员。张三出生于上海。"))
+    assert person == [{"question": "张三是谁？", "answer": "中国男演员。"}, {"question": "张三出生于哪里？", "answer": "上海"}]
+
+
+def test_extractive_backend_on_shared_wiki_slice(tmp_path, capsys):
+    source = need_shared("zhwiki", "zhwiki-00.jsonl")
+    with open(source, encoding="utf-8") as f:
+        lines = [next(f) for _ in range(2000)]
+    articles = tmp_path / "slice.jsonl"
+    articles.write_text("".join(lines), encoding="utf-8")
+    output = tmp_path / "sft_saves.jsonl"
+    argv = ["--input", str(articles), "--output", str(output), "--backend", "extractive"]
+    assert gen.main(argv) == 0
+    articles_by_id = {a.id: a for a in gen.ArticleReader(articles, 200, 2000)}
+    limits = gen.Limits(1, 6, 15, 300, 0.6)
+    rows = read_jsonl(output)
+    assert len(rows) >= 250, f"only {len(rows)} pairs from {len(articles_by_id)} usable articles"
+    for row in rows:
+        kept, _ = gen.validate([row], articles_by_id[row["id"]], limits)
+        assert kept, row
+        assert row["answer"] in articles_by_id[row["id"]].text  # verbatim
+    states = last_states(output)
+    assert set(states) == set(articles_by_id)
+    failed = [s for s in states.values() if s["status"] == "failed"]
+    assert {s["reason"] for s in failed} <= {"no_pairs"}
+    capsys.readouterr()
+    assert gen.main(argv) == 0  # resume: done articles are skipped, failed ones tried again
+    assert len(read_jsonl(output)) == len(rows) and f"0 done, {len(failed)} failed" in capsys.readouterr().out
