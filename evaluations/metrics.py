@@ -1,0 +1,268 @@
+"""Scores and plumbing shared by the evaluation scripts (perplexity, rouge_l, qa_eval, report).
+
+Scoring (all per example in [0, 1]; the scripts report means in percent, as CMRC2018 does):
+- `normalize` / `mixed_segment` follow the CMRC2018 official evaluation script: lowercase, strip,
+  drop punctuation, then every CJK character is its own token while runs of Latin letters and
+  digits stay one word. Two deliberate differences: punctuation is every Unicode punctuation
+  character plus the script's few symbols (^ ` ~ + = ～), a superset of its fixed list, so English
+  punctuation goes too; and whitespace runs collapse to one space (for EM).
+- `f1`: from the longest common *substring* of the two token lists (the official `find_lcs`),
+  P = lcs/len(prediction), R = lcs/len(gold), max over gold answers. `exact_match`: normalised
+  strings equal, max over gold answers. `sub_exact_match`: a normalised gold answer occurs inside
+  the normalised prediction (the usual SubEM for generative QA, where models add words).
+- Empty texts: the official script scores empty-vs-empty F1 as 0 but EM as 1; here both empty
+  scores 1 for every metric and one side empty scores 0, so the metrics agree with each other.
+- `rouge_l`: `rouge-chinese` splits on spaces, so raw Chinese is one "word" per sentence and scores
+  0 against anything not identical; texts are segmented first (by character by default, with
+  jieba on request) and the tokens joined by spaces.
+- `bleu4`: character-level sentence BLEU with the add-one smoothing of Lin & Och (2004, "BLEU+1":
+  n-gram precisions for n >= 2 are (matches + 1) / (total + 1)), clipped counts and the closest
+  reference length over several references. A few lines, so no extra dependency (nltk).
+
+Plumbing: loading QA inputs (generated jsonl or SQuAD-style JSON), batched generation through
+`Run.complete_batch`, atomic result and prediction files, and the small table every script prints.
+"""
+import json
+import math
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_utils import BadLines, atomic_write, iter_jsonl, write_json
+
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff"
+# a CJK character, else a run of letters/digits that are not CJK, else any other visible character
+_TOKEN = re.compile(rf"[{_CJK}]|(?:(?![{_CJK}])[^\W_])+|\S")
+_EXTRA_PUNCTUATION = set("^`~+=～")
+
+
+def _is_punctuation(ch):
+    return unicodedata.category(ch).startswith("P") or ch in _EXTRA_PUNCTUATION
+
+
+def normalize(text):
+    text = "".join(ch for ch in text.lower().strip() if not _is_punctuation(ch))
+    return " ".join(text.split())
+
+
+def mixed_segment(text):
+    return _TOKEN.findall(normalize(text))
+
+
+def segment(text, how="char"):
+    """Tokens for ROUGE: `char` = mixed segmentation, `jieba` = jieba words of the normalised text."""
+    if how == "char":
+        return mixed_segment(text)
+    if how == "jieba":
+        import jieba
+
+        return [w for w in jieba.lcut(normalize(text)) if w.strip()]
+    raise ValueError(f"segmentation must be 'char' or 'jieba', not {how!r}")
+
+
+def _best_over(answers, score):
+    if isinstance(answers, str):
+        raise TypeError("answers must be a list of gold answers, not one string")
+    if not answers:
+        raise ValueError("an example needs at least one gold answer")
+    return max(score(a) for a in answers)
+
+
+def _empty_rule(pred_tokens, gold_tokens):
+    """1 when both sides are empty, 0 when only one is; None when both have tokens."""
+    if pred_tokens and gold_tokens:
+        return None
+    return float(not pred_tokens and not gold_tokens)
+
+
+def exact_match(prediction, answers):
+    return _best_over(answers, lambda a: float(normalize(prediction) == normalize(a)))
+
+
+def sub_exact_match(prediction, answers):
+    pred = normalize(prediction)
+
+    def score(answer):
+        gold = normalize(answer)
+        empty = _empty_rule(pred, gold)
+        return empty if empty is not None else float(gold in pred)
+
+    return _best_over(answers, score)
+
+
+def longest_common_substring(a, b):
+    """Length of the longest run of tokens that a and b share contiguously (dynamic programming)."""
+    best, previous = 0, [0] * (len(b) + 1)
+    for x in a:
+        current = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            if x == y:
+                current[j] = previous[j - 1] + 1
+                best = max(best, current[j])
+        previous = current
+    return best
+
+
+def f1(prediction, answers):
+    pred = mixed_segment(prediction)
+
+    def score(answer):
+        gold = mixed_segment(answer)
+        empty = _empty_rule(pred, gold)
+        if empty is not None:
+            return empty
+        common = longest_common_substring(pred, gold)
+        return 2 * common / (len(pred) + len(gold))  # = 2PR / (P + R)
+
+    return _best_over(answers, score)
+
+
+def rouge_l(prediction, answers, how="char"):
+    from rouge_chinese import Rouge
+
+    pred = segment(prediction, how)
+
+    def score(answer):
+        gold = segment(answer, how)
+        empty = _empty_rule(pred, gold)
+        if empty is not None:
+            return empty
+        return Rouge(metrics=["rouge-l"]).get_scores(" ".join(pred), " ".join(gold))[0]["rouge-l"]["f"]
+
+    return _best_over(answers, score)
+
+
+def _ngrams(chars, n):
+    return Counter(tuple(chars[i:i + n]) for i in range(len(chars) - n + 1))
+
+
+def bleu4(prediction, answers):
+    pred = list(normalize(prediction).replace(" ", ""))
+    refs = [list(normalize(a).replace(" ", "")) for a in answers]
+    if not refs:
+        raise ValueError("an example needs at least one gold answer")
+    if not pred:
+        return float(not any(refs))
+    log_precision = 0.0
+    for n in range(1, 5):
+        counts = _ngrams(pred, n)
+        most_in_a_ref = Counter()
+        for ref in refs:
+            most_in_a_ref |= _ngrams(ref, n)
+        matches = sum(min(c, most_in_a_ref[g]) for g, c in counts.items())
+        total = sum(counts.values())
+        smooth = 0 if n == 1 else 1
+        if matches + smooth == 0:
+            return 0.0
+        log_precision += math.log((matches + smooth) / (total + smooth)) / 4
+    ref_len = min((abs(len(r) - len(pred)), len(r)) for r in refs)[1]
+    brevity = 1.0 if len(pred) > ref_len else math.exp(1 - ref_len / len(pred))
+    return brevity * math.exp(log_precision)
+
+
+def score_qa(prediction, answers, how="char"):
+    return {"em": exact_match(prediction, answers), "f1": f1(prediction, answers),
+            "subem": sub_exact_match(prediction, answers), "rouge_l": rouge_l(prediction, answers, how),
+            "bleu4": bleu4(prediction, answers)}
+
+
+def mean_percent(rows, keys):
+    return {k: 100 * sum(r[k] for r in rows) / max(len(rows), 1) for k in keys}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_qa(path, bad=None):
+    """Questions as dicts {id, question, answers, context}: SQuAD-style JSON or jsonl pairs.
+
+    jsonl lines hold `question` and `answer` (or a list `answers`), optionally `context`; generated
+    pairs share their article's `id`, so ids get a per-article counter (`<article>-<k>`).
+    SQuAD-style JSON (CMRC2018, DRCD, XQuAD) has several gold answers per question.
+    """
+    path = Path(path)
+    bad = bad if bad is not None else BadLines()
+    if not path.is_file():
+        raise FileNotFoundError(f"QA input {path} not found")
+    if path.suffix == ".json":
+        try:
+            return _load_squad(path, json.loads(path.read_text(encoding="utf-8")), bad)
+        except json.JSONDecodeError:
+            pass  # one object per line after all: read it as jsonl below
+    examples, per_article = [], Counter()
+    for lineno, obj in iter_jsonl(path, bad, required=("question",)):
+        answers = obj.get("answers", [obj.get("answer")])
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            bad.add(f"{path}:{lineno}", "no string answer")
+            continue
+        article = str(obj.get("id", f"{path.name}:{lineno}"))
+        per_article[article] += 1
+        examples.append({"id": f"{article}-{per_article[article] - 1}", "question": obj["question"],
+                         "answers": answers, "context": obj.get("context")})
+    return examples
+
+
+def _load_squad(path, data, bad):
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise ValueError(f"{path} is not SQuAD-style JSON (expected an object with a 'data' list)")
+    examples = []
+    for article in data["data"]:
+        for paragraph in article.get("paragraphs", []):
+            for qa in paragraph.get("qas", []):
+                answers = [a.get("text") for a in qa.get("answers", []) if isinstance(a, dict)]
+                answers = [a for a in answers if isinstance(a, str) and a.strip()]
+                if not isinstance(qa.get("question"), str) or not answers:
+                    bad.add(f"{path}:{qa.get('id', '?')}", "no question or no gold answer")
+                    continue
+                examples.append({"id": str(qa.get("id", len(examples))), "question": qa["question"],
+                                 "answers": answers, "context": paragraph.get("context")})
+    return examples
+
+
+# ----------------------------------------------------------------------------- running and writing
+
+
+def complete_all(run, prompts, mode, batch_size, max_new_tokens, temperature=0.0, seed=0):
+    """Completions for every prompt, `batch_size` at a time; batch i samples with seed + i."""
+    out = []
+    batches = range(0, len(prompts), batch_size)
+    for i, start in enumerate(tqdm(batches, desc="generating", unit="batch", disable=len(batches) < 2)):
+        out += run.complete_batch(prompts[start:start + batch_size], mode, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, seed=seed + i)
+    return [text.strip() for text in out]
+
+
+def default_output(out_dir, name):
+    return Path(out_dir) / f"eval_{name}.json"
+
+
+def predictions_path(output):
+    output = Path(output)
+    return output.with_name(output.stem.replace("eval_", "pred_", 1) + ".jsonl")
+
+
+def write_predictions(path, rows):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_results(output, name, run, input_path, settings, metrics):
+    """The result file the report reads: which run, on what, with which settings, and the numbers."""
+    result = {"eval": name, "run": {k: run.info[k] for k in ("name", "iter", "params", "kind", "checkpoint")},
+              "input": str(input_path), "settings": settings, "metrics": metrics}
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    write_json(output, result)
+    return result
+
+
+def format_table(metrics):
+    width = max(len(k) for k in metrics)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    for k, v in metrics.items():
+        lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return "\n".join(lines)

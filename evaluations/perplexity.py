@@ -1,0 +1,70 @@
+"""Perplexity and bits per character of a run on a prepared split (pretraining or SFT data).
+
+    python evaluations/perplexity.py --out_dir out/pretrain [--data data/processed] [--split val]
+        [--max_blocks N] [--batch_size 16] [--device auto] [--which best] [--output FILE]
+
+- The loss is the masked mean over every target of the split (or of its first `--max_blocks`
+  blocks), computed by `data_utils.evaluate_blocks`, the same function training uses for val_loss,
+  so the numbers here and in log.jsonl agree. The mask comes from the data's own kind: all tokens
+  but padding for pretraining data, answer spans only for SFT data.
+- Bits per character divides by characters, not tokens, so runs with different tokenizers (or
+  gpt2) can be compared; perplexity cannot.
+- Data tokenized with another tokenizer is refused: its ids would mean other strings to the model.
+- Writes `OUT_DIR/eval_perplexity_<kind>_<split>.json` (kind of the data), so a fine-tuned run can
+  be scored on both its SFT data and the pretraining data (to see forgetting) without overwriting.
+"""
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from checkpoint import load_run, pick_device  # noqa: E402
+from data_utils import BlockData, evaluate_blocks  # noqa: E402
+from evaluations.metrics import default_output, format_table, write_results  # noqa: E402
+
+
+def same_tokenizer(a, b):
+    if a == "gpt2" or b == "gpt2":
+        return a == b
+    return a["sha256"] == b["sha256"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Masked loss, perplexity and bits per character of a run on a split.")
+    p.add_argument("--out_dir", required=True, help="run directory (best.pt / last.pt)")
+    p.add_argument("--data", default="data/processed", help="folder with train.bin / val.bin / meta.json")
+    p.add_argument("--split", default="val")
+    p.add_argument("--max_blocks", type=int, default=None, help="score only the first N blocks")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--which", default="best", help="checkpoint: best or last")
+    p.add_argument("--output", default=None, help="result JSON (default OUT_DIR/eval_perplexity_<kind>_<split>.json)")
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    run = load_run(args.out_dir, args.which, device)
+    data = BlockData(args.data, args.split)
+    if not same_tokenizer(data.meta["tokenizer"], run.tok.identity):
+        sys.exit(f"error: {args.data} was tokenized with {data.meta['tokenizer']}, but {args.out_dir} uses "
+                 f"{run.tok.identity}; prepare the data with the run's tokenizer")
+    if data.block_size - 1 > run.model.config.block_size:
+        sys.exit(f"error: blocks of {data.block_size} tokens are longer than the model's context "
+                 f"({run.model.config.block_size} + 1)")
+    n_blocks = min(data.n_blocks, args.max_blocks or data.n_blocks)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    metrics = evaluate_blocks(run.model, data, range(n_blocks), run.tok, args.batch_size, device, ctx)
+
+    kind = data.meta["kind"]
+    output = args.output or default_output(args.out_dir, f"perplexity_{kind}_{args.split}")
+    settings = {"split": args.split, "kind": kind, "max_blocks": args.max_blocks, "which": args.which,
+                "block_size": data.block_size}
+    write_results(output, f"perplexity_{kind}_{args.split}", run, args.data, settings, metrics)
+    print(format_table({"run": run.info["name"], "data": f"{args.data} ({kind}, {args.split})", **metrics}))
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

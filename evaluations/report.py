@@ -1,0 +1,147 @@
+"""A markdown report comparing runs on every evaluation they have, with bar charts and loss curves.
+
+    python evaluations/report.py out/pretrain out/sft [--out report/]
+
+- Reads each run directory's `eval_*.json` (written by perplexity.py, rouge_l.py, qa_eval.py) and
+  `log.jsonl`; nothing is recomputed, so the report is quick and shows exactly what was measured.
+- One row per run, one column per metric found (`<eval>.<metric>`; counts such as `n` stay out);
+  a run without an evaluation shows "–". Results measured on different inputs or settings are not
+  comparable, so each evaluation lists its input and settings per run and flags a mismatch.
+- One bar chart per evaluation (a panel per metric, a bar per run, its value written on it) and the
+  loss curves of the runs that have a log.jsonl, drawn by `visualize.plot_runs` (smoothed training
+  loss, validation loss), the same figure `python visualize.py` makes.
+- Bar charts use the Agg backend (no display needed) and ASCII labels only: a CJK run name would
+  need a CJK font, so such a run is labelled by its position ("run 2") and the table gives its name.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data_utils import atomic_write  # noqa: E402
+from visualize import plot_runs  # noqa: E402
+
+COUNTS = {"n", "tokens", "chars", "blocks"}
+LOWER_IS_BETTER = {"loss", "ppl", "bpc"}
+
+
+def load_run_dir(run_dir, index):
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} not found")
+    results = {}
+    for path in sorted(run_dir.glob("eval_*.json")):
+        try:
+            results[path.stem[len("eval_"):]] = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            print(f"skipped {path}: not a result file ({e})")
+    name = run_dir.resolve().name
+    info = next((r["run"] for r in results.values() if "run" in r), {})
+    return {"name": name, "dir": str(run_dir), "label": name if name.isascii() else f"run {index}",
+            "info": info, "results": results, "has_log": (run_dir / "log.jsonl").exists()}
+
+
+def metric_columns(runs):
+    """{evaluation: [metric, ...]} in order of first appearance, over every run."""
+    columns = {}
+    for run in runs:
+        for evaluation, result in run["results"].items():
+            for metric, number in result.get("metrics", {}).items():
+                wanted = metric not in COUNTS and isinstance(number, (int, float))
+                if wanted and metric not in columns.setdefault(evaluation, []):
+                    columns[evaluation].append(metric)
+    return {e: ms for e, ms in columns.items() if ms}
+
+
+def value(run, evaluation, metric):
+    v = run["results"].get(evaluation, {}).get("metrics", {}).get(metric)
+    return v if isinstance(v, (int, float)) else None
+
+
+def save_figure(fig, path):
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_evaluation(runs, evaluation, metrics, path):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.8 * len(metrics) + 1, 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        labels = [r["label"] for r in runs]
+        values = [value(r, evaluation, metric) for r in runs]
+        bars = ax.bar(range(len(runs)), [v or 0.0 for v in values], color=[f"C{i % 10}" for i in range(len(runs))])
+        ax.bar_label(bars, [_cell(v) for v in values], fontsize=7)
+        ax.set_ylim(0, 1.15 * max(v or 0.0 for v in values) or 1.0)  # room for the labels; all-zero stays readable
+        ax.set_xticks(range(len(runs)), labels, rotation=30, ha="right", fontsize=8)
+        better = "lower" if metric in LOWER_IS_BETTER else "higher"
+        ax.set_title(f"{metric} ({better} is better)", fontsize=9)
+    fig.suptitle(evaluation)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _cell(v):
+    if v is None:
+        return "–"
+    return f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if abs(v) < 10 else f"{v:.2f}"
+
+
+def markdown(runs, columns, images):
+    lines = ["# MiniGPT-zh evaluation report", "", "## Runs", "",
+             "| run | directory | kind | iter | params |", "|---|---|---|---|---|"]
+    for r in runs:
+        info = r["info"]
+        lines.append(f"| {r['name']} | `{r['dir']}` | {info.get('kind', '–')} | {_cell(info.get('iter'))} | "
+                     f"{_cell(info.get('params'))} |")
+    header = [f"{e}.{m}" for e, ms in columns.items() for m in ms]
+    lines += ["", "## Metrics", "",
+              "Percentages for QA and ROUGE metrics (higher is better); loss, ppl and bpc lower is better.", "",
+              "| run | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for r in runs:
+        lines.append(f"| {r['name']} | " + " | ".join(_cell(value(r, e, m)) for e, ms in columns.items() for m in ms) + " |")
+    for evaluation in columns:
+        lines += ["", f"### {evaluation}", ""]
+        measured = [(r["name"], r["results"][evaluation]) for r in runs if evaluation in r["results"]]
+        setups = {json.dumps([res.get("input"), res.get("settings")], sort_keys=True) for _, res in measured}
+        if len(setups) > 1:
+            lines += ["**Warning: the runs were evaluated on different inputs or settings; not comparable.**", ""]
+        for name, res in measured:
+            lines.append(f"- {name}: input `{res.get('input')}`, settings `{json.dumps(res.get('settings'), ensure_ascii=False)}`")
+        lines += ["", f"![{evaluation}]({images[evaluation]})"]
+    if "losses" in images:
+        lines += ["", "## Loss curves", "", f"![loss curves]({images['losses']})"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Compare runs on their eval_*.json results and loss curves.")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default="report", help="folder for report.md and the PNG figures")
+    args = p.parse_args(argv)
+
+    runs = [load_run_dir(d, i) for i, d in enumerate(args.runs, 1)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = metric_columns(runs)
+    images = {}
+    for evaluation, metrics in columns.items():
+        images[evaluation] = f"{evaluation}.png"
+        plot_evaluation(runs, evaluation, metrics, out / images[evaluation])
+    logged = [r["dir"] for r in runs if r["has_log"]]
+    if logged:
+        images["losses"] = "losses.png"
+        plot_runs(logged, out / images["losses"])
+    with atomic_write(out / "report.md", "w") as f:
+        f.write(markdown(runs, columns, images))
+    print(f"wrote {out / 'report.md'} ({len(runs)} runs, {sum(map(len, columns.values()))} metrics, "
+          f"{len(images)} figures)")
+
+
+if __name__ == "__main__":
+    main()
