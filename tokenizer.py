@@ -174,6 +174,10 @@ def load_tokenizer(spec="data/tokenizer"):
     if isinstance(spec, dict):
         spec = spec["path"]
     if spec == "gpt2":
+        # offline: the course's cached GPT-2 files, unless the user pointed tiktoken elsewhere
+        shared_cache = Path(__file__).resolve().parent.parent / "shared" / "tiktoken_cache"
+        if shared_cache.is_dir():
+            os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(shared_cache))
         base = tiktoken.get_encoding("gpt2")
         special = {"eot": base.eot_token}
         extra = {}
@@ -205,8 +209,8 @@ def load_tokenizer(spec="data/tokenizer"):
     return Tokenizer(enc, {name: i for name, (_, i) in specials.items()}, identity)
 
 
-def train_tokenizer(texts, folder, vocab_size=DEFAULT_VOCAB_SIZE):
-    """Train byte-level BPE on an iterable of strings and write the tokenizer folder atomically."""
+def train_bpe(texts, n_merged_vocab):
+    """The `tokenizers` byte-level BPE trained on `texts`, splitting with `PATTERN` (tests compare it with tiktoken)."""
     from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
 
     hf = HFTokenizer(models.BPE())
@@ -214,11 +218,16 @@ def train_tokenizer(texts, folder, vocab_size=DEFAULT_VOCAB_SIZE):
         pre_tokenizers.Split(Regex(PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-    n_special = len(SPECIAL_TOKENS)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=n_merged_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False, min_frequency=2)
     hf.train_from_iterator(texts, trainer)
-    ranks = ranks_from_hf(hf)
+    return hf
+
+
+def train_tokenizer(texts, folder, vocab_size=DEFAULT_VOCAB_SIZE):
+    """Train byte-level BPE on an iterable of strings and write the tokenizer folder atomically."""
+    n_special = len(SPECIAL_TOKENS)
+    ranks = ranks_from_hf(train_bpe(texts, vocab_size - n_special))
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -252,7 +261,7 @@ def ranks_from_hf(hf):
     return ranks
 
 
-def sample_texts(input_path, max_chars=30_000_000, every=1):
+def sample_texts(input_path, max_chars=16_000_000):
     """Cleaned article bodies from wiki jsonl, about `max_chars` in total, spread over all files."""
     from data_utils import clean_article, find_jsonl, iter_jsonl
 
@@ -277,7 +286,7 @@ if __name__ == "__main__":
     ap.add_argument("--input", required=True, help="folder (walked for *.jsonl) or one jsonl file")
     ap.add_argument("--out", default="data/tokenizer")
     ap.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE)
-    ap.add_argument("--max_chars", type=int, default=30_000_000, help="characters sampled for training")
+    ap.add_argument("--max_chars", type=int, default=16_000_000, help="characters sampled for training")
     args = ap.parse_args()
     t0 = time.time()
     tok = train_tokenizer(sample_texts(args.input, args.max_chars), args.out, args.vocab_size)

@@ -1,0 +1,115 @@
+"""data_utils: the loss mask on hand-built rows, BlockData sampling and resuming, reading and splitting."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data_utils import (BadLines, BlockData, article_key, atomic_write, iter_jsonl, loss_mask, split_of,
+                        split_sentences, write_json)
+
+
+def padded(ids, tok, block_size=32):
+    return ids + [tok.pad] * (block_size - len(ids))
+
+
+def masked_targets(rows, tok, kind, mask_eot=False):
+    """The targets each row's loss mask keeps, as lists."""
+    y = torch.tensor(rows)[:, 1:]
+    mask = loss_mask(y, tok.special, kind, mask_eot)
+    assert mask.shape == y.shape and mask.dtype == torch.bool
+    return [row[keep].tolist() for row, keep in zip(y, mask)]
+
+
+def test_pretrain_mask_counts_every_token_but_pad(tiny_tokenizer):
+    tok = tiny_tokenizer
+    text = tok.encode("北京是首都。")
+    row = padded(text + [tok.eot], tok)
+    assert masked_targets([row], tok, "pretrain") == [text[1:] + [tok.eot]]
+    assert masked_targets([row], tok, "pretrain", mask_eot=True) == [text[1:]]
+    packed = padded(text + [tok.eot] + text + [tok.eot], tok)
+    assert masked_targets([packed], tok, "pretrain") == [text[1:] + [tok.eot] + text + [tok.eot]]
+
+
+def test_qa_mask_is_exactly_the_answer_and_its_eot(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rows = [padded(tok.encode_qa("北京在哪？", "华北平原"), tok), padded(tok.encode_qa("长江？", "河"), tok)]
+    assert masked_targets(rows, tok, "sft") == [tok.encode("华北平原") + [tok.eot], tok.encode("河") + [tok.eot]]
+
+
+def test_chat_mask_is_exactly_the_assistant_turns_and_their_end(tiny_tokenizer):
+    tok = tiny_tokenizer
+    messages = [{"role": "system", "content": "助手"}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "北京？"},
+                {"role": "assistant", "content": "首都。"}]
+    row = padded(tok.encode_chat(messages, add_generation_prompt=False), tok, 48)
+    expected = tok.encode("你好！") + [tok.end] + tok.encode("首都。") + [tok.end]
+    assert masked_targets([row], tok, "sft") == [expected]
+
+
+def test_block_data_batches_and_sequential_epochs(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    rows = np.array([padded(tok.encode_qa(f"问题{i}", f"答案{i}"), tok, 24) for i in range(10)], dtype=np.uint16)
+    rows.tofile(tmp_path / "train.bin")
+    (tmp_path / "val.bin").write_bytes(b"")
+    write_json(tmp_path / "meta.json", {"block_size": 24, "dtype": "uint16", "vocab_size": tok.n_vocab,
+                                        "tokenizer": tok.identity, "special": tok.special, "kind": "sft"})
+    data = BlockData(tmp_path, "train", seed=3)
+    assert data.n_blocks == 10 and data.block_size == 24
+    x, y, mask = data.batch([4, 1])
+    assert x.tolist() == rows[[4, 1], :-1].tolist() and y.tolist() == rows[[4, 1], 1:].tolist()
+    assert mask.tolist() == loss_mask(y, tok.special, "sft").tolist() and mask.any(1).all()
+    assert not torch.equal(data.batch([4], kind="pretrain")[2], data.batch([4])[2])
+    rng = np.random.default_rng(0)
+    random_idx = data.next_indices(100, "random", rng)
+    assert random_idx.min() >= 0 and random_idx.max() < 10
+    assert random_idx.tolist() == BlockData(tmp_path, "train").next_indices(100, "random", np.random.default_rng(0)).tolist()
+
+    drawn = np.concatenate([data.next_indices(3, "sequential", rng) for _ in range(4)])  # 12 = an epoch and 2
+    assert sorted(drawn[:10].tolist()) == list(range(10))
+    state = data.state()
+    assert state == {"epoch": 1, "cursor": 2}
+    continuation = [data.next_indices(4, "sequential", rng).tolist() for _ in range(5)]
+    resumed = BlockData(tmp_path, "train", seed=3)
+    resumed.load_state(json.loads(json.dumps(state)))
+    assert [resumed.next_indices(4, "sequential", rng).tolist() for _ in range(5)] == continuation
+    epoch_1 = drawn[10:].tolist() + sum(continuation, [])[:8]
+    assert sorted(epoch_1) == list(range(10)) and epoch_1 != drawn[:10].tolist()
+    with pytest.raises(ValueError, match="no blocks"):
+        BlockData(tmp_path, "val")
+    with pytest.raises(FileNotFoundError, match="prepare.py"):
+        BlockData(tmp_path / "missing", "train")
+
+
+def test_split_of_is_stable_and_proportional():
+    assert split_of("4891097", 0.5) == split_of("4891097", 0.5)
+    assert split_of("x", 0.0) == "train" and split_of("x", 1.0) == "val"
+    share = sum(split_of(str(i), 0.1) == "val" for i in range(20000)) / 20000
+    assert 0.09 < share < 0.11
+    # fixed values: the split must never change, or pretraining validation articles leak into training
+    assert [split_of(str(i), 0.5) for i in range(8)] == ["val", "train", "val"] + ["train"] * 5
+    assert article_key({"id": 12, "title": "t", "text": "x"}) == "12"
+    assert article_key({"title": "t", "text": "x"}) == "t" and article_key({"text": "x"}) == "x"
+
+
+def test_iter_jsonl_reports_bad_lines(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"text": "ok"}\nnot json\n\n\xff\xfe\n{"text": 3}\n{"text": "ok2"}\n')
+    bad = BadLines(keep=2)
+    assert [(n, o["text"]) for n, o in iter_jsonl(path, bad)] == [(1, "ok"), (6, "ok2")]
+    assert bad.count == 3 and bad.examples == [f"{path}:2: invalid JSON (Expecting value)", f"{path}:4: invalid UTF-8"]
+
+
+def test_split_sentences_keeps_punctuation_and_closing_quotes():
+    assert split_sentences("他说：“好。”然后走了！对吗？最后") == ["他说：“好。”", "然后走了！", "对吗？", "最后"]
+    assert split_sentences("第一段。\n第二段") == ["第一段。", "第二段"]
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as f:
+            f.write(b"new")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]

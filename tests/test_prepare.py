@@ -1,0 +1,220 @@
+"""data/prepare.py: block boundaries, cleaning, the split, parallel determinism, bad input, atomicity."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from data.prepare import article_sentences, main as prepare_main
+from data_utils import clean_article, split_of
+
+
+def article(i, n_sentences=6):
+    """A wiki-style line: title, blank line, paragraphs of sentences of varied length."""
+    sentences = [f"第{i}座城市的第{k}条河流{'很长' * (k % 4)}，流经{'北方平原' * (1 + (i + k) % 3)}。" for k in range(n_sentences)]
+    body = "".join(sentences[: n_sentences // 2]) + "\n" + "".join(sentences[n_sentences // 2:])
+    return {"id": str(1000 + i), "title": f"城市{i}", "text": f"城市{i}\n\n{body}"}
+
+
+def write_jsonl(path, objs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs), encoding="utf-8")
+    return path
+
+
+def run(tmp_path, tok, input_path, *extra, out="out"):
+    prepare_main(["--input", str(input_path), "--out", str(tmp_path / out), "--tokenizer", tok.identity["path"],
+                  "--quiet", *extra])
+    out = tmp_path / out
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    rows = {s: np.fromfile(out / f"{s}.bin", dtype=meta["dtype"]).reshape(-1, meta["block_size"]) for s in ("train", "val")}
+    return meta, rows
+
+
+def row_content(row, tok):
+    """The tokens of a non-packed row before its EOT, after checking the [tokens, EOT, PAD...] layout."""
+    eot_at = np.flatnonzero(row == tok.eot)
+    assert len(eot_at) == 1
+    end = eot_at[0]
+    assert (row[end + 1:] == tok.pad).all() and not np.isin(row[:end], [tok.pad, tok.eot]).any() and end > 0
+    return row[:end].tolist()
+
+
+def test_rows_are_whole_sentences_and_keep_every_article(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    objs = [article(i, n_sentences=2 + i % 9) for i in range(30)]
+    meta, rows = run(tmp_path, tok, write_jsonl(tmp_path / "in.jsonl", objs), "--block_size", "128",
+                     "--val_fraction", "0", "--min_chars", "1", "--workers", "1")
+    assert rows["val"].shape == (0, 128) and rows["train"].shape[1] == 128
+    texts = [tok.decode(row_content(r, tok)) for r in rows["train"]]
+    bodies = [clean_article(o["text"]) for o in objs]
+    assert "".join(texts) == "".join(bodies)  # nothing lost, nothing added, in order
+    # every row starts at a sentence start and ends at a sentence end of one article
+    sentence_ends = set()
+    offset = 0
+    for body in bodies:
+        for sentence in article_sentences(body):
+            offset += len(sentence)
+            sentence_ends.add(offset)
+    offset = 0
+    for text in texts:
+        assert offset in sentence_ends | {0} and offset + len(text) in sentence_ends
+        offset += len(text)
+    assert len(texts) > len(objs)  # long articles went on in further rows
+    c = meta["counts"]
+    assert c["blocks_train"] == len(texts) and c["sentences_split"] == 0
+    assert c["tokens"] == sum(len(row_content(r, tok)) for r in rows["train"])
+    assert c["pad_fraction"] == pytest.approx((rows["train"] == tok.pad).mean(), abs=1e-4)
+
+
+def test_paragraph_newlines_are_kept_inside_an_article():
+    body = clean_article("标题\n\n第一句。第二句！\n第三句")
+    assert article_sentences(body) == ["第一句。", "第二句！\n", "第三句"]
+    assert "".join(article_sentences(body)) == body
+
+
+def test_over_long_sentence_is_cut_at_token_boundaries_and_counted(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    long_sentence = "北京上海长江黄河故宫" * 30 + "。"
+    obj = {"id": "1", "text": f"长句\n\n短句开头。{long_sentence}短句结尾。"}
+    meta, rows = run(tmp_path, tok, write_jsonl(tmp_path / "in.jsonl", [obj]), "--block_size", "32",
+                     "--val_fraction", "0", "--workers", "1")
+    contents = [row_content(r, tok) for r in rows["train"]]
+    assert meta["counts"]["sentences_split"] == 1
+    assert sum(len(c) >= 29 for c in contents) >= 2  # the cut pieces fill their rows
+    texts = [tok.decode(c) for c in contents]
+    assert "".join(texts) == clean_article(obj["text"])  # and no character was cut in two
+    assert tok.decode(contents[0]) == "短句开头。"  # the short sentence before is not glued to a piece
+
+
+def test_pack_shares_rows_and_cuts_padding(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    objs = [article(i, n_sentences=2) for i in range(40)]
+    path = write_jsonl(tmp_path / "in.jsonl", objs)
+    plain_meta, _ = run(tmp_path, tok, path, "--block_size", "256", "--val_fraction", "0", "--min_chars", "1", out="plain")
+    meta, rows = run(tmp_path, tok, path, "--block_size", "256", "--val_fraction", "0", "--min_chars", "1", "--pack")
+    assert meta["counts"]["pad_fraction"] < plain_meta["counts"]["pad_fraction"]
+    assert meta["counts"]["blocks_train"] < len(objs)
+    articles = []
+    for row in rows["train"]:
+        eots = np.flatnonzero(row == tok.eot)
+        assert len(eots) >= 1 and (row[eots[-1] + 1:] == tok.pad).all() and not (row[: eots[-1]] == tok.pad).any()
+        articles += [tok.decode(piece.tolist()) for piece in np.split(row[: eots[-1]], eots[:-1] + 1)]
+    assert "".join(articles) == "".join(clean_article(o["text"]) for o in objs)
+    assert len(articles) >= len(objs)
+
+
+def test_cleaning_in_the_pipeline(tmp_path, tiny_tokenizer):
+    text = ("北京\n\n北京（）是首都（，）。简称「」京《》。\n历史.\n"
+            "<div>北京有-{故宫}-。</div>“”长城&amp;颐和园<|endoftext|>。\n\n")
+    assert clean_article(text) == "北京是首都。简称京。\n北京有故宫。长城&颐和园<|endoftext|>。"
+    meta, rows = run(tmp_path, tiny_tokenizer, write_jsonl(tmp_path / "in.jsonl", [{"id": "7", "text": text}]),
+                     "--val_fraction", "0", "--min_chars", "10")
+    # row_content checks the only EOT is the structural one: the spelling in the text stayed text
+    assert tiny_tokenizer.decode(row_content(rows["train"][0], tiny_tokenizer)) == clean_article(text)
+
+
+def test_split_is_by_article_deterministic_and_order_free(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    objs = [article(i) for i in range(200)]
+    assert split_of("1000", 0.3) == split_of("1000", 0.3)
+    expected_val = {o["id"] for o in objs if split_of(o["id"], 0.3) == "val"}
+    assert 30 < len(expected_val) < 90
+    meta_a, rows_a = run(tmp_path, tok, write_jsonl(tmp_path / "a.jsonl", objs), "--val_fraction", "0.3", out="a")
+    meta_b, rows_b = run(tmp_path, tok, write_jsonl(tmp_path / "b.jsonl", objs[::-1]), "--val_fraction", "0.3", out="b")
+    decode_rows = lambda rows: {tok.decode(row_content(r, tok)) for r in rows}  # noqa: E731
+    val_texts = {clean_article(o["text"]) for o in objs if o["id"] in expected_val}
+    assert decode_rows(rows_a["val"]) == decode_rows(rows_b["val"]) == val_texts
+    assert not decode_rows(rows_a["train"]) & val_texts
+    assert meta_a["counts"]["articles_val"] == len(expected_val)
+
+
+def test_output_does_not_depend_on_workers(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "in.jsonl", [article(i) for i in range(300)])
+    for pack in ([], ["--pack"]):
+        results = [run(tmp_path, tiny_tokenizer, path, "--workers", str(w), "--chunk_bytes", "4096",
+                       "--val_fraction", "0.2", *pack, out=f"w{w}") for w in (1, 2)]
+        (meta_1, rows_1), (meta_2, rows_2) = results
+        for split in ("train", "val"):
+            assert np.array_equal(rows_1[split], rows_2[split])
+        assert meta_1["counts"]["tokens"] == meta_2["counts"]["tokens"]
+
+
+def test_malformed_input_is_counted_not_fatal(tmp_path, tiny_tokenizer, capsys):
+    folder = tmp_path / "in"
+    good = write_jsonl(folder / "a.jsonl", [article(1), article(2)])
+    with open(good, "ab") as f:
+        f.write(b'{"text": "broken\n')  # line 3
+        f.write(b'{"title": "no text"}\n')  # line 4
+        f.write(b'{"text": "\xff\xfe bad bytes"}\n')  # line 5
+        f.write(b"[1, 2]\n\n")  # line 6, then a blank line
+        f.write(json.dumps(article(3)).encode() + b"\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "empty.jsonl").write_bytes(b"")
+    meta, rows = run(tmp_path, tiny_tokenizer, folder, "--val_fraction", "0")
+    c = meta["counts"]
+    assert c["articles_read"] == 7 and c["articles_kept"] == 3
+    assert c["dropped"]["malformed"] == 4 and c["empty_files"] == 1
+    assert [e.split(": ")[0].rsplit(":", 1)[1] for e in c["bad_lines"]] == ["0", "3", "4", "5", "6"]
+    assert "invalid UTF-8" in " ".join(c["bad_lines"]) and "skipped 5 malformed lines" in capsys.readouterr().out
+
+
+def test_nothing_usable_exits_non_zero_and_writes_nothing(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "太短"}, {"id": 1}])
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_main(["--input", str(path), "--out", str(tmp_path / "out"), "--tokenizer",
+                      tiny_tokenizer.identity["path"], "--quiet"])
+    assert exit_info.value.code == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    with pytest.raises(SystemExit):
+        prepare_main(["--input", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--quiet"])
+
+
+def test_interrupted_run_keeps_the_previous_output(tmp_path, tiny_tokenizer):
+    """SIGKILL mid-write: the old bins and meta.json stay as they were, no new train.bin appears."""
+    tok = tiny_tokenizer
+    small = write_jsonl(tmp_path / "small.jsonl", [article(i) for i in range(5)])
+    run(tmp_path, tok, small, "--val_fraction", "0")
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    big = write_jsonl(tmp_path / "big.jsonl", [article(i, 40) for i in range(2000)])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "data" / "prepare.py"), "--input", str(big), "--out", str(out),
+                             "--tokenizer", tok.identity["path"], "--workers", "1", "--chunk_bytes", "65536"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".train.bin.tmp") and p.stat().st_size for p in out.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "prepare.py ended before it could be interrupted"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    after = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+    assert after == before
+
+
+def test_meta_fields(tmp_path, tiny_tokenizer):
+    meta, rows = run(tmp_path, tiny_tokenizer, write_jsonl(tmp_path / "in.jsonl", [article(i) for i in range(50)]),
+                     "--val_fraction", "0.2", "--block_size", "64")
+    assert meta["block_size"] == 64 and meta["dtype"] == "uint16" and meta["kind"] == "pretrain"
+    assert meta["vocab_size"] == tiny_tokenizer.n_vocab and meta["tokenizer"] == tiny_tokenizer.identity
+    assert meta["special"] == tiny_tokenizer.special
+    c = meta["counts"]
+    for key in ("articles_read", "articles_kept", "dropped", "blocks_train", "blocks_val", "tokens", "chars",
+                "pad_fraction", "sentences_split", "tokens_train", "tokens_val", "chars_train", "chars_val"):
+        assert key in c
+    assert (c["blocks_train"], c["blocks_val"]) == (len(rows["train"]), len(rows["val"]))
+    assert c["tokens"] == c["tokens_train"] + c["tokens_val"] and c["chars"] == c["chars_train"] + c["chars_val"]
+    assert c["chars"] == sum(len(clean_article(article(i)["text"]).replace("\n", "")) for i in range(50))
+
+
+def test_trains_a_tokenizer_when_absent(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [article(i) for i in range(40)])
+    prepare_main(["--input", str(path), "--out", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok"),
+                  "--vocab_size", "300", "--val_fraction", "0", "--quiet"])
+    assert "training a 300-token tokenizer" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert (tmp_path / "tok" / "ranks.tiktoken").exists() and meta["tokenizer"]["path"] == str(tmp_path / "tok")

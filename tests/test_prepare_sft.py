@@ -1,0 +1,198 @@
+"""data/prepare_sft.py: row layouts per input kind, dedup, grouped split, tokenizer check, bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data.prepare import main as prepare_main
+from data.prepare_sft import main as prepare_sft_main
+from data_utils import loss_mask, split_of
+from tokenizer import train_tokenizer
+
+
+def write(path, obj=None, lines=None):
+    text = json.dumps(obj, ensure_ascii=False) if lines is None else "".join(
+        json.dumps(o, ensure_ascii=False) + "\n" for o in lines)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run(tmp_path, tok, *inputs, extra=(), block_size=128, out="sft"):
+    prepare_sft_main(["--input", *map(str, inputs), "--out", str(tmp_path / out), "--tokenizer", tok.identity["path"],
+                      "--block_size", str(block_size), *extra])
+    out = tmp_path / out
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    rows = {s: np.fromfile(out / f"{s}.bin", dtype=meta["dtype"]).reshape(-1, block_size) for s in ("train", "val")}
+    val_pairs = [json.loads(line) for line in (out / "val.jsonl").read_text(encoding="utf-8").splitlines()]
+    return meta, rows, val_pairs
+
+
+def all_rows(rows):
+    return np.concatenate([rows["train"], rows["val"]])
+
+
+def unpadded(row, tok):
+    content = row[row != tok.pad].tolist()
+    assert row[: len(content)].tolist() == content  # PAD only at the end
+    return content
+
+
+def answer_tokens(row, tok, special):
+    """The target tokens the SFT loss mask keeps for one row."""
+    y = torch.from_numpy(row[1:].astype(np.int64))[None]
+    return y[loss_mask(y, special, "sft")].tolist()
+
+
+PAIRS = [{"id": "a1", "question": "北京是哪个国家的首都？", "answer": "中华人民共和国"},
+         {"id": "a1", "question": "故宫在哪里？", "answer": "北京市中心"},
+         {"id": "a2", "question": "长江有多长？", "answer": "约6300公里"},
+         {"id": "a3", "question": "  长江有多长？ ", "answer": "约6300公里"},  # a duplicate once normalised
+         {"id": "a4", "question": "Python是谁创建的？", "answer": "Guido van Rossum"}]
+
+
+def test_qa_jsonl_layout_and_dedup(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    meta, rows, _ = run(tmp_path, tok, write(tmp_path / "qa.jsonl", lines=PAIRS))
+    kept = [unpadded(r, tok) for r in all_rows(rows)]
+    expected = [tok.encode_qa(p["question"].strip(), p["answer"]) for p in PAIRS if p["id"] != "a3"]
+    assert sorted(kept) == sorted(expected)
+    assert meta["kind"] == "sft" and meta["counts"]["dropped"]["duplicate"] == 1
+    for row in all_rows(rows):
+        content = unpadded(row, tok)
+        answer_start = content.index(tok.answer) + 1
+        assert answer_tokens(row, tok, meta["special"]) == content[answer_start:]  # answer + closing EOT
+
+
+def test_pairs_of_one_article_share_a_split_and_val_jsonl(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    pairs = [{"id": f"art{i // 3}", "question": f"第{i}个问题？", "answer": f"答案{i}"} for i in range(300)]
+    meta, rows, val_pairs = run(tmp_path, tok, write(tmp_path / "qa.jsonl", lines=pairs), extra=["--val_fraction", "0.2"])
+    expected_val = [p for p in pairs if split_of(p["id"], 0.2) == "val"]
+    assert 0 < len(expected_val) < 150 and len(expected_val) % 3 == 0
+    assert [(p["id"], p["question"], p["answer"]) for p in val_pairs] == \
+        [(p["id"], p["question"], p["answer"]) for p in expected_val]
+    assert sorted(unpadded(r, tok) for r in rows["val"]) == sorted(tok.encode_qa(p["question"], p["answer"])
+                                                                   for p in expected_val)
+    assert meta["counts"]["blocks_val"] == len(expected_val) and meta["counts"]["articles_read"] == 100
+
+
+SQUAD = {"version": "v1", "data": [
+    {"id": "1", "title": "北京", "paragraphs": [{"context": "北京是中华人民共和国的首都。", "qas": [
+        {"id": "q1", "question": "北京是哪国的首都？", "answers": [{"text": "中华人民共和国", "answer_start": 3},
+                                                                {"text": "中华人民共和国", "answer_start": 3}]},
+        {"id": "q2", "question": "没有答案？", "answers": []}]}]},
+    {"id": "2", "title": "长江", "paragraphs": [{"context": "长江" * 200, "qas": [
+        {"id": "q3", "question": "长江有多长？", "answers": [{"text": "约6300公里"}, {"text": "6300公里"}]}]}]},
+]}
+
+
+def test_squad_with_and_without_context(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    path = write(tmp_path / "squad.json", SQUAD)
+    meta, rows, _ = run(tmp_path, tok, path, extra=["--val_fraction", "1"], block_size=96, out="plain")
+    assert sorted(unpadded(r, tok) for r in rows["val"]) == sorted(
+        [tok.encode_qa("北京是哪国的首都？", "中华人民共和国"), tok.encode_qa("长江有多长？", "约6300公里")])
+    meta, rows, val_pairs = run(tmp_path, tok, path, extra=["--val_fraction", "1", "--with_context"], block_size=96)
+    assert [unpadded(r, tok) for r in rows["val"]] == [
+        tok.encode_qa("北京是中华人民共和国的首都。\n北京是哪国的首都？", "中华人民共和国")]
+    assert meta["counts"]["dropped"] == {"malformed": 0, "duplicate": 0, "too_long": 1, "no_answer": 1}
+    assert val_pairs == [{"id": "q1", "question": "北京是中华人民共和国的首都。\n北京是哪国的首都？",
+                          "answer": "中华人民共和国", "answers": ["中华人民共和国"]}]
+
+
+CHAT = [{"id": "c1", "messages": [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
+                                  {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "北京在哪？"},
+                                  {"role": "assistant", "content": "华北平原。"}]},
+        {"id": "c2", "messages": [{"role": "user", "content": "hi"}, {"role": "moderator", "content": "?"}]}]
+
+
+def test_chat_jsonl_layout_and_mask(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    meta, rows, _ = run(tmp_path, tok, write(tmp_path / "chat.jsonl", lines=CHAT))
+    (row,) = all_rows(rows)
+    assert unpadded(row, tok) == tok.encode_chat(CHAT[0]["messages"], add_generation_prompt=False)
+    expected = tok.encode("你好！") + [tok.end] + tok.encode("华北平原。") + [tok.end]
+    assert answer_tokens(row, tok, meta["special"]) == expected
+    assert meta["counts"]["dropped"]["malformed"] == 1 and "chat.jsonl:2" in meta["counts"]["bad_lines"][0]
+
+
+def kdconv(n_turns, long_turn=None):
+    turns = [{"message": f"第{i}句话。"} for i in range(n_turns)]
+    if long_turn is not None:
+        turns[long_turn]["message"] = "很长的话" * 60
+    return {"name": "电影", "messages": turns}
+
+
+def test_kdconv_turns_alternate_and_long_dialogues_split_at_turns(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    meta, rows, _ = run(tmp_path, tok, write(tmp_path / "kdconv_x.json", [kdconv(4), kdconv(30)]), block_size=96)
+    short = tok.encode_chat([{"role": ("user", "assistant")[i % 2], "content": f"第{i}句话。"} for i in range(4)],
+                            add_generation_prompt=False)
+    contents = [unpadded(r, tok) for r in all_rows(rows)]
+    assert contents.count(short) == 1
+    pieces = [c for c in contents if c != short]
+    assert len(pieces) >= 3 and meta["counts"]["dialogues_split"] == 1
+    assert "".join(tok.decode(p) for p in pieces) == "".join(f"第{i}句话。" for i in range(30))  # every turn, in order
+    for piece in pieces:
+        assert piece[0] == tok.user and piece[-2:] == [tok.end, tok.eot] and len(piece) <= 96
+    assert meta["counts"]["read_by_source"] == {"kdconv": 2}
+
+
+def test_exchange_longer_than_a_row_is_dropped_and_counted(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    meta, rows, _ = run(tmp_path, tok, write(tmp_path / "kdconv_y.json", [kdconv(4, long_turn=1)]), block_size=96)
+    rest = [{"role": "user", "content": "第2句话。"}, {"role": "assistant", "content": "第3句话。"}]
+    assert [unpadded(r, tok) for r in all_rows(rows)] == [tok.encode_chat(rest, add_generation_prompt=False)]
+    assert meta["counts"]["dropped"]["too_long"] == 1
+
+
+def test_tokenizer_must_match_the_pretraining_data(tmp_path, tiny_tokenizer):
+    wiki = write(tmp_path / "wiki.jsonl", lines=[{"id": str(i), "text": f"标题\n\n{'北京是首都。' * 20}"} for i in range(5)])
+    prepare_main(["--input", str(wiki), "--out", str(tmp_path / "pre"), "--tokenizer", tiny_tokenizer.identity["path"],
+                  "--quiet", "--val_fraction", "0"])
+    qa = write(tmp_path / "qa.jsonl", lines=PAIRS)
+    run(tmp_path, tiny_tokenizer, qa, extra=["--pretrain_data", str(tmp_path / "pre")])
+    other = train_tokenizer(["完全不同的训练文本。"] * 10, tmp_path / "other", vocab_size=300)
+    with pytest.raises(SystemExit, match="tokenizer mismatch"):
+        run(tmp_path, other, qa, extra=["--pretrain_data", str(tmp_path / "pre")], out="refused")
+    assert not (tmp_path / "refused" / "meta.json").exists()
+    with pytest.raises(SystemExit, match="no tokenizer"):
+        prepare_sft_main(["--input", str(qa), "--out", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "none")])
+
+
+def test_bad_input_is_counted_and_nothing_usable_fails(tmp_path, tiny_tokenizer):
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes(b'{"question": "q?", "answer": "a"}\n{broken\n\xff\n{"question": 1}\n\n'
+                     b'{"question": "' + "长".encode() * 400 + b'", "answer": "a"}\n')
+    (tmp_path / "odd.json").write_text('{"something": "else"}')
+    meta, rows, _ = run(tmp_path, tiny_tokenizer, path, tmp_path / "odd.json")
+    c = meta["counts"]
+    assert c["examples_kept"] == 1 and c["dropped"]["malformed"] == 4 and c["dropped"]["too_long"] == 1
+    assert [e.split(": ")[0] for e in c["bad_lines"]] == [f"{path}:2", f"{path}:3", f"{path}:4", f"{tmp_path}/odd.json:0"]
+    with pytest.raises(SystemExit, match="no usable example"):
+        run(tmp_path, tiny_tokenizer, tmp_path / "odd.json", out="empty")
+    assert not (tmp_path / "empty" / "train.bin").exists()
+
+
+def test_shared_squad_and_kdconv_files(tmp_path, tiny_tokenizer, qa_dir):
+    from conftest import need_shared
+    dialog = need_shared("dialog", "kdconv_travel_dev.json")
+    meta, rows, val_pairs = run(tmp_path, tiny_tokenizer, qa_dir / "cmrc2018_trial.json", dialog,
+                                extra=["--val_fraction", "0.1"], block_size=256)
+    c = meta["counts"]
+    assert c["read_by_source"]["squad"] >= 1000 and c["read_by_source"]["kdconv"] == 150
+    assert c["examples_kept"] == c["blocks_train"] + c["blocks_val"] > 1000
+    assert val_pairs and all(p["question"] and p["answer"] for p in val_pairs)
+    for row in all_rows(rows)[::50]:
+        assert row[0] != tiny_tokenizer.pad and answer_tokens(row, tiny_tokenizer, meta["special"])
+
+
+def test_folder_input_skips_progress_sidecars_and_empty_answers(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "generated"
+    folder.mkdir()
+    write(folder / "qa.jsonl", lines=PAIRS[:2] + [{"id": "a9", "question": "空答案？", "answer": " "}])
+    write(folder / "qa.state.jsonl", lines=[{"id": "a1", "status": "ok", "reason": ""}])
+    meta, rows, _ = run(tmp_path, tiny_tokenizer, folder)
+    c = meta["counts"]
+    assert c["examples_kept"] == 2 and c["dropped"]["no_answer"] == 1 and c["dropped"]["malformed"] == 0
