@@ -12,14 +12,15 @@
 - Writing files atomically (`atomic_write`): a temporary file renamed at the end, so an
   interrupted run never leaves a complete-looking output.
 """
+import hashlib
 import json
+import math
 import os
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
-import torch
 
 # ----------------------------------------------------------------------------- reading jsonl
 
@@ -62,24 +63,49 @@ def iter_jsonl(path, bad=None, required=("text",)):
     bad = bad if bad is not None else BadLines()
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                bad.add(f"{path}:{lineno}", "invalid UTF-8")
-                continue
-            except json.JSONDecodeError as e:
-                bad.add(f"{path}:{lineno}", f"invalid JSON ({e.msg})")
-                continue
-            if not isinstance(obj, dict):
-                bad.add(f"{path}:{lineno}", "not a JSON object")
-                continue
-            missing = [k for k in required if not isinstance(obj.get(k), str)]
-            if missing:
-                bad.add(f"{path}:{lineno}", f"no string field {missing[0]!r}")
-                continue
-            yield lineno, obj
+            obj = parse_jsonl_line(raw, f"{path}:{lineno}", bad, required)
+            if obj is not None:
+                yield lineno, obj
+
+
+def parse_jsonl_line(raw, where, bad, required=("text",)):
+    """One raw jsonl line (bytes) -> its object, or None (blank, or malformed: counted in `bad`)."""
+    if not raw.strip():
+        return None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        bad.add(where, "invalid UTF-8")
+        return None
+    except json.JSONDecodeError as e:
+        bad.add(where, f"invalid JSON ({e.msg})")
+        return None
+    if not isinstance(obj, dict):
+        bad.add(where, "not a JSON object")
+        return None
+    missing = [k for k in required if not isinstance(obj.get(k), str)]
+    if missing:
+        bad.add(where, f"no string field {missing[0]!r}")
+        return None
+    return obj
+
+
+def split_of(key, val_fraction, salt="minigpt-split"):
+    """'val' or 'train' for an article key (id, title or text), the same on every run and machine.
+
+    A sha1 of salt+key, not Python's salted hash(), so later stages (QA generation, evaluation) can
+    tell which articles were held out of pretraining by calling this again.
+    """
+    digest = hashlib.sha1(f"{salt}\0{key}".encode("utf-8")).digest()
+    return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
+
+
+def article_key(obj):
+    """The key an article is split by: its id, else its title, else its text."""
+    for field in ("id", "title", "text"):
+        if obj.get(field) not in (None, ""):
+            return str(obj[field])
+    return ""
 
 
 # ----------------------------------------------------------------------------- cleaning
@@ -177,6 +203,8 @@ def loss_mask(y, special, kind, mask_eot=False):
       before the block is cut (the first target) cannot be seen, so SFT blocks always start with
       the prompt, which prepare_sft.py guarantees.
     """
+    import torch  # imported here: the data preparation scripts use this module without torch
+
     pad, eot = special["pad"], special["eot"]
     if kind == "pretrain":
         mask = y != pad
@@ -208,10 +236,10 @@ class BlockData:
         self.meta = load_meta(data_dir)
         self.block_size = self.meta["block_size"]
         path = Path(data_dir) / f"{split}.bin"
+        if path.stat().st_size == 0:  # np.memmap cannot map an empty file
+            raise ValueError(f"{path} holds no blocks (raise --val_fraction when preparing a small corpus)")
         self.data = np.memmap(path, dtype=np.dtype(self.meta["dtype"]), mode="r").reshape(-1, self.block_size)
         self.n_blocks = len(self.data)
-        if self.n_blocks == 0:
-            raise ValueError(f"{path} holds no blocks")
         self.seed, self.epoch, self.cursor = seed, 0, 0
         self._order = None
 
@@ -236,6 +264,8 @@ class BlockData:
 
     def batch(self, indices, device="cpu", kind=None, mask_eot=False):
         """x, y, loss_mask for the given block indices (sorted reads are kinder to the page cache)."""
+        import torch
+
         blocks = torch.from_numpy(self.data[np.asarray(indices)].astype(np.int64))
         x, y = blocks[:, :-1], blocks[:, 1:]
         mask = loss_mask(y, self.meta["special"], kind or self.meta["kind"], mask_eot)
@@ -248,3 +278,35 @@ class BlockData:
 
     def load_state(self, state):
         self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
+
+
+def evaluate_blocks(model, data, indices, tok, batch_size, device, ctx=nullcontext()):
+    """Masked mean loss, perplexity and bits per character over the given blocks of `data`.
+
+    Sums over every masked target (not a mean of batch means), so the numbers do not depend on the
+    batch size. bits/char = total nats / ln 2 / characters of the masked targets, each row's masked
+    targets decoded with `tok.decode` (special tokens count in the loss but have no characters).
+    Used by training (val_ppl, val_bpc) and evaluations/perplexity.py alike.
+    """
+    import torch
+
+    indices = list(indices)
+    was_training = model.training
+    model.eval()
+    nats, tokens, chars = 0.0, 0, 0
+    for start in range(0, len(indices), batch_size):
+        x, y, mask = data.batch(indices[start:start + batch_size], device)
+        with ctx, torch.no_grad():
+            _, loss = model(x, y, mask)
+        n = int(mask.sum())
+        nats += float(loss) * n
+        tokens += n
+        for row, keep in zip(y.cpu(), mask.cpu()):
+            chars += count_chars(tok.decode(row[keep].tolist()))
+    model.train(was_training)
+    if tokens == 0:
+        raise ValueError("no target tokens to score in these blocks (all padding, or no answer spans)")
+    loss = nats / tokens
+    return {"loss": loss, "ppl": math.exp(loss), "bpc": nats / math.log(2) / chars if chars else None,
+            "tokens": tokens, "chars": chars, "blocks": len(indices)}
+

@@ -1,0 +1,141 @@
+"""The main job, one command: corpus -> tokenizer -> data -> pretrain -> QA pairs -> SFT -> evaluations -> report.
+
+    python pipeline.py [--corpus DIR] [--base_url URL --model NAME] [--preset auto|cpu|gpu]
+
+Design:
+- Each stage is the project's own command line (printed before it runs), so the pipeline is also
+  the tutorial: every step can be re-run by hand with the same flags.
+- A stage is skipped when its completion marker exists (`out/pipeline/<stage>.done`, written only
+  after the stage's command succeeded), so an interrupted pipeline resumes where it stopped; an
+  interrupted training stage resumes from its `last.pt` (`init_from=resume`).
+- The held-out protocol (README, "Does fine-tuning teach the model what it read?"): QA pairs are
+  generated from articles of the pretraining *train* split only; prepare_sft.py splits them by
+  article with the same hash (`split_of`) and a larger fraction (5% vs 1%), so its validation
+  pairs ask about articles the model read in pretraining but never saw questions about. Both
+  checkpoints are scored on those pairs.
+- Corpus order: --corpus; data/wiki/ when it holds jsonl; ../shared/data/zhwiki; else download a
+  public subset with data/download_wiki.py.
+- Presets: with no GPU the CPU configs (about 10 minutes of pretraining on 2 cores); with a GPU the
+  full configs.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data_utils import article_key, find_jsonl, iter_jsonl, split_of
+
+ROOT = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+def find_corpus(arg):
+    if arg:
+        return Path(arg)
+    for candidate in (ROOT / "data" / "wiki", ROOT.parent / "shared" / "data" / "zhwiki"):
+        if candidate.is_dir() and find_jsonl(candidate):
+            return candidate
+    print("no local corpus found: downloading a public Chinese Wikipedia subset into data/wiki/")
+    run("download", [PY, "data/download_wiki.py", "--out", "data/wiki"], marker=False)
+    return ROOT / "data" / "wiki"
+
+
+def run(stage, cmd, marker=True, state_dir=ROOT / "out" / "pipeline"):
+    """Run one stage's command unless its marker says it already finished; stop the pipeline on failure."""
+    done = state_dir / f"{stage}.done"
+    if marker and done.exists():
+        print(f"[{stage}] done earlier, skipping ({done})")
+        return
+    print(f"\n[{stage}] $ {' '.join(map(str, cmd))}", flush=True)
+    t0 = time.time()
+    result = subprocess.run([str(c) for c in cmd], cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(f"[{stage}] failed with exit code {result.returncode}; fix the problem and re-run "
+                 "pipeline.py: finished stages are skipped")
+    print(f"[{stage}] finished in {time.time() - t0:.0f}s")
+    if marker:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps({"cmd": list(map(str, cmd)), "seconds": round(time.time() - t0)}) + "\n")
+
+
+def train_cmd(config, out_dir, overrides):
+    """Resume an interrupted training stage from its last.pt instead of starting over."""
+    resume = ["--init_from=resume"] if (ROOT / out_dir / "last.pt").exists() else []
+    return [PY, "train.py", config, f"--out_dir={out_dir}", *overrides, *resume]
+
+
+def pretrain_articles(corpus, val_fraction, out_path):
+    """Articles of the pretraining train split (the QA generator reads only these)."""
+    if out_path.exists():
+        return out_path
+    tmp = out_path.with_suffix(".tmp")
+    kept = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for path in find_jsonl(corpus):
+            for lineno, obj in iter_jsonl(path):
+                if split_of(article_key(obj), val_fraction) == "train":
+                    f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                    kept += 1
+    tmp.replace(out_path)
+    print(f"{kept} pretraining-train articles -> {out_path}")
+    return out_path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", help="folder of wiki jsonl (default: data/wiki, then ../shared/data/zhwiki, then download)")
+    ap.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto")
+    ap.add_argument("--base_url", help="OpenAI-compatible LLM server for QA generation (default: the offline extractive backend)")
+    ap.add_argument("--model", default="local-model", help="model name on --base_url")
+    ap.add_argument("--api_key", default=None)
+    ap.add_argument("--qa_articles", type=int, default=40000, help="articles sent to QA generation")
+    ap.add_argument("--eval_questions", type=int, default=300, help="held-out questions scored per model")
+    args = ap.parse_args(argv)
+
+    gpu = args.preset == "gpu" or (args.preset == "auto" and torch.cuda.is_available())
+    corpus = find_corpus(args.corpus)
+    block = 512 if gpu else 256
+    pre_cfg, sft_cfg = ("config/train_config.py", "config/train_config_sft.py") if gpu else \
+        ("config/train_config_cpu.py", "config/train_config_sft_cpu.py")
+    print(f"corpus: {corpus}\npreset: {'gpu' if gpu else 'cpu'} (block_size {block})")
+
+    run("tokenizer", [PY, "tokenizer.py", "--input", corpus, "--out", "data/tokenizer"])
+    run("prepare", [PY, "data/prepare.py", "--input", corpus, "--out", "data/processed", "--block_size", block,
+                    "--tokenizer", "data/tokenizer", "--pack"])
+    run("pretrain", train_cmd(pre_cfg, "out/pretrain", ["--data_dir=data/processed"]))
+
+    val_fraction = json.loads((ROOT / "data/processed/meta.json").read_text())["val_fraction"]
+    articles = pretrain_articles(corpus, val_fraction, ROOT / "data" / "pretrain_train_articles.jsonl")
+    qa = ["--input", articles, "--output", "data/qa_generated.jsonl", "--limit", args.qa_articles]
+    if args.base_url:
+        qa += ["--backend", "llm", "--base_url", args.base_url, "--model", args.model]
+        qa += ["--api_key", args.api_key] if args.api_key else []
+    else:
+        qa += ["--backend", "extractive"]
+    run("qa_generation", [PY, "sft/sft_generate.py", *qa])
+    run("prepare_sft", [PY, "data/prepare_sft.py", "--input", "data/qa_generated.jsonl", "--out", "data/sft",
+                        "--block_size", block, "--tokenizer", "data/tokenizer", "--pretrain_data", "data/processed"])
+    run("sft", train_cmd(sft_cfg, "out/sft", ["--data_dir=data/sft", "--init_from=out/pretrain"]))
+
+    held_out = "data/sft/val.jsonl"
+    n = str(args.eval_questions)
+    for run_dir in ("out/pretrain", "out/sft"):
+        name = Path(run_dir).name
+        run(f"eval_ppl_{name}", [PY, "evaluations/perplexity.py", "--out_dir", run_dir, "--data", "data/processed",
+                                 "--max_blocks", "400"])
+        run(f"eval_qa_{name}", [PY, "evaluations/qa_eval.py", "--out_dir", run_dir, "--input", held_out,
+                                "--max_examples", n])
+    run("report", [PY, "evaluations/report.py", "out/pretrain", "out/sft", "--out", "report"], marker=False)
+
+    print(f"\nreport: {ROOT / 'report' / 'report.md'}")
+    print("try the model:   python sample.py --out_dir=out/sft --mode=qa --start=\"长江是什么？\"")
+    print("serve it:        python server.py --out_dir out/sft   (add --host 0.0.0.0 --api_key KEY for your LAN)")
+    print("compare models:  python sample_gradio.py --models out/pretrain out/sft")
+
+
+if __name__ == "__main__":
+    main()
