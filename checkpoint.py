@@ -78,6 +78,9 @@ def tokenizer_for(ckpt, out_dir):
 
 
 def model_from_checkpoint(ckpt, device="cpu"):
+    if "lora" in ckpt:  # an adapter run: lora.py loads its base (hash-checked) and merges the adapter
+        from lora import model_from_lora_checkpoint
+        return model_from_lora_checkpoint(ckpt, device)
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
@@ -129,11 +132,21 @@ class Run:
         return [self.tok.decode(o) for o in out]
 
 
+def drop_vocab_padding(model, n_vocab):
+    """train.py pads the vocabulary to a multiple of 64 (faster matmuls). The padding ids are no
+    tokens, so they are cut off the tied embedding here and generation can never sample them."""
+    weight = torch.nn.Parameter(model.lm_head.weight[:n_vocab].detach().clone())
+    model.lm_head.weight = model.transformer.wte.weight = weight
+    model.lm_head.out_features = model.transformer.wte.num_embeddings = model.config.vocab_size = n_vocab
+
+
 def load_run(out_dir, which="best", device="cpu"):
     path = find_checkpoint(out_dir, which)
     ckpt = load_checkpoint(path, device)
     model = model_from_checkpoint(ckpt, device)
     tok = tokenizer_for(ckpt, out_dir)
+    if model.config.vocab_size > tok.n_vocab:
+        drop_vocab_padding(model, tok.n_vocab)
     cfg = ckpt["model_args"]
     info = {
         "name": Path(out_dir).resolve().name,
