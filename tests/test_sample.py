@@ -1,0 +1,108 @@
+"""sample.py on a tiny random run: text and qa output, prompts from a file, reproducible seeds, and
+the interactive chat driven through a real subprocess's stdin (/reset, /quit, EOF)."""
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample
+from checkpoint import load_run
+from conftest import ROOT
+
+FAST = ["--max_new_tokens=12", "--temperature=1.0", "--seed=5"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A tiny model gains nothing from threads; on a shared machine they only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_sample(*argv, stdin=None):
+    out = io.StringIO()
+    sample.main(list(argv), out=out, lines=None if stdin is None else io.StringIO(stdin))
+    return out.getvalue()
+
+
+def test_text_mode_prints_prompt_and_continuation(tiny_run):
+    text = run_sample(f"--out_dir={tiny_run}", "--start=北京是", "--num_samples=2", *FAST)
+    samples = text.split("\n---------------\n")
+    assert samples[-1] == "" and len(samples) == 3
+    assert all(s.startswith("北京是") for s in samples[:2])
+    assert samples[0] != samples[1]  # sample i uses seed + i
+
+
+def test_qa_mode_prints_only_the_answer_run_stream_gives(tiny_run):
+    text = run_sample(f"--out_dir={tiny_run}", "--mode=qa", "--start=长江有多长？", *FAST)
+    run = load_run(tiny_run)
+    answer = run.complete("长江有多长？", "qa", max_new_tokens=12, temperature=1.0, top_k=200, seed=5)
+    assert text == answer + "\n---------------\n"
+    assert text == run_sample(f"--out_dir={tiny_run}", "--mode", "qa", "--start", "长江有多长？", *FAST)
+
+
+def test_prompts_from_file_one_per_line(tiny_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("北京是\n\n上海是\n", encoding="utf-8")
+    text = run_sample(f"--out_dir={tiny_run}", f"--start=FILE:{prompts}", "--which=last", "--top_k=none",
+                      "--top_p=0.9", "--repetition_penalty=1.3", *FAST)
+    samples = text.split("\n---------------\n")[:-1]
+    assert [s[:3] for s in samples] == ["北京是", "上海是"]
+
+
+def test_bad_flags_give_clear_errors(tiny_run, tmp_path):
+    with pytest.raises(SystemExit, match="no such prompt file"):
+        run_sample(f"--out_dir={tiny_run}", f"--start=FILE:{tmp_path / 'missing.txt'}")
+    with pytest.raises(SystemExit):
+        run_sample(f"--out_dir={tiny_run}", "--mode=poem")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_sample(f"--out_dir={tmp_path}")
+
+
+def chat_subprocess(tiny_run, stdin, *flags):
+    """sample.py as a user runs it, reading a real stdin."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={tiny_run}", "--mode=chat",
+                           "--system=你是一个助手。", *FAST, *flags],
+                          input=stdin, capture_output=True, text=True, encoding="utf-8", env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def replies(out):
+    return [part.split("\n你: ")[0] for part in out.split("助手: ")[1:]]
+
+
+def test_chat_over_stdin_with_reset_and_quit(tiny_run):
+    out = chat_subprocess(tiny_run, "你好\n/reset\n\n北京在哪里？\n/quit\n这一行不会被读到\n")
+    assert "(history cleared)" in out
+    assert len(replies(out)) == 2
+    assert out.count("你: ") == 5  # five lines read up to /quit; the line after it is never read
+    # after /reset the second turn (seed 5 + 1) sees no history: it equals a fresh chat's first turn
+    fresh = run_sample(f"--out_dir={tiny_run}", "--mode=chat", "--system=你是一个助手。", *FAST, "--seed=6",
+                       stdin="北京在哪里？\n")
+    assert replies(out)[1] == replies(fresh)[0]
+
+
+def test_chat_ends_at_end_of_input(tiny_run):
+    out = run_sample(f"--out_dir={tiny_run}", "--mode=chat", *FAST, stdin="你好\n")
+    assert out.count("助手: ") == 1 and out.endswith("你: \n")
+
+
+def test_chat_history_is_trimmed_from_the_oldest_turn(tiny_run):
+    run = load_run(tiny_run)
+    history = []
+    for i in range(20):
+        history += [{"role": "user", "content": f"第{i}个问题是什么"},
+                    {"role": "assistant", "content": "不知道"}]
+    history.append({"role": "user", "content": "最后一个问题"})
+    kept = sample.fit_history(run, history, "你是一个助手。", max_new_tokens=16)
+    assert kept == history[-len(kept):] and kept[0]["role"] == "user"
+    assert len(run.prompt_ids(kept, "chat", "你是一个助手。")) + 16 <= run.model.config.block_size
+    longer = history[-len(kept) - 2:]
+    assert len(run.prompt_ids(longer, "chat", "你是一个助手。")) + 16 > run.model.config.block_size
