@@ -200,18 +200,18 @@ def _sample(logits, temperature, top_k, top_p, generator):
     """Next token per row. Each argument is a (B, 1) tensor; temperature 0 means greedy."""
     greedy = logits.argmax(-1)
     logits = logits / temperature.clamp(min=1e-5)
-    if top_k is not None or top_p is not None:
+    if top_k is not None:
+        # a partial top-k instead of sorting the whole vocabulary: the k-th largest logit of each
+        # row is its threshold (rows with top_k 0 keep everything)
+        kth = logits.topk(min(int(top_k.max()), logits.size(-1)), dim=-1).values
+        kth = kth.gather(-1, (top_k.clamp(min=1) - 1).clamp(max=kth.size(-1) - 1))
+        logits = logits.masked_fill((logits < kth) & (top_k > 0), float("-inf"))
+    if top_p is not None:
         sorted_logits, order = logits.sort(-1, descending=True)
-        ranks = torch.arange(logits.size(-1), device=logits.device)
-        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
-        if top_k is not None:
-            drop |= (ranks >= top_k) & (top_k > 0)
-        if top_p is not None:
-            probs = sorted_logits.softmax(-1)
-            # drop a token when the tokens before it already reach top_p (the first always stays)
-            drop |= (probs.cumsum(-1) - probs) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     sampled = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
     return torch.where(temperature.squeeze(-1) == 0, greedy, sampled)
 
