@@ -1,0 +1,91 @@
+"""configurator.configure: types, unknown keys, config files then flags, and train.py's presets."""
+import pytest
+
+from configurator import configure
+from conftest import ROOT
+
+DEFAULTS = {"batch_size": 16, "learning_rate": 6e-4, "compile": "auto", "wandb_log": False,
+            "out_dir": "out/pretrain", "max_epochs": None}
+
+
+def test_defaults_are_returned_untouched_without_arguments():
+    assert configure(DEFAULTS, []) == DEFAULTS
+
+
+def test_flags_are_typed_by_their_defaults():
+    config = configure(DEFAULTS, ["--batch_size=32", "--learning_rate=1", "--wandb_log=True",
+                                  "--out_dir=2024", "--max_epochs=1.5"])
+    assert config["batch_size"] == 32
+    assert config["learning_rate"] == 1.0 and isinstance(config["learning_rate"], float)
+    assert config["wandb_log"] is True
+    assert config["out_dir"] == "2024"  # a name, even when it looks like a number
+    assert config["max_epochs"] == 1.5
+    assert configure(DEFAULTS, ["--batch_size=1e3"])["batch_size"] == 1000
+    assert configure(DEFAULTS, ["--max_epochs=None"])["max_epochs"] is None
+    assert configure(DEFAULTS, ["--out_dir=out/sft"])["out_dir"] == "out/sft"
+
+
+def test_booleans_and_switches():
+    assert configure(DEFAULTS, ["--wandb_log=False"])["wandb_log"] is False
+    assert configure(DEFAULTS, ["--compile=False"])["compile"] is False  # 'auto' may be switched off
+    assert configure(DEFAULTS, ["--compile=auto"])["compile"] == "auto"
+    for bad in ("--wandb_log=1", "--wandb_log=yes"):
+        with pytest.raises(SystemExit, match="'wandb_log' expects bool"):
+            configure(DEFAULTS, [bad])
+
+
+def test_wrong_types_are_errors():
+    for bad in ("--batch_size=2.5", "--batch_size=many", "--learning_rate=fast", "--batch_size=True"):
+        with pytest.raises(SystemExit, match="expects"):
+            configure(DEFAULTS, [bad])
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(SystemExit) as error:
+        configure(DEFAULTS, ["--batch_szie=8"])
+    message = str(error.value.code)
+    assert "unknown config key 'batch_szie'" in message
+    assert "valid keys: batch_size, compile, learning_rate, max_epochs, out_dir, wandb_log" in message
+
+
+def test_malformed_flags_and_missing_files():
+    with pytest.raises(SystemExit, match="--key=value"):
+        configure(DEFAULTS, ["--batch_size", "8"])
+    with pytest.raises(SystemExit, match="not found"):
+        configure(DEFAULTS, ["no/such/config.py"])
+
+
+def test_config_file_then_flags_in_order(tmp_path):
+    config_file = tmp_path / "small.py"
+    config_file.write_text("import math\n_scale = 2\nbatch_size = 4 * _scale\nlearning_rate = 3e-4\n"
+                           "out_dir = 'out/small'\n")
+    config = configure(DEFAULTS, [str(config_file), "--learning_rate=1e-3"])
+    assert config == {**DEFAULTS, "batch_size": 8, "learning_rate": 1e-3, "out_dir": "out/small"}
+    # a flag before the file is overridden by the file: the order on the command line decides
+    assert configure(DEFAULTS, ["--batch_size=2", str(config_file)])["batch_size"] == 8
+
+
+def test_config_file_sees_earlier_settings_and_is_checked(tmp_path):
+    derived = tmp_path / "derived.py"
+    derived.write_text("batch_size = batch_size * 2\n")
+    assert configure(DEFAULTS, ["--batch_size=3", str(derived)])["batch_size"] == 6
+    typo = tmp_path / "typo.py"
+    typo.write_text("learning_rat = 1e-3\n")
+    with pytest.raises(SystemExit, match="unknown config key 'learning_rat'"):
+        configure(DEFAULTS, [str(typo)])
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text("batch_size = '8'\n")
+    with pytest.raises(SystemExit, match="'batch_size' expects int"):
+        configure(DEFAULTS, [str(wrong)])
+
+
+@pytest.mark.parametrize("name", ["train_config.py", "train_config_sft.py", "train_config_cpu.py",
+                                  "train_config_sft_cpu.py"])
+def test_train_presets_are_valid(name):
+    import train
+
+    config = configure(train.DEFAULTS, [str(ROOT / "config" / name)])
+    if "sft" in name:  # fine-tuning starts from the matching pretraining preset's run
+        pretrain = configure(train.DEFAULTS, [str(ROOT / "config" / name.replace("_sft", ""))])
+        assert config["data_dir"] == "data/sft" and config["init_from"] == pretrain["out_dir"]
+        assert config["out_dir"] != pretrain["out_dir"]

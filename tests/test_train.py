@@ -1,0 +1,305 @@
+"""train.py on tiny data and tiny models: losses, exact resume, checkpoints, stops, DDP, pretrain -> SFT.
+
+The data directories are written here in the format data/prepare.py and data/prepare_sft.py
+produce (rows of `[tokens..., EOT, PAD...]` plus meta.json), from the `tiny_tokenizer` fixture, so
+these tests do not depend on the preparation scripts. Runs go through `train.main(argv)` in this
+process, except where a real process boundary is the point (Ctrl-C, torchrun).
+"""
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from checkpoint import load_run
+from conftest import ROOT, TINY_TEXT
+from data_utils import BlockData, split_sentences
+from model import GPT, GPTConfig
+
+BLOCK = 48
+TINY_MODEL = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=4", "--gradient_accumulation_steps=1",
+              "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2", "--min_lr=1e-3",
+              "--device=cpu", "--compile=False"]
+
+
+def write_data(data_dir, tok, rows, kind, n_val=6, block_size=BLOCK):
+    """train.bin / val.bin / meta.json from token rows (each ends with EOT), padded to block_size."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    blocks = np.full((len(rows), block_size), tok.pad, dtype=np.uint16)
+    for i, row in enumerate(rows):
+        assert len(row) <= block_size
+        blocks[i, :len(row)] = row
+    blocks[n_val:].tofile(data_dir / "train.bin")
+    blocks[:n_val].tofile(data_dir / "val.bin")
+    meta = {"block_size": block_size, "dtype": "uint16", "vocab_size": tok.n_vocab, "tokenizer": tok.identity,
+            "special": tok.special, "kind": kind,
+            "counts": {"blocks_train": len(rows) - n_val, "blocks_val": n_val}}
+    (data_dir / "meta.json").write_text(json.dumps(meta))
+    return data_dir
+
+
+def pretrain_rows(tok, n=30, block_size=BLOCK, seed=0):
+    ids = tok.encode(TINY_TEXT * 3)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        start, length = rng.integers(0, 150), rng.integers(block_size // 2, block_size)
+        rows.append(ids[start:start + length] + [tok.eot])
+    return rows
+
+
+def sft_rows(tok, n=30):
+    sentences = split_sentences(TINY_TEXT)
+    return [tok.encode_qa(f"第{i}句是什么？", sentences[i % len(sentences)]) for i in range(n)]
+
+
+@pytest.fixture
+def pretrain_dir(tmp_path, tiny_tokenizer):
+    return write_data(tmp_path / "pretrain_data", tiny_tokenizer, pretrain_rows(tiny_tokenizer), "pretrain")
+
+
+@pytest.fixture
+def sft_dir(tmp_path, tiny_tokenizer):
+    return write_data(tmp_path / "sft_data", tiny_tokenizer, sft_rows(tiny_tokenizer), "sft")
+
+
+def run(data_dir, out_dir, *flags):
+    train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY_MODEL, *flags])
+
+
+def read_log(out_dir, drop=("time", "tokens_per_sec")):
+    lines = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in drop} for line in lines]
+
+
+def train_lines(out_dir):
+    return [line for line in read_log(out_dir) if "loss" in line]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def test_sft_loss_is_the_mean_over_answer_tokens_only(sft_dir, tiny_tokenizer):
+    tok = tiny_tokenizer
+    data = BlockData(sft_dir, "train")
+    x, y, mask = data.batch(np.arange(4))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=BLOCK, vocab_size=448, n_layer=1, n_head=2, n_embd=32)).eval()
+    loss_sum = train.masked_loss_sum(model, x, y, mask, nullcontext())
+
+    logits, _ = model(x)
+    logp = torch.log_softmax(logits.double(), -1)
+    nats, count = 0.0, 0
+    for r in range(4):
+        targets = y[r].tolist()
+        start = targets.index(tok.answer) + 1  # answer tokens follow the separator, up to and with EOT
+        end = targets.index(tok.eot)
+        for t in range(start, end + 1):
+            nats -= logp[r, t, targets[t]].item()
+            count += 1
+    assert int(mask.sum()) == count
+    assert loss_sum.item() / count == pytest.approx(nats / count, rel=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, sft_dir):
+    """Rows hold different numbers of answer tokens, so a mean of micro-batch means would differ."""
+    logs = []
+    for batch, accum in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"b{batch}"
+        run(sft_dir, out, "--max_iters=3", "--sampling=sequential", f"--batch_size={batch}",
+            f"--gradient_accumulation_steps={accum}", "--eval_interval=100")
+        logs.append(train_lines(out))
+    for other in logs[1:]:
+        for a, b in zip(logs[0], other):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(learning_rate=1.0, min_lr=0.1, warmup_iters=4, lr_decay_iters=None, max_iters=14)
+    lrs = [train.lr_at(it, cfg) for it in range(16)]
+    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.55) and lrs[14:] == [0.1, 0.1]
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+# ----------------------------------------------------------------------------- resume and checkpoints
+
+
+@pytest.mark.parametrize("sampling", ["random", "sequential"])
+def test_resume_is_exact(tmp_path, pretrain_dir, sampling):
+    common = ["--dropout=0.1", f"--sampling={sampling}", "--eval_interval=3", "--lr_decay_iters=8"]
+    run(pretrain_dir, tmp_path / "whole", "--max_iters=8", *common)
+    run(pretrain_dir, tmp_path / "parts", "--max_iters=4", *common)
+    run(pretrain_dir, tmp_path / "parts", "--max_iters=8", "--init_from=resume", *common)
+    whole, parts = read_log(tmp_path / "whole"), read_log(tmp_path / "parts")
+    assert [line["iter"] for line in whole if "val_loss" in line] == [0, 3, 6, 8]
+    assert parts == whole
+    a, b = load(tmp_path / "whole" / "last.pt"), load(tmp_path / "parts" / "last.pt")
+    assert a["iter_num"] == b["iter_num"] == 8
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_checkpoints_load_with_weights_only(tmp_path, pretrain_dir, tiny_tokenizer):
+    out = tmp_path / "run"
+    run(pretrain_dir, out, "--max_iters=2", "--sampling=sequential")
+    last, best = load(out / "last.pt"), load(out / "best.pt")
+    assert last["iter_num"] == 2 and last["kind"] == "pretrain"
+    assert last["tokenizer"] == best["tokenizer"] == tiny_tokenizer.identity
+    assert last["data_state"] == {"epoch": 0, "cursor": 8}
+    assert set(last["rng"]) >= {"torch", "numpy"} and isinstance(last["rng"]["numpy"]["state"]["state"], int)
+    assert "optimizer" not in best and best["best_val_loss"] == min(
+        line["val_loss"] for line in read_log(out) if "val_loss" in line)
+    assert last["model_args"]["vocab_size"] == 448  # 407 tokens padded to a multiple of 64
+    assert (out / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, pretrain_dir, monkeypatch):
+    out = tmp_path / "run"
+    run(pretrain_dir, out, "--max_iters=2")
+    before = (out / "last.pt").read_bytes()
+    real_save = torch.save
+
+    def crash_halfway(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", crash_halfway)
+    with pytest.raises(OSError, match="simulated"):
+        run(pretrain_dir, out, "--max_iters=4", "--eval_interval=1", "--init_from=resume")
+    monkeypatch.undo()
+    assert (out / "last.pt").read_bytes() == before
+    assert load(out / "last.pt")["iter_num"] == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary files left
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pretrain_dir):
+    out = tmp_path / "run"
+    run(pretrain_dir, out, "--max_iters=2", "--eval_interval=100")
+    good = load(out / "last.pt")
+    with pytest.raises(SystemExit, match="not finite") as stop:
+        run(pretrain_dir, out, "--max_iters=20", "--eval_interval=100", "--init_from=resume",
+            "--learning_rate=1e30", "--min_lr=1e30", "--warmup_iters=0", "--grad_clip=0")
+    assert "last.pt" in str(stop.value.code)
+    kept = load(out / "last.pt")
+    assert kept["iter_num"] == 2
+    for name, tensor in kept["model"].items():
+        assert torch.equal(tensor, good["model"][name]) and torch.isfinite(tensor).all()
+
+
+def test_scratch_refuses_to_overwrite_a_run(tmp_path, pretrain_dir):
+    out = tmp_path / "run"
+    run(pretrain_dir, out, "--max_iters=1")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run(pretrain_dir, out, "--max_iters=1")
+    run(pretrain_dir, out, "--max_iters=1", "--overwrite=True")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_last_and_resuming_continues_exactly(tmp_path, pretrain_dir):
+    """SIGINT to a real process at an arbitrary step: exit 130, last.pt at that step, and the
+    resumed losses equal those of a run that was never stopped (constant learning rate)."""
+    out = tmp_path / "stopped"
+    flags = [f"--data_dir={pretrain_dir}", *TINY_MODEL, "--eval_interval=100000", "--warmup_iters=0",
+             "--min_lr=1e-2", "--sampling=sequential"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, f"--out_dir={out}", "--max_iters=100000"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count('"loss"') >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "slow"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "saved" in output and "--init_from=resume" in output
+    k = load(out / "last.pt")["iter_num"]
+    assert k >= 3
+
+    run(pretrain_dir, out, *flags[1:], f"--max_iters={k + 3}", "--init_from=resume")
+    run(pretrain_dir, tmp_path / "whole", *flags[1:], f"--max_iters={k + 3}")
+    assert train_lines(out) == train_lines(tmp_path / "whole")
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def test_pretrain_then_sft_then_complete(tmp_path, pretrain_dir, sft_dir):
+    pre, sft = tmp_path / "pre", tmp_path / "sft"
+    run(pretrain_dir, pre, "--max_iters=6", "--eval_interval=3")
+    run(sft_dir, sft, f"--init_from={pre}", "--max_epochs=1", "--eval_interval=3", "--learning_rate=3e-3")
+    log = read_log(sft)
+    assert log[0]["iter"] == 0 and "val_loss" in log[0]
+    assert log[-1]["iter"] == math.ceil(24 / 4) and "val_loss" in log[-1]  # one epoch of 24 blocks, 4 a step
+    assert all(math.isfinite(line["val_bpc"]) for line in log if "val_loss" in line)
+    ckpt = load(sft / "best.pt")
+    assert ckpt["kind"] == "sft" and ckpt["iter_num"] <= 6
+    result = load_run(sft).complete("北京是什么？", mode="qa", max_new_tokens=8, temperature=1.0, seed=0)
+    assert isinstance(result, str)
+    assert load_run(sft).info["kind"] == "sft"
+
+
+def test_sft_refuses_a_mismatched_block_size_or_tokenizer(tmp_path, pretrain_dir, tiny_tokenizer):
+    from tokenizer import train_tokenizer
+
+    pre = tmp_path / "pre"
+    run(pretrain_dir, pre, "--max_iters=1")
+    short = write_data(tmp_path / "short", tiny_tokenizer, sft_rows(tiny_tokenizer), "sft", block_size=44)
+    with pytest.raises(SystemExit, match="block size 48 vs 44"):
+        run(short, tmp_path / "sft1", f"--init_from={pre}", "--max_iters=1")
+    other = train_tokenizer([TINY_TEXT * 2] * 10, tmp_path / "other_tok", vocab_size=300)
+    foreign = write_data(tmp_path / "foreign", other, [row[:BLOCK] for row in sft_rows(other)], "sft")
+    with pytest.raises(SystemExit, match="tokenizer sha256") as refused:
+        run(foreign, tmp_path / "sft2", f"--init_from={pre}", "--max_iters=1")
+    assert "vocabulary 448 vs 320" in str(refused.value.code)
+    assert not (tmp_path / "sft2" / "last.pt").exists()
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_process_with_the_doubled_batch(tmp_path, sft_dir):
+    flags = [f"--data_dir={sft_dir}", *TINY_MODEL, "--max_iters=3", "--eval_interval=100", "--sampling=sequential"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py"), *flags, f"--out_dir={tmp_path / 'ddp'}", "--batch_size=2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    run(sft_dir, tmp_path / "one", *flags[1:], "--batch_size=4")
+    ddp, one = train_lines(tmp_path / "ddp"), train_lines(tmp_path / "one")
+    assert len(ddp) == len(one) == 3
+    for a, b in zip(ddp, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    a, b = load(tmp_path / "ddp" / "last.pt"), load(tmp_path / "one" / "last.pt")
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(tensor, b["model"][name], rtol=1e-4, atol=1e-5)
+
+
+def test_wandb_without_the_package_is_a_clear_error(tmp_path, pretrain_dir):
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here, so the missing-package message cannot be shown")
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        run(pretrain_dir, tmp_path / "run", "--max_iters=1", "--wandb_log=True")
