@@ -262,13 +262,23 @@ class BlockData:
                 self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
         return np.array(idx)
 
-    def batch(self, indices, device="cpu", kind=None, mask_eot=False):
-        """x, y, loss_mask for the given block indices (sorted reads are kinder to the page cache)."""
+    def batch(self, indices, device="cpu", kind=None, mask_eot=False, trim=False):
+        """x, y, loss_mask for the given block indices.
+
+        `trim` drops the trailing columns that no row counts in its loss (rounded up to a multiple
+        of 64 columns): the model is causal, so earlier positions' outputs, the loss and the
+        gradient are exactly the same, and short SFT examples padded to a long block cost a
+        fraction of the compute.
+        """
         import torch
 
         blocks = torch.from_numpy(self.data[np.asarray(indices)].astype(np.int64))
         x, y = blocks[:, :-1], blocks[:, 1:]
         mask = loss_mask(y, self.meta["special"], kind or self.meta["kind"], mask_eot)
+        if trim:
+            counted = mask.any(0).nonzero()
+            keep = min(x.size(1), -(-(int(counted.max()) + 1) // 64) * 64) if len(counted) else 1
+            x, y, mask = x[:, :keep], y[:, :keep], mask[:, :keep]
         if str(device).startswith("cuda"):
             return [t.pin_memory().to(device, non_blocking=True) for t in (x, y, mask)]
         return x.to(device), y.to(device), mask.to(device)

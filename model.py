@@ -8,9 +8,9 @@ an explicit mask only when a batch of prompts is left-padded.
 
 Generation (`generate`): prefill the prompts once into a KV cache, then one token per step. Prompts
 of different lengths are left-padded; pad keys are masked and each row has its own positions, so a
-row's tokens do not depend on what else is in the batch. When a row would pass `block_size`, the
-window slides: the cache is rebuilt from the last `block_size // 2` tokens (a rebuild every
-block_size/2 steps instead of every step). It yields one list per step: the new token of each row,
+row's tokens do not depend on what else is in the batch. The window is `block_size - 1` tokens
+(what training sees); when a row would pass it, the window slides: the cache is rebuilt from the
+last half of the window (a rebuild every window/2 steps instead of every step). It yields one list per step: the new token of each row,
 or None once the row has stopped, and is used by sample.py, server.py, sample_gradio.py and the
 evaluations alike.
 """
@@ -233,10 +233,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     """
     model.eval()
     device = next(model.parameters()).device
-    B, V, block = len(prompts), model.config.vocab_size, model.config.block_size
+    B, V = len(prompts), model.config.vocab_size
+    # training sees block_size - 1 positions (x = row[:-1]), so the last position embedding is never
+    # trained: the window is one shorter than block_size
+    window = model.config.block_size - 1
     if B == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    rows = [list(p)[-block:] for p in prompts]  # a prompt longer than the window keeps its end
+    rows = [list(p)[-window:] for p in prompts]  # a prompt longer than the window keeps its end
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -271,8 +274,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         for i, t in enumerate(out):
             if t is not None:
                 rows[i].append(t)
-        if cache.length == block:  # window full: slide it, rebuilding the cache from the tail
-            rows = [r[-(block // 2):] for r in rows]
+        if cache.length == window:  # window full: slide it, rebuilding the cache from the tail
+            rows = [r[-(window // 2):] for r in rows]
             cache, valid, logits = _prefill(model, rows, device)
             continue
         valid[:, cache.length] = True

@@ -215,7 +215,8 @@ def next_batches(data, cfg, rt, rng, dpo=None):
     batches = []
     for _ in range(cfg.gradient_accumulation_steps):
         indices = data.next_indices(cfg.batch_size * rt.world, cfg.sampling, rng)[rt.rank::rt.world]
-        batches.append(data.batch(indices if dpo is None else pair_rows(indices), rt.device))
+        # trimming all-padding tail columns changes shapes, which would make torch.compile recompile
+        batches.append(data.batch(indices if dpo is None else pair_rows(indices), rt.device, trim=not rt.compile))
     return batches
 
 

@@ -113,3 +113,27 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
             f.write(b"new")
             raise RuntimeError("interrupted")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_trimmed_batches_give_the_same_loss_and_gradient(tmp_path, tiny_tokenizer):
+    """Dropping the all-padding tail of short SFT rows is exact: the model is causal."""
+    from model import GPT, GPTConfig
+
+    tok = tiny_tokenizer
+    rows = np.array([padded(tok.encode_qa(f"问题{i}", "答案" * i), tok, 200) for i in range(1, 5)], dtype=np.uint16)
+    rows.tofile(tmp_path / "train.bin")
+    write_json(tmp_path / "meta.json", {"block_size": 200, "dtype": "uint16", "vocab_size": tok.n_vocab,
+                                        "tokenizer": tok.identity, "special": tok.special, "kind": "sft"})
+    data = BlockData(tmp_path, "train")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=200, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16))
+    results = []
+    for trim in (False, True):
+        x, y, mask = data.batch([0, 1, 2, 3], trim=trim)
+        model.zero_grad()
+        _, loss = model(x, y, mask)
+        loss.backward()
+        results.append((x.size(1), loss.item(), model.lm_head.weight.grad.clone()))
+    (full_len, full_loss, full_grad), (trim_len, trim_loss, trim_grad) = results
+    assert full_len == 199 and trim_len == 64
+    assert trim_loss == pytest.approx(full_loss, rel=1e-6) and torch.allclose(trim_grad, full_grad, atol=1e-7)
