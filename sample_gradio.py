@@ -7,8 +7,8 @@ Design choices:
   cached, generating through `checkpoint.Run.stream` (the one generator of the project).
   `PeerModel` is another machine's server.py, called through `POST /generate` with streaming.
   Both yield text pieces and raise `ModelError` with a readable message, so the page treats them
-  alike. /generate takes one prompt string, so a chat with a peer sends the last user message (and
-  the system prompt): the peer answers each turn without the earlier ones.
+  alike. A chat with a peer sends the whole conversation as `messages` (and the system prompt), so
+  the peer answers with the earlier turns in view, as a local model does.
 - `stream_models` runs each model in its own thread; the threads push their pieces into one
   queue and the handler yields every panel after each batch of pieces, so each panel moves as its
   own tokens arrive and a slow or dead peer never holds up the other panel. Peers get a connect
@@ -96,9 +96,9 @@ class PeerModel:
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
 
     def stream(self, prompt, mode, settings, system=None):
-        if not isinstance(prompt, str):  # a chat: /generate takes one user turn as a string
-            prompt = prompt[-1]["content"]
-        payload = {"prompt": prompt, "mode": mode, "stream": True, **settings.sampling()}
+        # a chat is a list of {role, content} messages, which /generate takes as `messages`
+        payload = {"prompt" if isinstance(prompt, str) else "messages": prompt, "mode": mode, "stream": True,
+                   **settings.sampling()}
         if system:
             payload["system"] = system
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}

@@ -417,7 +417,12 @@ def create_app(run, name=None, api_key=None, cors=False, max_batch=16, queue=64,
         body = parse_json_body()
         mode = typed(body, "mode", str, "text", "a string")
         require(mode in MODES, f"'mode' must be one of {', '.join(MODES)}", "mode")
-        prompt = prompt_text(body)
+        if mode == "chat" and "messages" in body:  # a whole conversation (the arena's chat with a peer)
+            prompt = parse_messages(body)
+            require(sum(len(m["content"]) for m in prompt) <= max_prompt_chars,
+                    f"'messages' are longer than {max_prompt_chars} characters", "messages")
+        else:
+            prompt = prompt_text(body)
         system = typed(body, "system", str, None, "a string")
         stream = typed(body, "stream", bool, True, "true or false")
         options = parse_generation(body, max_new_tokens_cap, "max_new_tokens",

@@ -261,13 +261,14 @@ def test_unloadable_local_model_fails_in_its_own_panel(tmp_path, local):
     assert "no checkpoint" in panels[-1][0].error
 
 
-def test_chat_peer_gets_last_user_message_and_system(peer):
+def test_chat_peer_gets_the_whole_conversation_and_system(peer):
     conversation = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "嗨"},
                     {"role": "user", "content": "再见"}]
     model, seen = peer("good")
     assert run_to_end([model], conversation, "chat", system="简短")[1] == [("你好，世界", "done")]
     body = seen[0][2]
-    assert (body["prompt"], body["mode"], body["system"]) == ("再见", "chat", "简短")
+    assert (body["messages"], body["mode"], body["system"]) == (conversation, "chat", "简短")
+    assert "prompt" not in body
 
 
 def test_stop_ends_both_streams_and_their_threads(peer, local):

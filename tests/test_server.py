@@ -128,6 +128,16 @@ def test_qa_mode_returns_only_the_answer(server, reference):
     assert 1 <= whole["tokens"] <= 24 and whole["seconds"] >= 0 and whole["finish_reason"] in ("stop", "length")
 
 
+def test_generate_chat_takes_a_whole_conversation(server, reference):
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+                {"role": "user", "content": "长江在哪里？"}]
+    expected = reference.complete(messages, "chat", system="简短", max_new_tokens=20, temperature=0)
+    body = {"messages": messages, "mode": "chat", "system": "简短", "max_new_tokens": 20, "temperature": 0}
+    assert requests.post(f"{server}/generate", json=body).content.decode("utf-8") == expected
+    bad = requests.post(f"{server}/generate", json=body | {"messages": [{"role": "robot", "content": "x"}]})
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "messages[0].role"
+
+
 def test_concurrent_greedy_streams_do_not_cross(server, reference):
     jobs = [(f"{city}是", "text") for city in ("北京", "上海", "长江", "黄河", "故宫", "Python")]
     jobs += [("故宫在哪里？", "qa"), ("你好", "chat")]  # modes with other stop tokens share the batch
