@@ -312,7 +312,7 @@ def post_json(url, payload, headers, timeout, max_bytes):
             except OSError:
                 pass
 
-    timer = threading.Timer(timeout, expire)
+    timer, response = threading.Timer(timeout, expire), None
     timer.daemon = True
     timer.start()
     try:
@@ -323,18 +323,22 @@ def post_json(url, payload, headers, timeout, max_bytes):
         path = parts._replace(scheme="", netloc="").geturl() or "/"
         conn.request("POST", path, json.dumps(payload).encode(), {"Content-Type": "application/json", **headers})
         response = conn.getresponse()
+        if (response.length or 0) > max_bytes:  # declared too large: refused unread
+            raise RequestFailed("too_large")
         body = bytearray()
-        while (response.length or 0) <= max_bytes and len(body) <= max_bytes and (chunk := response.read(1 << 16)):
+        while chunk := response.read(1 << 16):
             body += chunk
+            if len(body) > max_bytes:
+                raise RequestFailed("too_large")
         if expired.is_set():  # the shutdown may have ended a body without Content-Length early
             raise RequestFailed("timeout")
-        if (response.length or 0) > max_bytes or len(body) > max_bytes:
-            raise RequestFailed("too_large")
         return response.status, response.headers, bytes(body)
     except (OSError, HTTPException) as e:
         raise RequestFailed("timeout" if expired.is_set() or isinstance(e, TimeoutError) else "connection_error") from e
     finally:
         timer.cancel()
+        if response is not None:
+            response.close()  # the socket itself, so that a server still sending stops at once
         conn.close()
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -515,3 +516,12 @@ def test_llm_pairs_carry_their_passage_and_say_whether_the_answer_is_verbatim(se
     assert [r["answer_in_context"] for r in rows.values()] == [True, True, True, False]
     assert "青石山脉的北坡" in rows["青石山脉北坡"]["context"]
     assert all(len(r["context"]) <= 40 and r["context"] in river("河流甲") for r in rows.values())
+
+
+def test_post_json_reports_a_refused_connection():
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(gen.RequestFailed) as failed:
+        gen.post_json(f"http://127.0.0.1:{port}/v1/chat/completions", {}, {}, 2, 1000)
+    assert failed.value.reason == "connection_error" and failed.value.retry
