@@ -14,9 +14,10 @@ Design choices:
   one small stdlib HTTP call (`post_json`) that holds every limit: a total deadline for the whole
   request (`--timeout`: a timer shuts the socket, since per-read timeouts never stop a server that
   sends a byte a second) and a cap on the reply's size (`--max_reply_bytes`, read in chunks and
-  refused past it). The backoff policy below is the only retry policy. `extractive` turns definitional and factual sentences that start with the
-  article's title ("X位于…", "X成立于…", "X由…开发") into pairs by rule, so the pipeline runs
-  without any model; it yields fewer and simpler pairs.
+  refused past it). The backoff policy below is the only retry policy. `extractive` turns
+  definitional and factual sentences that start with the article's title ("X位于…", "X成立于…",
+  "X由…开发") into pairs by rule, so the pipeline runs without any model; it yields fewer and
+  simpler pairs.
 - Every candidate pair, from either backend, passes the same checks (`validate`): JSON objects
   are pulled out of a reply tolerantly (code fences, prose, a list or one object per line), lengths
   are bounded, questions opening with a pronoun are rejected (they cannot be understood without
@@ -28,8 +29,8 @@ Design choices:
   timeout, connection error, 429 or 5xx, is retried with exponential backoff (Retry-After honoured)
   up to `--max_attempts`; then the article is recorded as failed with the reason. 401/403 (and 404:
   a wrong URL or model) stop the run at once: every later request would fail the same way.
-- Each pair keeps its source passage, so `prepare_sft.py --with_context` can train passage +
-  question -> answer. Extractive answers are verbatim, so their passage always holds them; an LLM's
+- Each pair keeps its source passage, for reading-comprehension examples (passage + question ->
+  answer, the layout `prepare_sft.py --with_context` gives SQuAD-style data). Extractive answers are verbatim, so their passage always holds them; an LLM's
   answer may paraphrase, so the passage is built around its best-supported sentence and
   `answer_in_context` records whether the answer occurs in it verbatim.
 - Resumable append-only output rather than write-then-rename: a run over 100k articles must
@@ -46,6 +47,7 @@ Design choices:
 """
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -250,7 +252,7 @@ def passage(answer, text, max_chars):
     spans = _sentence_spans(text) or [(0, len(text))]
     at = text.find(answer)
     a, b = (at, at + len(answer)) if at >= 0 else max(spans, key=lambda s: support(answer, text[s[0] : s[1]]))
-    first = next(k for k, s in enumerate(spans) if s[1] > a)
+    first = next((k for k, s in enumerate(spans) if s[1] > a), len(spans) - 1)
     last = next((k for k, s in enumerate(spans) if s[1] >= b), len(spans) - 1)
     if spans[last][1] - spans[first][0] > max_chars:
         start = max(0, min(a - (max_chars - (b - a)) // 2, len(text) - max_chars, a))
@@ -370,7 +372,7 @@ def _retry_after(headers):
             seconds = parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S) if seconds == seconds else None  # NaN is no answer
+    return None if math.isnan(seconds) else min(max(seconds, 0.0), RETRY_AFTER_CAP_S)  # NaN is no answer
 
 
 class LLMBackend:

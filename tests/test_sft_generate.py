@@ -502,6 +502,7 @@ def test_passage_holds_the_answer_in_whole_sentences():
     long_sentence = "前" * 300 + "答案在这里" + "后" * 300 + "。"
     window = gen.passage("答案在这里", long_sentence, 40)
     assert "答案在这里" in window and len(window) == 40
+    assert gen.passage("答案", "", 40) == "" and gen.passage("不在文中", "只有一句。", 40) == "只有一句。"
 
 
 def test_llm_pairs_carry_their_passage_and_say_whether_the_answer_is_verbatim(serve, tmp_path):
