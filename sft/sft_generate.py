@@ -30,9 +30,10 @@ Design choices:
   up to `--max_attempts`; then the article is recorded as failed with the reason. 401/403 (and 404:
   a wrong URL or model) stop the run at once: every later request would fail the same way.
 - Each pair keeps its source passage, for reading-comprehension examples (passage + question ->
-  answer, the layout `prepare_sft.py --with_context` gives SQuAD-style data). Extractive answers are verbatim, so their passage always holds them; an LLM's
-  answer may paraphrase, so the passage is built around its best-supported sentence and
-  `answer_in_context` records whether the answer occurs in it verbatim.
+  answer, the layout `prepare_sft.py --with_context` gives SQuAD-style data). Extractive answers
+  are verbatim, so their passage always holds them; an LLM's answer may paraphrase, so the passage
+  is built around its best-supported sentence and `answer_in_context` records whether the answer
+  occurs in it verbatim.
 - Resumable append-only output rather than write-then-rename: a run over 100k articles must
   survive Ctrl-C or a kill. Only the main thread writes; each article's lines go out in one write
   and flush, then one line in the sidecar `OUTPUT.state.jsonl` (`{"id", "status", "reason",
