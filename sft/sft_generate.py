@@ -4,24 +4,36 @@
         --base_url http://127.0.0.1:1234/v1 --model NAME [--workers 4] [--limit N]
     python sft/sft_generate.py --input ../shared/data/zhwiki --backend extractive
 
-Output: one line per pair, `{"question", "answer", "id", "title"}` (`id` = the article's id), which
-`data/prepare_sft.py` reads directly.
+Output: one line per pair, `{"question", "answer", "context", "answer_in_context", "id", "title"}`
+(`id` = the article's id; `context` = the source passage, whole sentences of the article around the
+answer, at most `--context_chars`), which `data/prepare_sft.py` reads directly.
 
 Design choices:
 - Two backends behind one validator. `llm` sends one article per request to any OpenAI-compatible
   chat-completions server (LM Studio, vLLM, Ollama, llama.cpp, this project's server.py) through
-  the official `openai` client with its own retries off (`max_retries=0`), so the backoff policy
-  below is the only one. `extractive` turns definitional and factual sentences that start with the
-  article's title ("X位于…", "X成立于…", "X由…开发") into pairs by rule, so the pipeline runs
-  without any model; it yields fewer and simpler pairs.
+  one small stdlib HTTP call (`post_json`) that holds every limit: a total deadline for the whole
+  request (`--timeout`: a timer shuts the socket, since per-read timeouts never stop a server that
+  sends a byte a second) and a cap on the reply's size (`--max_reply_bytes`, read in chunks and
+  refused past it). The backoff policy below is the only retry policy. `extractive` turns
+  definitional and factual sentences that start with the article's title ("X位于…", "X成立于…",
+  "X由…开发") into pairs by rule, so the pipeline runs without any model; it yields fewer and
+  simpler pairs.
 - Every candidate pair, from either backend, passes the same checks (`validate`): JSON objects
   are pulled out of a reply tolerantly (code fences, prose, a list or one object per line), lengths
   are bounded, questions opening with a pronoun are rejected (they cannot be understood without
   the article), an answer must be supported by the article (the share of its character bigrams
-  that occur in the article, `--min_support`), duplicates are dropped. A reply that fails, and a
+  that occur in the article, `--min_support`), duplicates are dropped. Nothing in a reply is
+  trusted: a body that is not a chat completion (content not a string, `choices` of the wrong
+  shape), JSON nested deeper than 64 levels (checked before `json` recurses) and strings holding
+  lone surrogates are failures or rejections with a reason, never a crash. A reply that fails, and a
   timeout, connection error, 429 or 5xx, is retried with exponential backoff (Retry-After honoured)
   up to `--max_attempts`; then the article is recorded as failed with the reason. 401/403 (and 404:
   a wrong URL or model) stop the run at once: every later request would fail the same way.
+- Each pair keeps its source passage, for reading-comprehension examples (passage + question ->
+  answer, the layout `prepare_sft.py --with_context` gives SQuAD-style data). Extractive answers
+  are verbatim, so their passage always holds them; an LLM's answer may paraphrase, so the passage
+  is built around its best-supported sentence and `answer_in_context` records whether the answer
+  occurs in it verbatim.
 - Resumable append-only output rather than write-then-rename: a run over 100k articles must
   survive Ctrl-C or a kill. Only the main thread writes; each article's lines go out in one write
   and flush, then one line in the sidecar `OUTPUT.state.jsonl` (`{"id", "status", "reason",
@@ -31,19 +43,25 @@ Design choices:
 - Articles are cleaned with `data_utils.clean_article` (as for pretraining), articles shorter than
   `--min_chars` are skipped and longer ones cut at a sentence boundary to `--max_chars`, so the
   prompt fits a local model's context; answers are checked against that same cut text.
+- Library functions raise `GenerateError` (or `RequestFailed` for one attempt); only `main` turns
+  them into an exit status.
 """
 import argparse
 import json
+import math
 import os
 import random
 import re
+import socket
 import sys
 import threading
 import time
 from collections import Counter, namedtuple
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from email.utils import parsedate_to_datetime
+from http.client import HTTPConnection, HTTPException, HTTPSConnection
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
@@ -53,11 +71,14 @@ from data_utils import BadLines, clean_article, find_jsonl, iter_jsonl, split_se
 DEFAULT_PROMPT = Path(__file__).with_name("prompt_zh.txt")
 Article = namedtuple("Article", "id title text")
 Outcome = namedtuple("Outcome", "status pairs reason")  # status: "done" | "failed"
-Limits = namedtuple("Limits", "min_qa max_qa max_question_chars max_answer_chars min_support")
+DEFAULT_CONTEXT_CHARS = 500  # with a question and an answer, fits a 512-token block (1.65 characters a token)
+Limits = namedtuple("Limits", "min_qa max_qa max_question_chars max_answer_chars min_support context_chars",
+                    defaults=(DEFAULT_CONTEXT_CHARS,))
 
 
-class FatalError(Exception):
-    """A failure every later request would repeat (bad key, wrong URL): stop the run."""
+class GenerateError(Exception):
+    """The run cannot start or go on (no input, a bad prompt file, a refused key, a wrong URL);
+    `main` prints it and exits with status 2."""
 
 
 # ----------------------------------------------------------------------------- articles
@@ -92,7 +113,7 @@ class ArticleReader:
         self.root = Path(input_path)
         self.files = find_jsonl(self.root)
         if not self.files:
-            raise SystemExit(f"no .jsonl files found at {self.root}")
+            raise GenerateError(f"no .jsonl files found at {self.root}")
         self.min_chars, self.max_chars, self.limit = min_chars, max_chars, limit
         self.bad = BadLines()
         self.lines = self.eligible = self.too_short = 0
@@ -108,6 +129,9 @@ class ArticleReader:
                     return
                 self.lines += 1
                 title = str(obj.get("title") or "").strip()
+                if _SURROGATE.search(title + obj["text"] + str(obj.get("id"))):
+                    self.bad.add(f"{name}:{lineno}", "lone surrogate (\\ud800-\\udfff) in the text")
+                    continue
                 body = clean_article(obj["text"], drop_title=bool(title) and obj["text"].startswith(title))
                 if len(body) < self.min_chars:
                     self.too_short += 1
@@ -120,19 +144,40 @@ class ArticleReader:
 
 # ----------------------------------------------------------------------------- validation
 
-_THINK = re.compile(r"<think>.*?</think>", re.S)
 _JSON_START = re.compile(r"[\[{]")
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')  # a string (skipped whole) or a bracket
+MAX_JSON_DEPTH = 64  # a QA reply needs 3 or 4 levels
 _DECODER = json.JSONDecoder()
 # Questions that lean on the article for their subject cannot be asked on their own.
 PRONOUNS = ("他", "她", "它", "这", "该", "此", "其", "那个", "那些", "那位", "本文", "文中", "文章", "上述", "作者")
 _NOT_WORD = re.compile(r"[\W_]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates parse from JSON but cannot be written as UTF-8
+
+
+def too_deep(text, start=0, max_depth=MAX_JSON_DEPTH):
+    """Where the JSON value at `start` first nests deeper than `max_depth`, or None. Checked before
+    parsing because `json` recurses: a reply of 100k '[' would raise RecursionError."""
+    depth = 0
+    for m in _JSON_TOKEN.finditer(text, start):
+        if m.group() in "[{":
+            depth += 1
+            if depth > max_depth:
+                return m.end()
+        elif m.group() in "]}":
+            depth -= 1
+            if depth <= 0:
+                return None
+    return None
 
 
 def extract_json_objects(reply):
     """Every JSON object holding a question or answer in a model's reply, however it is wrapped."""
-    reply = _THINK.sub("", reply)
+    reply = reply.rsplit("</think>", 1)[-1]  # a reasoning model's draft comes before its answer
     found, i = [], 0
     while match := _JSON_START.search(reply, i):
+        if (deep := too_deep(reply, match.start())) is not None:
+            i = deep  # objects nested inside may still be whole
+            continue
         try:
             value, i = _DECODER.raw_decode(reply, match.start())
         except json.JSONDecodeError:
@@ -171,6 +216,9 @@ def validate(candidates, article, limits):
         if not isinstance(question, str) or not isinstance(answer, str) or not question.strip() or not answer.strip():
             rejected["missing_fields"] += 1
             continue
+        if _SURROGATE.search(question + answer):
+            rejected["bad_text"] += 1
+            continue
         question, answer = question.strip(), answer.strip()
         key = _NOT_WORD.sub("", question)
         if len(question) > limits.max_question_chars or len(answer) > limits.max_answer_chars:
@@ -187,12 +235,49 @@ def validate(candidates, article, limits):
     return pairs[: limits.max_qa], rejected
 
 
+def _sentence_spans(text):
+    """(start, end) offsets of each sentence of `text`; paragraphs' newlines fall between them."""
+    spans, at = [], 0
+    for paragraph in text.split("\n"):
+        for sentence in split_sentences(paragraph):
+            spans.append((at, at + len(sentence)))
+            at += len(sentence)
+        at += 1
+    return spans
+
+
+def passage(answer, text, max_chars):
+    """The source passage of a pair: whole sentences of `text`, at most `max_chars`, around where
+    `answer` occurs, or around the sentence supporting it best when it is not verbatim (an LLM's
+    paraphrase). A sentence longer than `max_chars` is cut to a window around the answer."""
+    spans = _sentence_spans(text) or [(0, len(text))]
+    at = text.find(answer)
+    a, b = (at, at + len(answer)) if at >= 0 else max(spans, key=lambda s: support(answer, text[s[0] : s[1]]))
+    first = next((k for k, s in enumerate(spans) if s[1] > a), len(spans) - 1)
+    last = next((k for k, s in enumerate(spans) if s[1] >= b), len(spans) - 1)
+    if spans[last][1] - spans[first][0] > max_chars:
+        start = max(0, min(a - (max_chars - (b - a)) // 2, len(text) - max_chars, a))
+        return text[start : start + max_chars]
+    grew = True
+    while grew:  # one sentence before, one after, while they fit
+        grew = False
+        if first > 0 and spans[last][1] - spans[first - 1][0] <= max_chars:
+            first, grew = first - 1, True
+        if last + 1 < len(spans) and spans[last + 1][1] - spans[first][0] <= max_chars:
+            last, grew = last + 1, True
+    return text[spans[first][0] : spans[last][1]]
+
+
 def judge(candidates, article, limits, nothing="malformed_json"):
-    """Done with the valid pairs, or failed with the main reason there were too few of them."""
+    """Done with the valid pairs (each with its source passage), or failed with the main reason
+    there were too few of them."""
     if not candidates:
         return Outcome("failed", [], nothing)
     pairs, rejected = validate(candidates, article, limits)
     if len(pairs) >= limits.min_qa:
+        for pair in pairs:
+            pair["context"] = passage(pair["answer"], article.text, limits.context_chars)
+            pair["answer_in_context"] = pair["answer"] in pair["context"]
         return Outcome("done", pairs, None)
     # the reason behind most candidates, valid pairs (too few of them) counting as "too_few_pairs"
     reasons = rejected + Counter(too_few_pairs=len(pairs))
@@ -203,6 +288,77 @@ def judge(candidates, article, limits, nothing="malformed_json"):
 
 
 RETRY_AFTER_CAP_S = 600  # a server asking for longer (or "inf") is treated as asking for 10 minutes
+
+
+class RequestFailed(Exception):
+    """One attempt failed; `reason` goes into the state file, `retry` says whether trying again may help."""
+
+    def __init__(self, reason, retry=True, wait_s=None):
+        super().__init__(reason)
+        self.reason, self.retry, self.wait_s = reason, retry, wait_s
+
+
+def post_json(url, payload, headers, timeout, max_bytes):
+    """(status, headers, body) of one POST. The whole exchange (connect, send, response headers and
+    body) ends within `timeout` seconds and reads at most `max_bytes` of body, or RequestFailed
+    ("timeout", "too_large", "connection_error") is raised."""
+    parts = urlsplit(url)
+    connection = HTTPSConnection if parts.scheme == "https" else HTTPConnection
+    conn = connection(parts.hostname, parts.port, timeout=timeout)
+    expired, sockets = threading.Event(), []
+
+    def expire():  # socket timeouts bound each read, not their sum: a byte a second never trips one
+        expired.set()
+        for sock in sockets:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # wakes the blocked read
+            except OSError:
+                pass
+
+    timer, response = threading.Timer(timeout, expire), None
+    timer.daemon = True
+    timer.start()
+    try:
+        conn.connect()  # bounded by the socket timeout; kept, as http.client forgets it once a reply is read
+        sockets.append(conn.sock)
+        if expired.is_set():
+            raise RequestFailed("timeout")
+        path = parts._replace(scheme="", netloc="").geturl() or "/"
+        conn.request("POST", path, json.dumps(payload).encode(), {"Content-Type": "application/json", **headers})
+        response = conn.getresponse()
+        if (response.length or 0) > max_bytes:  # declared too large: refused unread
+            raise RequestFailed("too_large")
+        body = bytearray()
+        while chunk := response.read(1 << 16):
+            body += chunk
+            if len(body) > max_bytes:
+                raise RequestFailed("too_large")
+        if expired.is_set():  # the shutdown may have ended a body without Content-Length early
+            raise RequestFailed("timeout")
+        return response.status, response.headers, bytes(body)
+    except (OSError, HTTPException) as e:
+        raise RequestFailed("timeout" if expired.is_set() or isinstance(e, TimeoutError) else "connection_error") from e
+    finally:
+        timer.cancel()
+        if response is not None:
+            response.close()  # the socket itself, so that a server still sending stops at once
+        conn.close()
+
+
+def reply_content(body):
+    """The message text of a chat-completions reply body; RequestFailed for anything else."""
+    try:
+        text = body.decode("utf-8")
+        if too_deep(text) is not None:
+            raise RequestFailed("too_deep")
+        content = json.loads(text)["choices"][0]["message"]["content"]
+    except (ValueError, LookupError, TypeError):  # not JSON, or not shaped like a chat completion
+        raise RequestFailed("bad_response") from None
+    if content is None or content == "":
+        raise RequestFailed("empty_reply")
+    if not isinstance(content, str):
+        raise RequestFailed("bad_response")
+    return content
 
 
 def _retry_after(headers):
@@ -217,52 +373,50 @@ def _retry_after(headers):
             seconds = parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S) if seconds == seconds else None  # NaN is no answer
+    return None if math.isnan(seconds) else min(max(seconds, 0.0), RETRY_AFTER_CAP_S)  # NaN is no answer
 
 
 class LLMBackend:
     """One chat-completions request per article, validated and retried by our own policy."""
 
     def __init__(self, args, prompt, limits, stop):
-        import openai  # only this backend needs it
-
-        self.openai, self.args, self.prompt, self.limits, self.stop = openai, args, prompt, limits, stop
-        self.client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, timeout=args.timeout, max_retries=0)
+        self.args, self.prompt, self.limits, self.stop = args, prompt, limits, stop
+        self.url = args.base_url.rstrip("/") + "/chat/completions"
 
     def request(self, article):
         content = self.prompt.replace("{title}", article.title).replace("{text}", article.text)
         return {"model": self.args.model, "messages": [{"role": "user", "content": content}],
                 "temperature": self.args.temperature, "max_tokens": self.args.max_tokens}
 
+    def ask(self, article):
+        """The model's reply text; GenerateError when every later request would fail the same way."""
+        args = self.args
+        status, headers, body = post_json(self.url, self.request(article), {"Authorization": f"Bearer {args.api_key}"},
+                                          args.timeout, args.max_reply_bytes)
+        detail = body[:200].decode("utf-8", "replace")
+        if status in (401, 403):
+            raise GenerateError(f"authentication failed (HTTP {status}) at {args.base_url}: check --api_key ({detail})")
+        if status == 404:
+            raise GenerateError(f"HTTP 404 from {self.url}: check --base_url (it usually ends in /v1) "
+                                f"and --model {args.model!r} ({detail})")
+        if status == 429 or status >= 500:
+            raise RequestFailed(f"http_{status}", wait_s=_retry_after(headers))
+        if not 200 <= status < 300:
+            raise RequestFailed(f"http_{status}", retry=False)  # the same request would be refused again
+        return reply_content(body)
+
     def __call__(self, article):
-        errors = self.openai
         for attempt in range(1, self.args.max_attempts + 1):
             wait_s = None
             try:
-                reply = self.client.chat.completions.create(**self.request(article))
-            except (errors.AuthenticationError, errors.PermissionDeniedError) as e:
-                raise FatalError(f"authentication failed (HTTP {e.status_code}) at {self.args.base_url}: "
-                                 f"check --api_key ({str(e)[:200]})") from e
-            except errors.NotFoundError as e:
-                raise FatalError(f"HTTP 404 from {self.args.base_url}/chat/completions: check --base_url (it usually "
-                                 f"ends in /v1) and --model {self.args.model!r} ({str(e)[:200]})") from e
-            except errors.APITimeoutError:
-                reason = "timeout"
-            except errors.APIConnectionError:
-                reason = "connection_error"
-            except errors.APIStatusError as e:
-                reason = f"http_{e.status_code}"
-                if e.status_code != 429 and e.status_code < 500:
-                    return Outcome("failed", [], reason)  # the same request would be refused again
-                wait_s = _retry_after(e.response.headers)
-            except (errors.APIResponseValidationError, ValueError):  # a 200 whose body is not JSON
-                reason = "bad_response"
-            else:
-                content = reply.choices[0].message.content if getattr(reply, "choices", None) else None
-                outcome = judge(extract_json_objects(content), article, self.limits) if content else None
-                if outcome and outcome.status == "done":
+                outcome = judge(extract_json_objects(self.ask(article)), article, self.limits)
+                if outcome.status == "done":
                     return outcome
-                reason = outcome.reason if outcome else "empty_reply"
+                reason = outcome.reason
+            except RequestFailed as e:
+                if not e.retry:
+                    return Outcome("failed", [], e.reason)
+                reason, wait_s = e.reason, e.wait_s
             if attempt < self.args.max_attempts:
                 if wait_s is None:
                     wait_s = min(self.args.max_backoff, self.args.backoff * 2 ** (attempt - 1))
@@ -393,7 +547,7 @@ class Store:
         for raw in data.splitlines():
             try:
                 obj = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # a corrupt line is dropped, never fatal
                 continue
             if isinstance(obj, dict):
                 lines.append(obj)
@@ -455,13 +609,17 @@ def parse_args(argv=None):
     p.add_argument("--max_answer_chars", type=int, default=300)
     p.add_argument("--min_support", type=float, default=0.6,
                    help="least share of an answer's character bigrams that must occur in the article")
+    p.add_argument("--context_chars", type=int, default=DEFAULT_CONTEXT_CHARS,
+                   help="longest source passage written with each pair (whole sentences around the answer)")
     p.add_argument("--min_chars", type=int, default=200, help="skip articles shorter than this after cleaning")
     p.add_argument("--max_chars", type=int, default=2000, help="cut longer articles at a sentence boundary")
     p.add_argument("--prompt_file", default=str(DEFAULT_PROMPT),
                    help="prompt with {title} {text} {min_qa} {max_qa} {max_question_chars} {max_answer_chars}")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max_tokens", type=int, default=1024)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds for a whole request: connecting, sending and reading all of the reply")
+    p.add_argument("--max_reply_bytes", type=int, default=4 << 20, help="a longer reply is refused (failure too_large)")
     p.add_argument("--max_attempts", type=int, default=4, help="tries per article before it is recorded failed")
     p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each retry")
     p.add_argument("--max_backoff", type=float, default=60.0)
@@ -473,42 +631,58 @@ def parse_args(argv=None):
         p.error("--model is required with --backend llm (the name the server lists at /v1/models)")
     if not 1 <= args.min_qa <= args.max_qa or args.workers < 1 or args.max_attempts < 1:
         p.error("need 1 <= --min_qa <= --max_qa, --workers >= 1 and --max_attempts >= 1")
+    if not args.max_answer_chars <= args.context_chars:
+        p.error("--context_chars must be at least --max_answer_chars, so that a passage can hold its answer")
+    if not (0 < args.timeout <= 86400 and 0 <= args.backoff <= args.max_backoff <= 86400 and args.max_reply_bytes > 0):
+        p.error("need 0 < --timeout <= 86400, 0 <= --backoff <= --max_backoff <= 86400 and --max_reply_bytes > 0")
+    try:
+        url = urlsplit(args.base_url)
+        good_url = url.scheme in ("http", "https") and url.hostname and (url.port or 0) >= 0
+    except ValueError:  # a port that is not a number
+        good_url = False
+    if not good_url:
+        p.error(f"--base_url {args.base_url!r} is not an http:// or https:// URL")
+    if not (args.api_key.isascii() and args.api_key.isprintable()):
+        p.error("--api_key must be printable ASCII (it is sent in an HTTP header)")
     return args
 
 
 def load_prompt(args):
-    prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+    try:
+        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenerateError(f"cannot read --prompt_file {args.prompt_file}: {e}") from e
     if "{text}" not in prompt:
-        raise SystemExit(f"{args.prompt_file} has no {{text}} placeholder for the article")
+        raise GenerateError(f"{args.prompt_file} has no {{text}} placeholder for the article")
     for key in ("min_qa", "max_qa", "max_question_chars", "max_answer_chars"):
         prompt = prompt.replace("{" + key + "}", str(getattr(args, key)))
     return prompt
 
 
-def summarize(done, failures, pairs, reader, store, elapsed):
+def summarize(done, failures, pairs, verbatim, reader, store, elapsed):
     finished = done + sum(failures.values())
     reasons = ", ".join(f"{r} {n}" for r, n in failures.most_common()) or "none"
     print(f"articles: {done} done, {sum(failures.values())} failed ({reasons}); "
           f"{len(store.done)} done before, {reader.too_short} shorter than --min_chars skipped")
-    print(f"pairs: {pairs} new ({pairs / max(done, 1):.2f} per done article), {store.pairs_before} before; "
-          f"{finished / max(elapsed, 1e-9):.1f} articles/s, {pairs / max(elapsed, 1e-9):.1f} pairs/s "
-          f"in {elapsed:.1f}s -> {store.output}")
+    print(f"pairs: {pairs} new ({pairs / max(done, 1):.2f} per done article, {verbatim} with the answer verbatim in "
+          f"its context), {store.pairs_before} before; {finished / max(elapsed, 1e-9):.1f} articles/s, "
+          f"{pairs / max(elapsed, 1e-9):.1f} pairs/s in {elapsed:.1f}s -> {store.output}")
     reader.bad.report("malformed input lines")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    limits = Limits(args.min_qa, args.max_qa, args.max_question_chars, args.max_answer_chars, args.min_support)
+def generate(args):
+    """The whole run; returns the exit status, raises GenerateError."""
+    limits = Limits(args.min_qa, args.max_qa, args.max_question_chars, args.max_answer_chars, args.min_support,
+                    args.context_chars)
     reader = ArticleReader(args.input, args.min_chars, args.max_chars, args.limit)
     stop = threading.Event()
     backend = LLMBackend(args, load_prompt(args), limits, stop) if args.backend == "llm" else None
     if args.dry_run:
         article = next(iter(reader), None)
         if article is None:
-            raise SystemExit(f"no article in {args.input} has --min_chars {args.min_chars} characters")
+            raise GenerateError(f"no article in {args.input} has --min_chars {args.min_chars} characters")
         if backend:
-            print(json.dumps({"url": args.base_url.rstrip("/") + "/chat/completions", **backend.request(article)},
-                             ensure_ascii=False, indent=2))
+            print(json.dumps({"url": backend.url, **backend.request(article)}, ensure_ascii=False, indent=2))
         else:
             print(json.dumps({"id": article.id, **extractive_outcome(article, limits)._asdict()},
                              ensure_ascii=False, indent=2))
@@ -529,14 +703,14 @@ def main(argv=None):
         results = run_concurrently(backend, todo(), args.workers, stop)
     else:
         results = ((a, extractive_outcome(a, limits)) for a in todo())
-    done, pairs, failures, started = 0, 0, Counter(), time.time()
+    done, pairs, verbatim, failures, started = 0, 0, 0, Counter(), time.time()
     bar = tqdm(total=args.limit or reader.count_lines(), unit="article", mininterval=0.5)
-    code = 0
     try:
         for article, outcome in results:
             store.record(article, outcome)
             if outcome.status == "done":
                 done, pairs = done + 1, pairs + len(outcome.pairs)
+                verbatim += sum(p["answer_in_context"] for p in outcome.pairs)
             else:
                 failures[outcome.reason] += 1
             bar.n = reader.eligible if args.limit else reader.lines
@@ -544,18 +718,24 @@ def main(argv=None):
             bar.set_postfix(pairs=pairs, pairs_per_s=f"{rate:.1f}", failed=sum(failures.values()), refresh=False)
             bar.update(0)
         bar.n = reader.eligible if args.limit else reader.lines
-    except FatalError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        code = 2
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted: finished articles are saved; run again to resume", file=sys.stderr)
-        code = 130
+        return 130
     finally:
         results.close()  # stops the workers' retries and cancels articles not yet sent
         bar.close()
         store.close()
-    summarize(done, failures, pairs, reader, store, time.time() - started)
-    return code
+        summarize(done, failures, pairs, verbatim, reader, store, time.time() - started)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return generate(args)
+    except GenerateError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 The server (`FakeChatServer`) answers `POST /v1/chat/completions` like LM Studio or vLLM would,
 with behaviour scripted per article title (read back from the prompt): good replies wrapped in
 prose and code fences, malformed JSON, too few pairs, pronoun questions, unsupported answers, slow
-replies, 500s, 429s with Retry-After, 401s, and requests held until the test releases them (to
-SIGKILL the generator mid-run). Backoff is tiny so the file runs in seconds.
+replies, 500s, 429s with Retry-After, 401s, requests held until the test releases them (to
+SIGKILL the generator mid-run), and hostile replies: bodies of the wrong shape, deep nesting, lone
+surrogates, a body dripped a few bytes at a time, a body larger than the cap. Backoff is tiny so
+the file runs in seconds.
 """
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,7 +42,10 @@ def chat_reply(content):
 
 
 class FakeChatServer:
-    """script: title -> function(attempt number) -> (status, content or error, headers, delay_s)."""
+    """script: title -> function(attempt number) -> (status, content or error, headers, delay_s).
+
+    content: any JSON value (sent as the message content of a chat completion), bytes (sent as the
+    whole body), or a function that writes the body itself to the socket (no Content-Length)."""
 
     def __init__(self, script):
         self.script, self.calls, self.times = script, Counter(), defaultdict(list)
@@ -60,15 +66,20 @@ class FakeChatServer:
                     server.release.wait(30)
                 else:
                     time.sleep(delay)
-                payload = json.dumps(chat_reply(content) if status == 200 else {"error": {"message": content}}).encode()
+                if isinstance(content, bytes) or callable(content):
+                    payload = content
+                else:
+                    payload = json.dumps(chat_reply(content) if status == 200 else {"error": {"message": content}})
+                    payload = payload.encode()
                 try:
                     self.send_response(status)
                     for k, v in {"Content-Type": "application/json", **headers}.items():
                         self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(payload)))
+                    if not callable(payload):
+                        self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
-                except OSError:  # the client gave up (timeout) or was killed
+                    payload(self.wfile) if callable(payload) else self.wfile.write(payload)
+                except OSError:  # the client gave up (timeout, too large) or was killed
                     pass
 
             def log_message(self, *args):
@@ -146,9 +157,11 @@ def assert_valid_and_unique(output, articles_path):
     limits = gen.Limits(1, 6, 15, 300, 0.6)
     rows = read_jsonl(output)
     for row in rows:
-        assert set(row) == {"question", "answer", "id", "title"}
+        assert set(row) == {"question", "answer", "id", "title", "context", "answer_in_context"}
         kept, rejected = gen.validate([row], articles[row["id"]], limits)
         assert kept and not rejected, row
+        assert row["context"] in articles[row["id"]].text and len(row["context"]) <= gen.DEFAULT_CONTEXT_CHARS
+        assert row["answer_in_context"] == (row["answer"] in row["context"])
     assert len({(r["id"], r["question"]) for r in rows}) == len(rows)
     return rows
 
@@ -206,6 +219,92 @@ def test_generate_against_scripted_server(serve, tmp_path, capsys):
     assert gen.main(argv) == 0
     assert output.read_bytes() == before
     assert server.calls["河流甲"] == 1 and server.calls["河流丙"] == 6
+
+
+# ----------------------------------------------------------------------------- hostile replies
+
+
+def raw(obj):
+    return lambda attempt: (200, obj if isinstance(obj, bytes) else json.dumps(obj).encode(), {}, 0)
+
+
+def test_malformed_replies_are_recorded_failures_and_the_run_goes_on(serve, tmp_path, capsys):
+    good = as_list(good_pairs("河流甲"))
+    nested_pairs = "[" * 100_000 + as_list(good_pairs("河流十")) + "]" * 100_000
+    with_surrogate = good_pairs("河流壹") + [{"question": "河流壹全长多少\ud800？", "answer": "约480公里\ud800"}]
+    script = {
+        "河流甲": ok(good),
+        "河流一": ok(5),  # content an int, a list, a dict
+        "河流二": ok(["[{}]"]),
+        "河流三": ok({"question": "河流三有多长？", "answer": "约480公里"}),
+        "河流四": raw({"choices": "[{}]"}),  # choices a string, [{}], message null
+        "河流五": raw({"choices": [{}]}),
+        "河流六": raw({"choices": [{"message": None}]}),
+        "河流七": ok("[" * 100_000),  # content nested past any parser's recursion limit
+        "河流八": raw(b'{"choices": ' + b"[" * 100_000),  # the body itself nested as deep
+        "河流九": raw(b"\xff\xfe not utf-8"),
+        "河流十": ok(nested_pairs),  # whole pairs deep inside brackets are still found
+        "河流壹": ok(as_list(with_surrogate)),  # a pair holding a lone surrogate is dropped, not written
+        "河流贰": ok(""),
+    }
+    server = serve(script)
+    bad_input = json.dumps({"id": "s", "title": "河流\ud800", "text": river("河流")})  # escaped surrogate
+    articles = write_articles(tmp_path / "wiki.jsonl", list(script), [bad_input])
+    output = tmp_path / "out.jsonl"
+    argv = ["--input", str(articles), "--output", str(output), "--base_url", server.base_url, "--model", "fake",
+            "--workers", "2", *FAST, "--max_attempts", "1"]
+    assert gen.main(argv) == 0
+    rows = assert_valid_and_unique(output, articles)
+    assert Counter(r["title"] for r in rows) == {"河流甲": 4, "河流十": 4, "河流壹": 4}
+    failed = {s["id"]: s["reason"] for s in last_states(output).values() if s["status"] == "failed"}
+    assert failed == {"a1": "bad_response", "a2": "bad_response", "a3": "bad_response", "a4": "bad_response",
+                      "a5": "bad_response", "a6": "bad_response", "a7": "malformed_json", "a8": "too_deep",
+                      "a9": "bad_response", "a12": "empty_reply"}
+    out = capsys.readouterr().out
+    assert "3 done, 10 failed" in out and "skipped 1 malformed input lines" in out and "lone surrogate" in out
+    assert "河流\ud800" not in server.calls
+
+
+def test_a_dripping_reply_is_cut_at_the_total_timeout(serve, tmp_path):
+    body = json.dumps(chat_reply(as_list(good_pairs("河流甲")))).encode()
+
+    def drip(wfile):  # the whole body in 4 s, a few bytes every 0.05 s: no single read ever waits 1 s
+        step = len(body) // 80 + 1
+        for k in range(0, len(body), step):
+            wfile.write(body[k : k + step])
+            wfile.flush()
+            time.sleep(0.05)
+
+    server = serve({"河流甲": lambda attempt: (200, drip, {}, 0)})
+    articles = write_articles(tmp_path / "wiki.jsonl", ["河流甲"])
+    output = tmp_path / "out.jsonl"
+    argv = ["--input", str(articles), "--output", str(output), "--base_url", server.base_url, "--model", "fake",
+            *FAST, "--timeout", "1", "--max_attempts", "1"]
+    started = time.monotonic()
+    assert gen.main(argv) == 0
+    assert time.monotonic() - started < 3.5, "--timeout 1 bounds the whole request, not each read"
+    assert last_states(output)["a0"]["reason"] == "timeout"
+
+
+def test_a_reply_over_the_size_cap_is_refused(serve, tmp_path, capsys):
+    reply = json.dumps(chat_reply(as_list(good_pairs("河流乙")))).encode()
+    sent = Counter()
+
+    def flood(wfile):  # 12 MiB of JSON whitespace, then a valid reply: valid, but 3x the default cap
+        for _ in range(192):
+            wfile.write(b" " * (1 << 16))
+            sent["bytes"] += 1 << 16
+        wfile.write(reply)
+
+    declared = b" " * (5 << 20) + reply  # the same with a Content-Length: refused before reading
+    server = serve({"河流甲": lambda attempt: (200, flood, {}, 0), "河流乙": raw(declared)})
+    articles = write_articles(tmp_path / "wiki.jsonl", ["河流甲", "河流乙"])
+    output = tmp_path / "out.jsonl"
+    argv = ["--input", str(articles), "--output", str(output), "--base_url", server.base_url, "--model", "fake",
+            *FAST, "--timeout", "20", "--max_attempts", "1"]
+    assert gen.main(argv) == 0
+    assert {s["id"]: s["reason"] for s in last_states(output).values()} == {"a0": "too_large", "a1": "too_large"}
+    assert output.read_bytes() == b"" and "0 done, 2 failed (too_large 2)" in capsys.readouterr().out
 
 
 def test_authentication_error_stops_at_once(serve, tmp_path, capsys):
@@ -351,6 +450,8 @@ def test_extractive_backend_on_shared_wiki_slice(tmp_path, capsys):
         kept, _ = gen.validate([row], articles_by_id[row["id"]], limits)
         assert kept, row
         assert row["answer"] in articles_by_id[row["id"]].text  # verbatim
+        assert row["answer"] in row["context"] and row["answer_in_context"]  # the passage it came from
+        assert row["context"] in articles_by_id[row["id"]].text and len(row["context"]) <= gen.DEFAULT_CONTEXT_CHARS
     states = last_states(output)
     assert set(states) == set(articles_by_id)
     failed = [s for s in states.values() if s["status"] == "failed"]
@@ -358,3 +459,70 @@ def test_extractive_backend_on_shared_wiki_slice(tmp_path, capsys):
     capsys.readouterr()
     assert gen.main(argv) == 0  # resume: done articles are skipped, failed ones tried again
     assert len(read_jsonl(output)) == len(rows) and f"0 done, {len(failed)} failed" in capsys.readouterr().out
+
+
+def test_json_depth_is_bounded_before_parsing():
+    pair = {"question": "长江有多长？", "answer": "约6300公里"}
+    text = json.dumps(pair, ensure_ascii=False)
+    assert gen.extract_json_objects("[" * 100_000) == []  # json alone would raise RecursionError
+    assert gen.extract_json_objects("{" * 50_000 + text) == [pair]
+    assert gen.extract_json_objects("[" * 100_000 + text + "]" * 100_000) == [pair]
+    brackets_in_a_string = {"question": "长江有多长？", "answer": "[" * 1000}
+    assert gen.extract_json_objects(json.dumps(brackets_in_a_string)) == [brackets_in_a_string]
+    assert gen.too_deep("[" * 64 + "]" * 64) is None and gen.too_deep("[" * 65) == 65
+    with pytest.raises(gen.RequestFailed) as failed:
+        gen.reply_content(json.dumps(chat_reply("[" * 100)).replace('"choices": ', '"choices": ' + "[" * 100).encode())
+    assert failed.value.reason == "too_deep"
+
+
+def test_library_errors_are_typed_and_main_turns_them_into_exit_codes(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(gen.GenerateError, match="no .jsonl files found"):
+        gen.ArticleReader(tmp_path / "empty", 50, 2000)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("没有文章占位符 {title}", encoding="utf-8")
+    args = gen.parse_args(["--input", str(tmp_path), "--model", "m", "--prompt_file", str(prompt)])
+    with pytest.raises(gen.GenerateError, match="no {text} placeholder"):
+        gen.load_prompt(args)
+    assert gen.main(["--input", str(tmp_path / "empty"), "--backend", "extractive"]) == 2
+    assert "error: no .jsonl files found" in capsys.readouterr().err
+    articles = write_articles(tmp_path / "wiki.jsonl", ["河流甲"])
+    assert gen.main(["--input", str(articles), "--model", "m", "--prompt_file", str(prompt), "--dry_run"]) == 2
+    assert "no {text} placeholder" in capsys.readouterr().err
+
+
+def test_passage_holds_the_answer_in_whole_sentences():
+    text = "甲河是一条河流。甲河长约480公里。\n甲河发源于青石山脉的北坡，流经三座城市。甲河最后注入白鹭湖。甲河流域盛产稻米。"
+    context = gen.passage("青石山脉的北坡", text, 30)
+    assert "青石山脉的北坡" in context and len(context) <= 30 and context in text
+    assert context.startswith("甲河") and context.endswith("。")  # whole sentences
+    assert gen.passage("青石山脉的北坡", text, 1000) == text
+    # a paraphrase is not verbatim: the passage is built around the sentence that supports it best
+    assert "发源于青石山脉的北坡" in gen.passage("青石山脉北坡", text, 30)
+    long_sentence = "前" * 300 + "答案在这里" + "后" * 300 + "。"
+    window = gen.passage("答案在这里", long_sentence, 40)
+    assert "答案在这里" in window and len(window) == 40
+    assert gen.passage("答案", "", 40) == "" and gen.passage("不在文中", "只有一句。", 40) == "只有一句。"
+
+
+def test_llm_pairs_carry_their_passage_and_say_whether_the_answer_is_verbatim(serve, tmp_path):
+    paraphrased = good_pairs("河流甲")[:3] + [{"question": "河流甲的源头在哪？", "answer": "青石山脉北坡"}]
+    server = serve({"河流甲": ok(as_list(paraphrased))})
+    articles = write_articles(tmp_path / "wiki.jsonl", ["河流甲"])
+    output = tmp_path / "out.jsonl"
+    argv = ["--input", str(articles), "--output", str(output), "--base_url", server.base_url, "--model", "fake",
+            *FAST, "--context_chars", "40", "--max_answer_chars", "40"]
+    assert gen.main(argv) == 0
+    rows = {r["answer"]: r for r in read_jsonl(output)}
+    assert [r["answer_in_context"] for r in rows.values()] == [True, True, True, False]
+    assert "青石山脉的北坡" in rows["青石山脉北坡"]["context"]
+    assert all(len(r["context"]) <= 40 and r["context"] in river("河流甲") for r in rows.values())
+
+
+def test_post_json_reports_a_refused_connection():
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(gen.RequestFailed) as failed:
+        gen.post_json(f"http://127.0.0.1:{port}/v1/chat/completions", {}, {}, 2, 1000)
+    assert failed.value.reason == "connection_error" and failed.value.retry
