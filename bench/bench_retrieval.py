@@ -2,6 +2,7 @@
 
     python bench/bench_retrieval.py                       # 3 wiki files + the QA passages, both analyzers
     python bench/bench_retrieval.py --wiki_files all --analyzers bigram   # the whole shared wiki
+    python bench/bench_retrieval.py --findable_in data/index  # answers present in a built wiki index
 
 - The questions: CMRC2018 trial and DRCD dev (human-written, answers are spans of a wiki passage).
   Their passages are almost all missing from the shared zhwiki dump (the script counts how many gold
@@ -98,7 +99,15 @@ def main():
     ap.add_argument("--analyzers", nargs="+", default=list(retrieval.ANALYZERS), choices=retrieval.ANALYZERS)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--keep", help="keep the built indexes in this folder")
+    ap.add_argument("--findable_in", help="only count the answers that occur in this built (wiki-only) index")
     args = ap.parse_args()
+    if args.findable_in:
+        with retrieval.Index(args.findable_in) as index:
+            for name, (_, questions) in qa_sets(args.qa).items():
+                findable = sum(any(answer_in_wiki(index, a) for a in q["answers"]) for q in questions)
+                print(f"{name}: {findable} of {len(questions)} questions ({100 * findable / len(questions):.1f}%) "
+                      f"have a gold answer in some passage of {args.findable_in} ({len(index):,} passages)")
+        return
 
     files = sorted(Path(args.wiki).glob("*.jsonl"))
     files = files if args.wiki_files == "all" else files[: int(args.wiki_files)]
