@@ -30,7 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import retrieval
+import retrieval  # noqa: E402
 
 QA_SETS = {"cmrc2018_trial": "cmrc2018_trial.json", "drcd_dev": "drcd_dev.zh-hans.json"}
 
