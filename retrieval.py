@@ -214,8 +214,9 @@ def build_index(inputs, out, analyzer="bigram", passage_chars=DEFAULT_PASSAGE_CH
         np.save(tmp / "offsets.npy", np.array(offsets, dtype=np.int64))
         meta = {"format": FORMAT, "analyzer": analyzer, "passage_chars": passage_chars,
                 "inputs": [str(p) for p in inputs], "passages": len(offsets) - 1, "articles": counts["articles"],
-                "empty_articles": counts["empty"], "malformed": counts["malformed"], "bad_lines": bad.examples, "vocab": len(vocab), "terms": n_terms,
-                "seconds_read": round(t_read, 1), "seconds": round(time.time() - t0, 1),
+                "empty_articles": counts["empty"], "malformed": counts["malformed"], "bad_lines": bad.examples,
+                "vocab": len(vocab), "terms": n_terms, "seconds_read": round(t_read, 1),
+                "seconds": round(time.time() - t0, 1),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
         write_json(tmp / "meta.json", meta)
         _replace_dir(tmp, out)
