@@ -69,6 +69,7 @@ log = logging.getLogger("minigpt.server")
 
 MAX_BODY_BYTES = 1 << 20
 MAX_JSON_DEPTH = 64
+MAX_JSON_CONTAINERS = 10_000  # arrays + objects: 350k empty lists in 1 MB take ~1 s of GIL-holding parsing
 MAX_HEADER_BYTES = 64 << 10
 DEFAULT_MAX_NEW_TOKENS = 256
 MAX_TEMPERATURE = 10.0
@@ -100,20 +101,24 @@ def error_response(status, message, field=None, error_type="invalid_request_erro
 
 # ----------------------------------------------------------------------------- reading a body
 
-_OUTSIDE_BRACKETS = re.compile(r"[^\[\]{}]")
-_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = [{ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}.get(b, 0) for b in range(256)]
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def json_depth(text):
-    """The deepest nesting of arrays/objects in JSON text, counting only brackets outside strings.
+def json_brackets(raw):
+    """The brackets of UTF-8 JSON (bytes) that lie outside strings, in order.
 
-    Exact for any valid JSON prefix, and linear: escaped backslashes and escaped quotes are removed
-    first (left to right, which pairs them as the parser does), then every other '"' opens or
-    closes a string.
+    Exact for any valid JSON prefix, and linear (bytes methods only): escaped backslashes and escaped
+    quotes are removed first (left to right, which pairs them as the parser does), then every
+    other '"' opens or closes a string. In UTF-8 these ASCII bytes never occur inside a character.
     """
-    outside = text.replace("\\\\", "").replace('\\"', "").split('"')[::2]
-    brackets = _OUTSIDE_BRACKETS.sub("", "".join(outside))
+    outside = raw.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2]
+    return b"".join(outside).translate(None, _NOT_BRACKETS)
+
+
+def json_depth(brackets):
+    """The deepest nesting that `json_brackets` output reaches."""
     return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
 
 
@@ -150,8 +155,11 @@ def parse_json_body(raw):
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ApiError(400, f"the body is not UTF-8: {e}") from None
-    if json_depth(text) > MAX_JSON_DEPTH:
-        raise ApiError(400, f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+    # both checked before parsing: the parser recurses once per level, and builds every container
+    brackets = json_brackets(raw)
+    require(len(brackets) <= 2 * MAX_JSON_CONTAINERS,
+            f"the JSON holds more than {MAX_JSON_CONTAINERS} arrays and objects", None)
+    require(json_depth(brackets) <= MAX_JSON_DEPTH, f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep", None)
     try:
         body = json.loads(text or "null")
     except ValueError as e:  # also a number with more than 4300 digits
@@ -642,13 +650,14 @@ class Service:
 
     def __init__(self, run, name=None, max_batch=16, queue_size=64, max_new_tokens_cap=1024, gather_ms=5):
         self.run, self.info = run, public_info(run, name)
+        self.max_batch, self.queue_size = max_batch, queue_size
         self.limits = Limits(run.info["block_size"], run.model.config.vocab_size, max_new_tokens_cap)
         self.batcher = Batcher(run, max_batch, queue_size, gather_ms)
 
     def health(self):
         b = self.batcher
-        queue_state = {"waiting": b.waiting.qsize(), "active": b.active, "max_batch": b.max_batch,
-                       "queue_size": b.waiting.maxsize, **b.stats}
+        queue_state = {"waiting": b.waiting.qsize(), "active": b.active, "max_batch": self.max_batch,
+                       "queue_size": self.queue_size, **b.stats}
         return {"status": "ok", "model": self.info, "queue": queue_state}
 
     def models(self):
@@ -768,21 +777,21 @@ def connection_limit(wanted=CONNECTION_LIMIT):
     return wanted if soft == resource.RLIM_INFINITY else max(100, min(wanted, soft - 100))
 
 
-def make_server(app, host="127.0.0.1", port=5000, clients=84):
+def make_server(app, host="127.0.0.1", port=5000, clients=84, idle_timeout_s=CHANNEL_TIMEOUT_S):
     """A waitress server for `app` (port 0 picks a free port: see `.effective_port`).
 
     One waitress thread per connected client, since a streaming response holds its thread; the
     request lookahead lets waitress notice a client that hangs up while its response is pending.
     A connection still sending its request holds no thread, so the connection limit is raised far
     above the thread count (poll() instead of select(), which stops at 1024 descriptors), and a
-    silent one is closed after CHANNEL_TIMEOUT_S (checked every 5 s).
+    silent one is closed after `idle_timeout_s` (checked every few seconds).
     """
     from waitress import create_server
 
     return create_server(app, host=host, port=port, threads=clients, channel_request_lookahead=1,
                          max_request_body_size=4 * MAX_BODY_BYTES, max_request_header_size=MAX_HEADER_BYTES,
                          connection_limit=connection_limit(), asyncore_use_poll=True,
-                         channel_timeout=CHANNEL_TIMEOUT_S, cleanup_interval=5, ident="minigpt-zh")
+                         channel_timeout=idle_timeout_s, cleanup_interval=min(5, idle_timeout_s), ident="minigpt-zh")
 
 
 def lan_address():

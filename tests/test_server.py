@@ -18,12 +18,13 @@ from contextlib import contextmanager
 import pytest
 import requests
 import torch
+from conftest import make_run
 
 from checkpoint import load_run
-from conftest import make_run
 from server import (
     CHAT,
     COMPLETIONS,
+    MAX_JSON_CONTAINERS,
     MAX_JSON_DEPTH,
     ApiError,
     Batcher,
@@ -33,6 +34,7 @@ from server import (
     StopCutter,
     create_app,
     error_response,
+    json_brackets,
     json_depth,
     make_server,
     parse_generate,
@@ -395,14 +397,19 @@ def test_deeply_nested_json_is_a_400_on_every_route(server, path):
     assert unclosed.status_code == 400
 
 
-def test_json_depth_counts_only_brackets_outside_strings():
-    assert json_depth('{"a": [1, {"b": []}]}') == 4
-    assert json_depth(json.dumps({"a": "[[[[{{{{", "b": "\\\\\"[[[", "c": ["]]]]"]})) == 2
+def test_json_brackets_and_depth_count_only_brackets_outside_strings():
+    assert json_brackets(b'{"a": [1, {"b": []}]}') == b"{[{[]}]}" and json_depth(b"{[{[]}]}") == 4
+    tricky = json.dumps({"a": "[[[[{{{{", "b": '\\"[[[', "c": ["]]]]", "长[江"]}, ensure_ascii=False).encode()
+    assert json_brackets(tricky) == b"{[]}"
     at_limit = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
-    assert json_depth(at_limit) == MAX_JSON_DEPTH
+    assert json_depth(json_brackets(at_limit.encode())) == MAX_JSON_DEPTH
     with pytest.raises(ApiError, match="levels deep"):
         parse_json_body(b'{"a": ' + ("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH).encode() + b"}")
     assert parse_json_body(b'{"a": ' + ("[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1)).encode() + b"}")
+    many = json.dumps({"a": [[]] * MAX_JSON_CONTAINERS}).encode()  # one container too many: 400 before parsing
+    with pytest.raises(ApiError, match="arrays and objects"):
+        parse_json_body(many)
+    assert parse_json_body(json.dumps({"a": [[]] * (MAX_JSON_CONTAINERS - 2)}).encode())
 
 
 SURROGATE_BODIES = [
@@ -549,6 +556,22 @@ def test_slow_clients_do_not_lock_out_others(run_dir):
             stop.set()
             for s in slow:
                 s.close()
+
+
+def test_a_silent_connection_is_closed_after_the_idle_timeout(run_dir):
+    app = create_app(load_run(run_dir))
+    server = make_server(app, "127.0.0.1", 0, clients=2, idle_timeout_s=1)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as silent:
+            silent.sendall(b"GET /health HTTP/1.1\r\n")  # and then nothing more
+            started = time.monotonic()
+            assert silent.recv(1024) == b"", "the server should close the connection"
+            assert time.monotonic() - started < 5
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
+        app.extensions["batcher"].close()
 
 
 # ----------------------------------------------------------------------------- request logic without HTTP
