@@ -139,12 +139,12 @@ def lone_surrogate_at(value, path):
                 return path  # "" for a key of the body itself
             name = key if len(key) <= 40 else key[:40] + "…"
             found = lone_surrogate_at(item, f"{path}.{name}" if path else name)
-            if found:
+            if found is not None:
                 return found
     if isinstance(value, list):
         for i, item in enumerate(value):
             found = lone_surrogate_at(item, f"{path}[{i}]")
-            if found:
+            if found is not None:
                 return found
     return None
 

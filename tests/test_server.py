@@ -437,6 +437,15 @@ def test_lone_surrogates_are_a_400_naming_the_field(server, path, body, field):
     assert r.json()["error"].get("field") == field and "surrogate" in r.json()["error"]["message"]
 
 
+def test_lone_surrogates_are_found_wherever_they_hide():
+    for raw, field in ((b'{"a": {"b": [1, "\\ud800"]}}', "a.b[1]"), (b'{"a": {"\\udfff": 1}}', "a"),
+                       (b'{"m": [{"\\ud800": 1}]}', "m[0]"), (b'{"\\ud800": 1}', None), (b'{"a": "\\udbff"}', "a")):
+        with pytest.raises(ApiError) as e:
+            parse_json_body(raw)
+        assert e.value.field == field and "surrogate" in e.value.message
+    assert parse_json_body(b'{"a": "\\ud83d\\ude00"}') == {"a": "😀"}  # a pair is a character
+
+
 def test_error_messages_never_echo_unencodable_text():
     # the checks above catch surrogates first; these are the layers behind them
     response = error_response(400, "bad \ud800 value", "f\udfff")
