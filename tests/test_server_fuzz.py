@@ -278,7 +278,11 @@ def test_hostile_requests_get_4xx_and_harm_no_one(fuzz_server):
 
     def legit():
         while not fuzz_done.is_set() and time.monotonic() < deadline and legit_rounds[0] < 500:
-            got = [legit_answer(port, path, body) for path, body in LEGIT]
+            try:
+                got = [legit_answer(port, path, body) for path, body in LEGIT]
+            except Exception as e:  # an error here must fail the test, not just end this thread
+                problems.append(("legit", repr(e)))
+                return
             if got != before:
                 problems.append(("legit", got, before))
             legit_rounds[0] += 1
@@ -294,6 +298,6 @@ def test_hostile_requests_get_4xx_and_harm_no_one(fuzz_server):
     assert time.monotonic() < deadline, f"the fuzz ran past {DEADLINE_S} s: the server is far too slow"
     assert not problems, problems[:5]
     assert sum(statuses.values()) == CASES and legit_rounds[0] >= 1
-    assert statuses.get(200, 0) > 50 and statuses.get(400, 0) > 500, statuses  # the fuzz reached both paths
+    assert statuses.get(200, 0) > 100 and statuses.get(400, 0) > 400, statuses  # it reached both paths
     assert batcher.stats["failed"] == 0, "no generation may fail"
     assert [legit_answer(port, path, body) for path, body in LEGIT] == before
