@@ -3,6 +3,11 @@
     python server.py --out_dir out/sft [--host 127.0.0.1] [--port 5000] [--api_key KEY] [--cors]
 
 Design choices:
+- Layers. `create_app` only wires Flask routes to a `Service`, which does what the routes do
+  without HTTP: `parse_json_body` reads a body, `parse_generate` / `parse_openai` turn it into a
+  typed `GenerationRequest` (every field checked, errors name the field), the service queues a
+  `Job`, and `OpenAIReply` with `ChatApi` / `CompletionsApi` shapes the answer (`sse` frames a
+  stream). Tests call each of these directly.
 - One model, one owner. A single background thread (`Batcher`) owns the model; HTTP handler
   threads never touch it. Handlers tokenize and validate, put a `Job` on a bounded queue and read
   text pieces back from the job's own queue, so streams cannot cross.
@@ -12,6 +17,13 @@ Design choices:
   tokens and per-row token budgets are applied here, row by row, so jobs of different modes share
   a batch; the batch ends when every row is finished or cancelled, and new arrivals form the next
   batch (simple, but a long request holds late arrivals back until its batch ends).
+- One row never fails the others. If generation raises, the unfinished rows are retried in
+  halves, each resuming from the tokens it already sent (prompt + output so far), until a row
+  that fails even alone is found; only that row ends with finish_reason "error".
+- Nothing from outside is trusted: bodies are UTF-8 JSON of at most 1 MB nested at most 64 levels
+  (checked on the raw text before parsing, so no recursion error is reachable), strings with lone
+  surrogates are refused, every number has a range, unsupported OpenAI fields are refused rather
+  than ignored, and no error message echoes text that cannot be encoded.
 - Determinism. Greedy (temperature 0) rows equal their single-request output while prompt +
   output fit in the model's window (`generate` keeps rows independent; once a window slides, it
   slides for the whole batch). Sampled rows share one random generator per batch (seeded by the
@@ -27,18 +39,24 @@ Design choices:
 - `--api_key` guards every route but `/health` (compared in constant time); `/health` shows only
   what `/v1/models` would (model description, queue depth) and no file paths.
 - Served by waitress (pure Python, Linux and Windows) with a thread per connected client; it sends
-  each chunk as soon as it is written, which is what streaming needs.
+  each chunk as soon as it is written, which is what streaming needs. Connections that are still
+  sending their request cost a socket, not a thread, and up to CONNECTION_LIMIT are accepted, so a
+  few hundred slow clients cannot lock others out; a connection silent for CHANNEL_TIMEOUT_S closes.
 """
 import argparse
 import hmac
+import itertools
 import json
 import logging
 import math
 import queue
+import re
 import socket
 import threading
 import time
 import uuid
+from collections import namedtuple
+from dataclasses import dataclass
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
@@ -50,34 +68,119 @@ from tokenizer import StreamDecoder
 log = logging.getLogger("minigpt.server")
 
 MAX_BODY_BYTES = 1 << 20
+MAX_JSON_DEPTH = 64
+MAX_JSON_CONTAINERS = 10_000  # arrays + objects: 350k empty lists in 1 MB take ~1 s of GIL-holding parsing
+MAX_HEADER_BYTES = 64 << 10
 DEFAULT_MAX_NEW_TOKENS = 256
+MAX_TEMPERATURE = 10.0
+PENALTY_RANGE = (0.5, 2.0)
+MIN_TOP_P = 1e-6  # any top_p below the top token's probability (>= 1/vocab) keeps just that token
+MAX_STOPS, MAX_STOP_CHARS = 4, 200
+CONNECTION_LIMIT = 1000  # open connections waitress accepts (its default, 100, is easy to exhaust)
+CHANNEL_TIMEOUT_S = 30  # a connection silent this long, with no response pending, is closed
 POLL_S = 0.2  # how often a waiting handler checks whether its client is still there
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
 
 
 class ApiError(Exception):
-    def __init__(self, status, message, field=None, kind="invalid_request_error"):
+    def __init__(self, status, message, field=None, error_type="invalid_request_error"):
         super().__init__(message)
-        self.status, self.message, self.field, self.kind = status, message, field, kind
+        self.status, self.message, self.field, self.error_type = status, message, field, error_type
 
 
-def error_response(status, message, field=None, kind="invalid_request_error", headers=None):
-    error = {"message": message, "type": kind, **({"field": field} if field else {})}
-    return Response(json.dumps({"error": error}, ensure_ascii=False), status, headers,
-                    content_type="application/json")
+def json_response(data, status=200, headers=None):
+    # "replace": whatever slipped into a message, the answer is always valid UTF-8
+    body = json.dumps(data, ensure_ascii=False).encode("utf-8", "replace")
+    return Response(body, status, headers, content_type="application/json")
+
+
+def error_response(status, message, field=None, error_type="invalid_request_error", headers=None):
+    error = {"message": message, "type": error_type, **({"field": field} if field else {})}
+    return json_response({"error": error}, status, headers)
+
+
+# ----------------------------------------------------------------------------- reading a body
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = [{ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}.get(b, 0) for b in range(256)]
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_brackets(raw):
+    """The brackets of UTF-8 JSON (bytes) that lie outside strings, in order.
+
+    Exact for any valid JSON prefix, and linear (bytes methods only): escaped backslashes and escaped
+    quotes are removed first (left to right, which pairs them as the parser does), then every
+    other '"' opens or closes a string. In UTF-8 these ASCII bytes never occur inside a character.
+    """
+    outside = raw.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2]
+    return b"".join(outside).translate(None, _NOT_BRACKETS)
+
+
+def json_depth(brackets):
+    """The deepest nesting that `json_brackets` output reaches."""
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+def shown(value, limit=60):
+    """A short, always-encodable rendering of a client's value for an error message."""
+    text = json.dumps(value, ensure_ascii=False)
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def lone_surrogate_at(value, path):
+    """The path of the first string (key or value) in `value` holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _SURROGATE.search(key):
+                return path  # "" for a key of the body itself
+            name = key if len(key) <= 40 else key[:40] + "…"
+            found = lone_surrogate_at(item, f"{path}.{name}" if path else name)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = lone_surrogate_at(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def parse_json_body(raw):
+    """The JSON object in a request body (bytes), or an ApiError(400) saying what is wrong."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the body is not UTF-8: {e}") from None
+    # both checked before parsing: the parser recurses once per level, and builds every container
+    brackets = json_brackets(raw)
+    require(len(brackets) <= 2 * MAX_JSON_CONTAINERS,
+            f"the JSON holds more than {MAX_JSON_CONTAINERS} arrays and objects", None)
+    require(json_depth(brackets) <= MAX_JSON_DEPTH, f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep", None)
+    try:
+        body = json.loads(text or "null")
+    except ValueError as e:  # also a number with more than 4300 digits
+        raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    require(isinstance(body, dict), "the body must be a JSON object", None)
+    field = lone_surrogate_at(body, "")
+    require(field is None, f"'{field or 'a key'}' is not valid Unicode text (it holds a lone surrogate)", field or None)
+    return body
 
 
 # ----------------------------------------------------------------------------- request validation
 
-def typed(body, name, kinds, default, description):
-    """body[name] (or the default) checked against `kinds`; JSON true/false never counts as a number."""
+def typed(body, name, types, default, description):
+    """body[name] (or the default) checked against `types`; JSON true/false never counts as a number."""
     value = body.get(name, default)
     if value is None:
         return None
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    wrong_bool = isinstance(value, bool) and bool not in kinds
-    if not isinstance(value, kinds) or wrong_bool or (isinstance(value, float) and not math.isfinite(value)):
-        raise ApiError(400, f"'{name}' must be {description}, not {json.dumps(value, ensure_ascii=False)[:60]}", name)
+    types = types if isinstance(types, tuple) else (types,)
+    wrong_bool = isinstance(value, bool) and bool not in types
+    if not isinstance(value, types) or wrong_bool or (isinstance(value, float) and not math.isfinite(value)):
+        raise ApiError(400, f"'{name}' must be {description}, not {shown(value)}", name)
     return value
 
 
@@ -86,26 +189,48 @@ def require(ok, message, field):
         raise ApiError(400, message, field)
 
 
-def parse_json_body():
-    try:
-        body = json.loads(request.get_data(cache=False) or b"null")
-    except ValueError as e:  # also UnicodeDecodeError
-        raise ApiError(400, f"the body is not valid JSON: {e}") from None
-    require(isinstance(body, dict), "the body must be a JSON object", None)
-    return body
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask of this model and server."""
+    block_size: int
+    vocab_size: int
+    max_new_tokens_cap: int
+
+    @property
+    def max_prompt_chars(self):
+        return 8 * self.block_size  # a cheap bound checked before tokenizing
 
 
-def parse_generation(body, cap, max_tokens_name, defaults):
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated request, whichever route it came from."""
+    prompt: object  # text, or a list of {role, content} messages
+    mode: str  # checkpoint.MODES: how the prompt is laid out and which tokens stop the output
+    system: object  # a system prompt (str) or None
+    prompt_field: str  # the field named when the tokenized prompt is refused
+    sampling: dict  # SAMPLING_KEYS
+    max_new_tokens: int
+    seed: object  # int or None
+    stops: tuple
+    ignore_eos: bool
+    stream: bool
+    include_usage: bool = False
+
+
+def parse_settings(body, limits, max_tokens_name, defaults):
     """Sampling settings, token budget, stop strings and seed shared by every generating route."""
-    number = (int, float)
+    number, cap = (int, float), limits.max_new_tokens_cap
     temperature = typed(body, "temperature", number, defaults["temperature"], "a number")
-    require(temperature is not None and temperature >= 0, "'temperature' must be >= 0 (0 = greedy)", "temperature")
+    require(temperature is not None and 0 <= temperature <= MAX_TEMPERATURE,
+            f"'temperature' must be between 0 (greedy) and {MAX_TEMPERATURE:g}", "temperature")
     top_k = typed(body, "top_k", int, defaults.get("top_k"), "an integer or null")
     require(top_k is None or top_k >= 0, "'top_k' must be >= 0 (0 or null = off)", "top_k")
     top_p = typed(body, "top_p", number, defaults.get("top_p"), "a number or null")
     require(top_p is None or 0 < top_p <= 1, "'top_p' must be in (0, 1]", "top_p")
     penalty = typed(body, "repetition_penalty", number, 1.0, "a number")
-    require(penalty is not None and penalty > 0, "'repetition_penalty' must be > 0 (1 = off)", "repetition_penalty")
+    low, high = PENALTY_RANGE
+    require(penalty is not None and low <= penalty <= high,
+            f"'repetition_penalty' must be between {low} and {high} (1 = off)", "repetition_penalty")
     max_new = typed(body, max_tokens_name, int, min(DEFAULT_MAX_NEW_TOKENS, cap), "an integer")
     require(max_new is not None and 1 <= max_new <= cap, f"'{max_tokens_name}' must be between 1 and {cap}",
             max_tokens_name)
@@ -113,16 +238,27 @@ def parse_generation(body, cap, max_tokens_name, defaults):
     require(seed is None or 0 <= seed < 2**63, "'seed' must be between 0 and 2**63 - 1", "seed")
     stop = typed(body, "stop", (str, list), None, "a string or a list of strings")
     stop = [stop] if isinstance(stop, str) else (stop or [])
-    require(len(stop) <= 4 and all(isinstance(s, str) and 0 < len(s) <= 200 for s in stop),
-            "'stop' takes at most 4 non-empty strings of up to 200 characters", "stop")
+    require(len(stop) <= MAX_STOPS and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop),
+            f"'stop' takes at most {MAX_STOPS} non-empty strings of up to {MAX_STOP_CHARS} characters", "stop")
     ignore_eos = typed(body, "ignore_eos", bool, False, "true or false")
     if temperature == 0:  # greedy ignores top-k/top-p; leaving them on would make the batch sort the vocabulary
         top_k = top_p = None
+    # values that mean "off" become None, so nothing out of a float32's or an int64's range reaches torch
+    top_k = None if not top_k or top_k >= limits.vocab_size else top_k
+    top_p = None if top_p is None or top_p == 1 else max(float(top_p), MIN_TOP_P)
     sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, repetition_penalty=float(penalty))
-    return dict(sampling=sampling, max_new_tokens=max_new, seed=seed, stops=stop, ignore_eos=ignore_eos)
+    return dict(sampling=sampling, max_new_tokens=max_new, seed=seed, stops=tuple(stop), ignore_eos=ignore_eos)
 
 
-def parse_messages(body):
+def read_text(body, field, limits):
+    text = typed(body, field, str, None, "a string")
+    require(text is not None, f"'{field}' is required", field)
+    require(len(text) <= limits.max_prompt_chars, f"'{field}' is longer than {limits.max_prompt_chars} characters",
+            field)
+    return text
+
+
+def read_messages(body, limits):
     messages = body.get("messages")
     require(isinstance(messages, list) and messages, "'messages' must be a non-empty list of {role, content}",
             "messages")
@@ -132,7 +268,142 @@ def parse_messages(body):
                 f"'messages[{i}].role' must be system, user or assistant", f"messages[{i}].role")
         require(isinstance(m.get("content"), str), f"'messages[{i}].content' must be a string",
                 f"messages[{i}].content")
+    require(sum(len(m["content"]) for m in messages) <= limits.max_prompt_chars,
+            f"'messages' are longer than {limits.max_prompt_chars} characters", "messages")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def parse_generate(body, limits):
+    """A `POST /generate` body as a GenerationRequest."""
+    mode = typed(body, "mode", str, "text", "a string")
+    require(mode in MODES, f"'mode' must be one of {', '.join(MODES)}", "mode")
+    if mode == "chat" and "messages" in body:  # a whole conversation (the arena's chat with a peer)
+        prompt = read_messages(body, limits)
+    else:
+        prompt = read_text(body, "prompt", limits)
+    system = typed(body, "system", str, None, "a string")
+    require(system is None or len(system) <= limits.max_prompt_chars,
+            f"'system' is longer than {limits.max_prompt_chars} characters", "system")
+    stream = typed(body, "stream", bool, True, "true or false")
+    settings = parse_settings(body, limits, "max_new_tokens", {"temperature": 0.8, "top_k": 200})
+    return GenerationRequest(prompt, mode, system, "prompt", stream=stream, **settings)
+
+
+# OpenAI fields this server cannot honour; a value other than "off" is refused rather than ignored
+UNSUPPORTED = ("logprobs", "top_logprobs", "best_of", "echo", "suffix", "logit_bias", "response_format", "tools",
+               "tool_choice", "functions", "function_call")
+OFF_VALUES = {"best_of": (1,), "top_logprobs": (0,), "response_format": ({"type": "text"},),
+              "tool_choice": ("none", "auto")}
+
+
+def is_off(name, value):
+    if value is None or value is False or (isinstance(value, (str, list, dict)) and not value):
+        return True
+    return any(type(value) is type(off) and value == off for off in OFF_VALUES.get(name, ()))
+
+
+def parse_openai(body, api, limits):
+    """A `/v1/chat/completions` or `/v1/completions` body (per `api`) as a GenerationRequest."""
+    n = typed(body, "n", int, 1, "an integer")
+    require(n == 1, "only n=1 is supported", "n")
+    for name in UNSUPPORTED:
+        require(is_off(name, body.get(name)), f"'{name}' is not supported by this server", name)
+    stream = typed(body, "stream", bool, False, "true or false")
+    stream_options = typed(body, "stream_options", dict, {}, "an object") or {}
+    settings = parse_settings(body, limits, api.max_tokens_field(body), {"temperature": 1.0})
+    return GenerationRequest(api.read_prompt(body, limits), api.mode, None, api.prompt_field, stream=stream,
+                             include_usage=stream_options.get("include_usage") is True, **settings)
+
+
+# ----------------------------------------------------------------------------- OpenAI answers
+
+class CompletionsApi:
+    """`/v1/completions`: a prompt string continued as text."""
+    mode, prompt_field, id_prefix = "text", "prompt", "cmpl"
+    object = chunk_object = "text_completion"
+    opening = ()  # stream deltas sent before the first piece of text
+    closing = ""  # the delta that carries finish_reason
+
+    def max_tokens_field(self, body):
+        return "max_tokens"
+
+    def read_prompt(self, body, limits):
+        return read_text(body, "prompt", limits)
+
+    def whole_choice(self, text, finish):
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def chunk_choice(self, delta, finish):
+        return self.whole_choice(delta, finish)
+
+    def delta(self, piece):
+        return piece
+
+
+class ChatApi:
+    """`/v1/chat/completions`: a conversation answered by the assistant."""
+    mode, prompt_field, id_prefix = "chat", "messages", "chatcmpl"
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+    opening = ({"role": "assistant", "content": ""},)
+    closing = {}
+
+    def max_tokens_field(self, body):
+        return "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+
+    def read_prompt(self, body, limits):
+        return read_messages(body, limits)
+
+    def whole_choice(self, text, finish):
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
+
+    def chunk_choice(self, delta, finish):
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def delta(self, piece):
+        return {"content": piece}
+
+
+CHAT, COMPLETIONS = ChatApi(), CompletionsApi()
+GENERATION_FAILED = {"message": "generation failed", "type": "server_error"}
+
+
+class OpenAIReply:
+    """The OpenAI-shaped answer to one job: a whole completion, or the events of a stream."""
+
+    def __init__(self, api, model_name, job, include_usage=False):
+        self.api, self.job, self.include_usage = api, job, include_usage
+        self.head = {"id": f"{api.id_prefix}-{uuid.uuid4().hex[:24]}", "object": api.object,
+                     "created": int(time.time()), "model": model_name}
+
+    def usage(self):
+        prompt, completion = len(self.job.ids), self.job.tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def whole(self, text):
+        return {**self.head, "choices": [self.api.whole_choice(text, self.job.reason)], "usage": self.usage()}
+
+    def chunk(self, delta, finish=None):
+        event = {**self.head, "object": self.api.chunk_object, "choices": [self.api.chunk_choice(delta, finish)]}
+        return event | ({"usage": None} if self.include_usage else {})
+
+    def events(self, pieces):
+        yield from (self.chunk(delta) for delta in self.api.opening)
+        for piece in pieces:
+            yield self.chunk(self.api.delta(piece))
+        if self.job.reason == "error":
+            yield {"error": GENERATION_FAILED}
+        else:
+            yield self.chunk(self.api.closing, self.job.reason)
+        if self.include_usage:
+            yield {**self.head, "object": self.api.chunk_object, "choices": [], "usage": self.usage()}
+
+
+def sse(events):
+    """Server-sent events framing: one `data:` line per event, then `data: [DONE]`."""
+    for event in events:
+        yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 # ----------------------------------------------------------------------------- stop strings
@@ -172,6 +443,7 @@ class Job:
         self.out = queue.Queue()  # unbounded: the worker never waits for a slow reader
         self.cancelled = threading.Event()
         self.tokens, self.finish_reason, self.started = 0, None, time.monotonic()
+        self.generated, self.decoder = [], None  # the worker's: ids sent so far, its StreamDecoder
         self.stop_string_hit = False  # set by the reading handler, never by the worker
 
     @property
@@ -211,7 +483,7 @@ class Batcher:
         self.run, self.max_batch, self.gather_s = run, max_batch, gather_ms / 1000
         self.waiting = queue.Queue(maxsize=queue_size)
         self.active = 0  # rows of the running batch still generating (read by /health)
-        self.stats = dict(requests=0, rejected=0, batches=0, largest_batch=0, cancelled=0, tokens=0)
+        self.stats = dict(requests=0, rejected=0, batches=0, largest_batch=0, cancelled=0, tokens=0, failed=0)
         self.lock = threading.Lock()
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="generator", daemon=True)
@@ -226,7 +498,8 @@ class Batcher:
             self.waiting.put_nowait(job)
         except queue.Full:
             self.count("rejected")
-            raise ApiError(503, "the server is busy (request queue full); retry shortly", kind="server_busy") from None
+            raise ApiError(503, "the server is busy (request queue full); retry shortly",
+                           error_type="server_busy") from None
         self.count("requests")
 
     def close(self):
@@ -248,16 +521,16 @@ class Batcher:
             batch = self._collect(first)
             try:
                 self._run(batch)
-            except Exception:  # keep serving; the affected requests end with finish_reason "error"
-                log.exception("generation failed for a batch of %d", len(batch))
+            except Exception:  # a fault of the worker itself: no client is left waiting
+                log.exception("the worker failed on a batch of %d", len(batch))
                 self._abandon(batch)
             finally:
                 self.active = 0
 
-    @staticmethod
-    def _abandon(jobs):
+    def _abandon(self, jobs):
         for job in jobs:
             if job.finish_reason is None:
+                self.count("failed")
                 job.finish_reason = "error"
                 job.out.put(None)
 
@@ -282,14 +555,36 @@ class Batcher:
         with self.lock:
             self.stats["batches"] += 1
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+        self._isolating(jobs)
+
+    def _isolating(self, jobs):
+        """Generate for `jobs`; when that raises, retry the unfinished rows in halves (each resuming
+        where it stopped) until a row fails alone: only such a row ends with "error"."""
+        try:
+            self._generate(jobs)
+            return
+        except Exception:
+            left = [j for j in jobs if j.finish_reason is None and not j.cancelled.is_set()]
+            log.exception("generation failed for %d rows (%d unfinished)", len(jobs), len(left))
+        if len(jobs) == 1 or self.closed.is_set():
+            self._abandon(left)
+            return
+        half = (len(left) + 1) // 2
+        for part in (left[:half], left[half:]):
+            if part:
+                self._isolating(part)
+
+    def _generate(self, jobs):
         per_row = {key: [j.sampling[key] for j in jobs] for key in SAMPLING_KEYS}
         seed = next((j.seed for j in jobs if j.seed is not None), None)
-        decoders = [StreamDecoder(self.run.tok) for _ in jobs]
+        for job in jobs:
+            job.decoder = job.decoder or StreamDecoder(self.run.tok)
         done = [False] * len(jobs)
         self.active = len(jobs)
-        # stop tokens are per row (modes differ), so generate gets none and rows are ended here
-        steps = generate(self.run.model, [j.ids for j in jobs], max(j.max_new_tokens for j in jobs),
-                         stop_ids=(), seed=seed, **per_row)
+        # a row resumes from what it already sent; stop tokens are per row (modes differ), so
+        # generate gets none and rows are ended here
+        steps = generate(self.run.model, [j.ids + j.generated for j in jobs],
+                         max(j.max_new_tokens - j.tokens for j in jobs), stop_ids=(), seed=seed, **per_row)
         try:
             for step in steps:
                 delivered = 0
@@ -300,15 +595,13 @@ class Batcher:
                         done[i] = True
                         self.count("cancelled")
                         continue
-                    job.tokens += 1
+                    try:
+                        self._deliver(job, token)
+                    except Exception:  # this row's own fault (its text): end it alone
+                        log.exception("a row failed while its text was decoded")
+                        self._abandon([job])
                     delivered += 1
-                    reason = "stop" if token in job.stop_ids else "length" if job.tokens >= job.max_new_tokens else None
-                    piece = decoders[i].push(token) + (decoders[i].flush() if reason else "")
-                    if piece:
-                        job.out.put(piece)
-                    if reason:
-                        job.finish_reason, done[i] = reason, True
-                        job.out.put(None)
+                    done[i] = job.finish_reason is not None
                 self.count("tokens", delivered)
                 self.active = done.count(False)
                 if self.active == 0:
@@ -319,8 +612,20 @@ class Batcher:
         finally:
             steps.close()
 
+    @staticmethod
+    def _deliver(job, token):
+        job.tokens += 1
+        job.generated.append(token)
+        reason = "stop" if token in job.stop_ids else "length" if job.tokens >= job.max_new_tokens else None
+        piece = job.decoder.push(token) + (job.decoder.flush() if reason else "")
+        if piece:
+            job.out.put(piece)
+        if reason:
+            job.finish_reason = reason
+            job.out.put(None)
 
-# ----------------------------------------------------------------------------- the Flask app
+
+# ----------------------------------------------------------------------------- what the routes do
 
 def public_info(run, name):
     """What peers may see about the model: everything in run.info but the checkpoint's file path."""
@@ -328,29 +633,95 @@ def public_info(run, name):
     return {**info, "name": name or run.info["name"]}
 
 
+Stream = namedtuple("Stream", "chunks content_type job")  # a streamed answer; the job ends with it
+
+
+def started(pieces, job):
+    """`pieces` with its first piece already awaited, so that a job failing before any text gets
+    an error status instead of an empty 200."""
+    first = next(pieces, None)
+    if first is None and job.reason == "error":
+        raise ApiError(500, GENERATION_FAILED["message"], error_type="server_error")
+    return itertools.chain(() if first is None else (first,), pieces)
+
+
+class Service:
+    """The routes' work without HTTP: read a request, queue its job, shape the answer."""
+
+    def __init__(self, run, name=None, max_batch=16, queue_size=64, max_new_tokens_cap=1024, gather_ms=5):
+        self.run, self.info = run, public_info(run, name)
+        self.max_batch, self.queue_size = max_batch, queue_size
+        self.limits = Limits(run.info["block_size"], run.model.config.vocab_size, max_new_tokens_cap)
+        self.batcher = Batcher(run, max_batch, queue_size, gather_ms)
+
+    def health(self):
+        b = self.batcher
+        queue_state = {"waiting": b.waiting.qsize(), "active": b.active, "max_batch": self.max_batch,
+                       "queue_size": self.queue_size, **b.stats}
+        return {"status": "ok", "model": self.info, "queue": queue_state}
+
+    def models(self):
+        card = {"id": self.info["name"], "object": "model", "created": 0, "owned_by": "minigpt-zh", **self.info}
+        return {"object": "list", "data": [card]}
+
+    def submit(self, req):
+        ids = self.run.prompt_ids(req.prompt, req.mode, req.system)
+        block_size = self.limits.block_size
+        require(len(ids) > 0, "the prompt is empty", req.prompt_field)
+        require(len(ids) < block_size, f"the prompt is {len(ids)} tokens; this model reads at most {block_size - 1}",
+                req.prompt_field)
+        stop_ids = () if req.ignore_eos else self.run.tok.stop_ids(req.mode)
+        job = Job(ids, req.max_new_tokens, req.sampling, stop_ids, req.seed)
+        self.batcher.submit(job)
+        return job
+
+    def generate(self, body, client_gone):
+        """`POST /generate`: a Stream of plain text, or {"text", "tokens", "seconds", "finish_reason"}."""
+        req = parse_generate(body, self.limits)
+        job = self.submit(req)
+        pieces = started(job.pieces(req.stops, client_gone), job)
+        if req.stream:
+            return Stream(pieces, "text/plain; charset=utf-8", job)
+        text = "".join(pieces)
+        if job.reason == "error":
+            raise ApiError(500, GENERATION_FAILED["message"], error_type="server_error")
+        return {"text": text, "tokens": job.tokens, "seconds": round(time.monotonic() - job.started, 4),
+                "finish_reason": job.reason}
+
+    def openai(self, api, body, client_gone):
+        """An OpenAI route (`api` is CHAT or COMPLETIONS): a Stream of server-sent events, or a completion."""
+        req = parse_openai(body, api, self.limits)
+        job = self.submit(req)
+        pieces = started(job.pieces(req.stops, client_gone), job)
+        reply = OpenAIReply(api, self.info["name"], job, req.include_usage)
+        if req.stream:
+            return Stream(sse(reply.events(pieces)), "text/event-stream; charset=utf-8", job)
+        text = "".join(pieces)
+        if job.reason == "error":
+            raise ApiError(500, GENERATION_FAILED["message"], error_type="server_error")
+        return reply.whole(text)
+
+
+# ----------------------------------------------------------------------------- the Flask app
+
 def create_app(run, name=None, api_key=None, cors=False, max_batch=16, queue=64, max_new_tokens_cap=1024,
                gather_ms=5):
-    """The WSGI app serving `run` (a checkpoint.Run); its worker is `app.extensions["batcher"]`."""
+    """The WSGI app serving `run` (a checkpoint.Run): Flask wiring around a `Service`
+    (`app.extensions["service"]`; its worker is `app.extensions["batcher"]`)."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.json.ensure_ascii = False
-    info = public_info(run, name)
-    model_name = info["name"]
-    block_size = run.info["block_size"]
-    max_prompt_chars = 8 * block_size  # a cheap bound checked before tokenizing
-    batcher = Batcher(run, max_batch, queue, gather_ms)
-    app.extensions["batcher"] = batcher
+    service = Service(run, name, max_batch, queue, max_new_tokens_cap, gather_ms)
+    app.extensions.update(service=service, batcher=service.batcher)
     expected_auth = f"Bearer {api_key}".encode() if api_key else None
 
     @app.before_request
     def check_key():
         if expected_auth is None or request.method == "OPTIONS" or request.path == "/health":
             return None
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected_auth):
-            return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                                  kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
-        return None
+        if hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected_auth):
+            return None
+        return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                              error_type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
 
     @app.after_request
     def add_cors(response):
@@ -363,160 +734,64 @@ def create_app(run, name=None, api_key=None, cors=False, max_batch=16, queue=64,
     @app.errorhandler(ApiError)
     def api_error(e):
         headers = {"Retry-After": "1"} if e.status == 503 else None
-        return error_response(e.status, e.message, e.field, e.kind, headers)
+        return error_response(e.status, e.message, e.field, e.error_type, headers)
 
     @app.errorhandler(HTTPException)
     def http_error(e):
         headers = [(k, v) for k, v in e.get_headers() if k.lower() != "content-type"]
-        return error_response(e.code, e.description, kind=e.name.lower().replace(" ", "_"), headers=headers)
+        return error_response(e.code, e.description, error_type=e.name.lower().replace(" ", "_"), headers=headers)
 
     @app.errorhandler(Exception)
     def unexpected_error(e):
         log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(500, "internal server error", kind="server_error")
+        return error_response(500, "internal server error", error_type="server_error")
 
-    def queue_state():
-        return {"waiting": batcher.waiting.qsize(), "active": batcher.active, "max_batch": max_batch,
-                "queue_size": queue, **batcher.stats}
-
-    def new_job(ids, options, stop_ids):
-        require(len(ids) > 0, "the prompt is empty", options["field"])
-        require(len(ids) < block_size, f"the prompt is {len(ids)} tokens; this model reads at most "
-                                       f"{block_size - 1}", options["field"])
-        job = Job(ids, options["max_new_tokens"], options["sampling"], () if options["ignore_eos"] else stop_ids,
-                  options["seed"])
-        batcher.submit(job)
-        return job
-
-    def prompt_text(body, field="prompt"):
-        text = typed(body, field, str, None, "a string")
-        require(text is not None, f"'{field}' is required", field)
-        require(len(text) <= max_prompt_chars, f"'{field}' is longer than {max_prompt_chars} characters", field)
-        return text
-
-    def streaming(chunks, content_type, job):
-        response = Response(chunks, content_type=content_type, headers={"Cache-Control": "no-cache"})
+    def answer(work, *args):
+        """Run `work` on the request's JSON body; a Stream becomes a streamed response."""
+        client_gone = request.environ.get("waitress.client_disconnected", lambda: False)
+        result = work(*args, parse_json_body(request.get_data(cache=False)), client_gone)
+        if not isinstance(result, Stream):
+            return json_response(result)
+        response = Response(result.chunks, content_type=result.content_type, headers={"Cache-Control": "no-cache"})
         # however the response ends (done, write failed, never iterated), the job stops with it
-        response.call_on_close(job.cancelled.set)
+        response.call_on_close(result.job.cancelled.set)
         return response
 
-    def disconnect_check():
-        return request.environ.get("waitress.client_disconnected", lambda: False)
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "model": info, "queue": queue_state()}
-
-    @app.get("/v1/models")
-    def models():
-        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "minigpt-zh", **info}
-        return {"object": "list", "data": [card]}
-
-    @app.post("/generate")
-    def generate_route():
-        body = parse_json_body()
-        mode = typed(body, "mode", str, "text", "a string")
-        require(mode in MODES, f"'mode' must be one of {', '.join(MODES)}", "mode")
-        if mode == "chat" and "messages" in body:  # a whole conversation (the arena's chat with a peer)
-            prompt = parse_messages(body)
-            require(sum(len(m["content"]) for m in prompt) <= max_prompt_chars,
-                    f"'messages' are longer than {max_prompt_chars} characters", "messages")
-        else:
-            prompt = prompt_text(body)
-        system = typed(body, "system", str, None, "a string")
-        stream = typed(body, "stream", bool, True, "true or false")
-        options = parse_generation(body, max_new_tokens_cap, "max_new_tokens",
-                                   {"temperature": 0.8, "top_k": 200}) | {"field": "prompt"}
-        job = new_job(run.prompt_ids(prompt, mode, system), options, run.tok.stop_ids(mode))
-        pieces = job.pieces(options["stops"], disconnect_check())
-        if stream:
-            return streaming(pieces, "text/plain; charset=utf-8", job)
-        text = "".join(pieces)
-        if job.reason == "error":
-            raise ApiError(500, "generation failed", kind="server_error")
-        return {"text": text, "tokens": job.tokens, "seconds": round(time.monotonic() - job.started, 4),
-                "finish_reason": job.reason}
-
-    def openai_route(kind):
-        """/v1/chat/completions (kind "chat") or /v1/completions (kind "text")."""
-        body = parse_json_body()
-        n = typed(body, "n", int, 1, "an integer")
-        require(n == 1, "only n=1 is supported", "n")
-        stream = typed(body, "stream", bool, False, "true or false")
-        stream_options = typed(body, "stream_options", dict, {}, "an object") or {}
-        include_usage = stream_options.get("include_usage") is True
-        max_name = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
-        options = parse_generation(body, max_new_tokens_cap, max_name, {"temperature": 1.0})
-        if kind == "chat":
-            messages = parse_messages(body)
-            require(sum(len(m["content"]) for m in messages) <= max_prompt_chars,
-                    f"'messages' are longer than {max_prompt_chars} characters", "messages")
-            ids = run.prompt_ids(messages, "chat")
-        else:
-            ids = run.prompt_ids(prompt_text(body), "text")
-        job = new_job(ids, options | {"field": "messages" if kind == "chat" else "prompt"}, run.tok.stop_ids(kind))
-        pieces = job.pieces(options["stops"], disconnect_check())
-        head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-                "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": model_name}
-
-        def usage():
-            return {"prompt_tokens": len(ids), "completion_tokens": job.tokens, "total_tokens": len(ids) + job.tokens}
-
-        def choice(text, finish, delta):
-            if kind == "text":
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, ("delta" if delta else "message"): text, "logprobs": None, "finish_reason": finish}
-
-        if not stream:
-            text = "".join(pieces)
-            if job.reason == "error":
-                raise ApiError(500, "generation failed", kind="server_error")
-            message = text if kind == "text" else {"role": "assistant", "content": text}
-            return {**head, "choices": [choice(message, job.reason, False)], "usage": usage()}
-
-        chunk_head = {**head, "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
-
-        def chunk(content, finish=None):
-            event = {**chunk_head, "choices": [choice(content, finish, True)]}
-            return event | ({"usage": None} if include_usage else {})
-
-        def events():
-            if kind == "chat":
-                yield chunk({"role": "assistant", "content": ""})
-            for piece in pieces:
-                yield chunk({"content": piece} if kind == "chat" else piece)
-            if job.reason == "error":
-                yield {"error": {"message": "generation failed", "type": "server_error"}}
-            else:
-                yield chunk({} if kind == "chat" else "", job.reason)
-            if include_usage:
-                yield {**chunk_head, "choices": [], "usage": usage()}
-
-        def sse():
-            for event in events():
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return streaming(sse(), "text/event-stream; charset=utf-8", job)
-
-    app.post("/v1/chat/completions", endpoint="chat_completions")(lambda: openai_route("chat"))
-    app.post("/v1/completions", endpoint="completions")(lambda: openai_route("text"))
+    app.get("/health")(lambda: json_response(service.health()))
+    app.get("/v1/models", endpoint="models")(lambda: json_response(service.models()))
+    app.post("/generate", endpoint="generate")(lambda: answer(service.generate))
+    app.post("/v1/chat/completions", endpoint="chat_completions")(lambda: answer(service.openai, CHAT))
+    app.post("/v1/completions", endpoint="completions")(lambda: answer(service.openai, COMPLETIONS))
     return app
 
 
 # ----------------------------------------------------------------------------- running it
 
-def make_server(app, host="127.0.0.1", port=5000, clients=84):
+def connection_limit(wanted=CONNECTION_LIMIT):
+    """`wanted`, or less where the open-files limit is lower (each connection holds a descriptor)."""
+    try:
+        import resource  # not on Windows
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return wanted
+    return wanted if soft == resource.RLIM_INFINITY else max(100, min(wanted, soft - 100))
+
+
+def make_server(app, host="127.0.0.1", port=5000, clients=84, idle_timeout_s=CHANNEL_TIMEOUT_S):
     """A waitress server for `app` (port 0 picks a free port: see `.effective_port`).
 
     One waitress thread per connected client, since a streaming response holds its thread; the
     request lookahead lets waitress notice a client that hangs up while its response is pending.
+    A connection still sending its request holds no thread, so the connection limit is raised far
+    above the thread count (poll() instead of select(), which stops at 1024 descriptors), and a
+    silent one is closed after `idle_timeout_s` (checked every few seconds).
     """
     from waitress import create_server
 
     return create_server(app, host=host, port=port, threads=clients, channel_request_lookahead=1,
-                         max_request_body_size=4 * MAX_BODY_BYTES, ident="minigpt-zh")
+                         max_request_body_size=4 * MAX_BODY_BYTES, max_request_header_size=MAX_HEADER_BYTES,
+                         connection_limit=connection_limit(), asyncore_use_poll=True,
+                         channel_timeout=idle_timeout_s, cleanup_interval=min(5, idle_timeout_s), ident="minigpt-zh")
 
 
 def lan_address():

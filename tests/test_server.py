@@ -1,5 +1,7 @@
 """server.py over real HTTP on 127.0.0.1: streaming, batching without cross-talk, the OpenAI client,
-back-pressure (503), disconnects, bad input, auth and CORS.
+back-pressure (503), disconnects, bad input (deep JSON, lone surrogates, extreme numbers, unsupported
+OpenAI fields), one failing row in a batch, slow clients, auth and CORS; and the request logic
+(parsing, OpenAI formatting, SSE framing) called directly, without HTTP.
 
 Each server is the real waitress server on port 0 in a thread, serving a tiny random model; the
 expected texts come from `Run.complete` on a second copy of the same run (greedy, so they must
@@ -8,6 +10,7 @@ two spinning torch threads make it ~10x slower.
 """
 import http.client
 import json
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -15,10 +18,30 @@ from contextlib import contextmanager
 import pytest
 import requests
 import torch
+from conftest import make_run
 
 from checkpoint import load_run
-from conftest import make_run
-from server import StopCutter, create_app, make_server
+from server import (
+    CHAT,
+    COMPLETIONS,
+    MAX_JSON_CONTAINERS,
+    MAX_JSON_DEPTH,
+    ApiError,
+    Batcher,
+    Job,
+    Limits,
+    OpenAIReply,
+    StopCutter,
+    create_app,
+    error_response,
+    json_brackets,
+    json_depth,
+    make_server,
+    parse_generate,
+    parse_json_body,
+    parse_openai,
+    sse,
+)
 
 LONG = 20000  # a generation that would take far longer than any test waits
 
@@ -279,6 +302,34 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": 1}, "stream_options"),
     ("/v1/completions", {"prompt": ["a"]}, "prompt"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    # ranges: values that passed validation and then crashed generation, or mean nothing
+    ("/generate", {"prompt": "a", "repetition_penalty": 1e-300}, "repetition_penalty"),
+    ("/generate", {"prompt": "a", "repetition_penalty": 0.4}, "repetition_penalty"),
+    ("/generate", {"prompt": "a", "repetition_penalty": 2.5}, "repetition_penalty"),
+    ("/generate", {"prompt": "a", "temperature": 1e300}, "temperature"),
+    ("/generate", {"prompt": "a", "temperature": 11}, "temperature"),
+    ("/generate", {"prompt": "a", "seed": 2**63}, "seed"),
+    ("/generate", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/generate", {"prompt": "a", "stop": "x" * 201}, "stop"),
+    ("/generate", {"prompt": "a", "system": "x" * 600}, "system"),
+    ("/generate", b'{"prompt": "a", "top_k": ' + b"9" * 5000 + b"}", None),  # Python's int digit limit
+    ("/generate", b"\xff\xfe{}", None),  # not UTF-8
+    # unsupported OpenAI fields are refused, not silently ignored
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+     "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 100}},
+     "logit_bias"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "n": 3}, "n"),
+    ("/v1/completions", {"prompt": "a", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "a", "suffix": "end"}, "suffix"),
+    ("/v1/completions", {"prompt": "a", "best_of": 2}, "best_of"),
 ]
 
 
@@ -323,3 +374,273 @@ def test_api_key_and_cors(run_dir):
 
 def test_no_cors_headers_unless_asked(server):
     assert "Access-Control-Allow-Origin" not in requests.get(f"{server}/health").headers
+
+
+# ----------------------------------------------------------------------------- hostile input (issue 10.6)
+
+ROUTES = [("/generate", {"prompt": "a", "max_new_tokens": 2}),
+          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 2}),
+          ("/v1/completions", {"prompt": "a", "max_tokens": 2})]
+
+
+def post(url, path, data):
+    return requests.post(f"{url}{path}", data=data, headers={"Content-Type": "application/json"}, timeout=30)
+
+
+@pytest.mark.parametrize("path", [p for p, _ in ROUTES])
+def test_deeply_nested_json_is_a_400_on_every_route(server, path):
+    for deep in (b"[" * 5000 + b"]" * 5000, b'{"a":' * 2000 + b"1" + b"}" * 2000):
+        r = post(server, path, b'{"prompt": ' + deep + b', "messages": 1}')
+        assert r.status_code == 400, r.text
+        assert f"{MAX_JSON_DEPTH} levels" in r.json()["error"]["message"]
+    unclosed = post(server, path, b"[" * 100_000)  # not even valid JSON: still no recursion
+    assert unclosed.status_code == 400
+
+
+def test_json_brackets_and_depth_count_only_brackets_outside_strings():
+    assert json_brackets(b'{"a": [1, {"b": []}]}') == b"{[{[]}]}" and json_depth(b"{[{[]}]}") == 4
+    tricky = json.dumps({"a": "[[[[{{{{", "b": '\\"[[[', "c": ["]]]]", "长[江"]}, ensure_ascii=False).encode()
+    assert json_brackets(tricky) == b"{[]}"
+    at_limit = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert json_depth(json_brackets(at_limit.encode())) == MAX_JSON_DEPTH
+    with pytest.raises(ApiError, match="levels deep"):
+        parse_json_body(b'{"a": ' + ("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH).encode() + b"}")
+    assert parse_json_body(b'{"a": ' + ("[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1)).encode() + b"}")
+    many = json.dumps({"a": [[]] * MAX_JSON_CONTAINERS}).encode()  # one container too many: 400 before parsing
+    with pytest.raises(ApiError, match="arrays and objects"):
+        parse_json_body(many)
+    assert parse_json_body(json.dumps({"a": [[]] * (MAX_JSON_CONTAINERS - 2)}).encode())
+
+
+SURROGATE_BODIES = [
+    ("/generate", {"prompt": "x", "temperature": "\ud800"}, "temperature"),
+    ("/generate", {"prompt": "x", "top_k": "\udfff"}, "top_k"),
+    ("/generate", {"prompt": "x", "stream": "\ud800"}, "stream"),
+    ("/generate", {"prompt": "x\ud800y"}, "prompt"),
+    ("/generate", {"prompt": "x", "stop": ["ok", "\ud800"]}, "stop[1]"),
+    ("/generate", {"prompt": "x", "system": "\udc00"}, "system"),
+    ("/generate", {"prompt": "x", "mode": "chat", "messages": [{"role": "user", "content": "\ud800"}]},
+     "messages[0].content"),
+    ("/generate", {"prompt": "x", "\ud800": 1}, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "n": "\ud800"}, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "\ud800", "content": "a"}]}, "messages[0].role"),
+    ("/v1/completions", {"prompt": "\ud800"}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("path,body,field", SURROGATE_BODIES,
+                         ids=[f"{p}:{f}:{i}" for i, (p, _, f) in enumerate(SURROGATE_BODIES)])
+def test_lone_surrogates_are_a_400_naming_the_field(server, path, body, field):
+    r = post(server, path, json.dumps(body))  # ensure_ascii: the surrogate travels as a \\ud800 escape
+    assert r.status_code == 400, r.text
+    r.content.decode("utf-8")  # strict: the error itself is valid UTF-8
+    assert r.json()["error"].get("field") == field and "surrogate" in r.json()["error"]["message"]
+
+
+def test_lone_surrogates_are_found_wherever_they_hide():
+    for raw, field in ((b'{"a": {"b": [1, "\\ud800"]}}', "a.b[1]"), (b'{"a": {"\\udfff": 1}}', "a"),
+                       (b'{"m": [{"\\ud800": 1}]}', "m[0]"), (b'{"\\ud800": 1}', None), (b'{"a": "\\udbff"}', "a")):
+        with pytest.raises(ApiError) as e:
+            parse_json_body(raw)
+        assert e.value.field == field and "surrogate" in e.value.message
+    assert parse_json_body(b'{"a": "\\ud83d\\ude00"}') == {"a": "😀"}  # a pair is a character
+
+
+def test_error_messages_never_echo_unencodable_text():
+    # the checks above catch surrogates first; these are the layers behind them
+    response = error_response(400, "bad \ud800 value", "f\udfff")
+    assert json.loads(response.get_data().decode("utf-8"))["error"]["type"] == "invalid_request_error"
+    limits = Limits(block_size=64, vocab_size=400, max_new_tokens_cap=100)
+    with pytest.raises(ApiError) as e:
+        parse_generate({"prompt": "x", "temperature": "\ud800"}, limits)
+    e.value.message.encode("utf-8")  # strict
+
+
+EXTREME = [{"repetition_penalty": 1e-300}, {"top_p": 1e-300}, {"top_p": 1e-46}, {"top_k": 2**63},
+           {"top_k": 2**64 + 5}]
+
+
+@pytest.mark.parametrize("extreme", EXTREME, ids=[next(iter(e)) + str(i) for i, e in enumerate(EXTREME)])
+def test_extreme_numbers_are_a_400_or_a_normal_answer(server, extreme):
+    body = {"prompt": "长江", "max_new_tokens": 4, "temperature": 0.8, "seed": 1} | extreme
+    whole = post(server, "/generate", json.dumps(body | {"stream": False}))
+    streamed = post(server, "/generate", json.dumps(body | {"stream": True}))
+    if whole.status_code == 400:  # out of range: refused up front, naming the field
+        assert whole.json()["error"]["field"] == next(iter(extreme)) and streamed.status_code == 400
+    else:  # in range: it generates
+        assert whole.status_code == 200 and whole.json()["tokens"] >= 1, whole.text
+        assert streamed.status_code == 200 and whole.json()["finish_reason"] in ("stop", "length")
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token(server, reference):
+    expected = reference.complete("黄河", "text", max_new_tokens=12, temperature=0)
+    for top_p in (1e-300, 1e-46, 1e-9):
+        got = post(server, "/generate", json.dumps({"prompt": "黄河", "max_new_tokens": 12, "temperature": 1.0,
+                                                    "top_p": top_p, "stream": False}))
+        assert got.json()["text"] == expected
+
+
+def test_one_extreme_request_does_not_fail_its_batch_mates(server, reference):
+    prompts = [f"{city}是" for city in ("北京", "上海", "长江", "黄河", "故宫", "Python", "中国", "首都")]
+    expected = [reference.complete(p, "text", max_new_tokens=12, temperature=0) for p in prompts]
+    bodies = [{"prompt": p, "max_new_tokens": 12, "temperature": 0, "stream": False} for p in prompts]
+    bodies.append({"prompt": "长江", "max_new_tokens": 12, "temperature": 0.9, "top_k": 2**63, "stream": False})
+    got = [None] * len(bodies)
+    barrier = threading.Barrier(len(bodies))
+
+    def client(i):
+        barrier.wait()
+        got[i] = post(server, "/generate", json.dumps(bodies[i]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [g.status_code for g in got] == [200] * len(bodies), [g.text for g in got]
+    assert [g.json()["text"] for g in got[:-1]] == expected
+
+
+def test_a_row_that_fails_in_generate_ends_alone(run_dir, reference):
+    """A row that makes `generate` raise (here: settings no route lets through) ends with "error";
+    its batch mates resume and finish with exactly the text they would have had alone."""
+    prompts = [f"{city}是" for city in ("北京", "上海", "长江", "黄河", "故宫", "Python", "中国", "首都")]
+    expected = [reference.complete(p, "text", max_new_tokens=10, temperature=0) for p in prompts]
+    greedy = {"temperature": 0.0, "top_k": None, "top_p": None, "repetition_penalty": 1.0}
+    jobs = [Job(reference.tok.encode(p), 10, greedy, reference.tok.stop_ids("text"), None) for p in prompts]
+    bad = [Job(reference.tok.encode("长江"), 10, greedy | settings, (), None)
+           for settings in ({"top_k": 2**63}, {"temperature": 0.8, "repetition_penalty": 1e-300})]
+    batcher = Batcher(load_run(run_dir), max_batch=16, queue_size=16, gather_ms=300)
+    try:
+        for job in jobs[:4] + bad[:1] + jobs[4:] + bad[1:]:
+            batcher.submit(job)
+        texts = ["".join(job.pieces((), lambda: False)) for job in jobs + bad]
+    finally:
+        batcher.close()
+    assert batcher.stats["largest_batch"] == len(jobs) + len(bad), "they should have shared one batch"
+    assert texts[:len(jobs)] == expected
+    assert [job.reason for job in bad] == ["error", "error"] and texts[len(jobs):] == ["", ""]
+    assert all(job.reason in ("stop", "length") for job in jobs) and batcher.stats["failed"] == 2
+
+
+def test_openai_routes_accept_the_off_values_of_unsupported_fields(server):
+    messages = [{"role": "user", "content": "你好"}]
+    for extra in ({"n": 1}, {"logprobs": False}, {"logprobs": None}, {"tools": []}, {"logit_bias": {}},
+                  {"response_format": {"type": "text"}}, {"tool_choice": "none"}, {"top_logprobs": 0}):
+        r = post(server, "/v1/chat/completions", json.dumps({"messages": messages, "max_tokens": 2} | extra))
+        assert r.status_code == 200, (extra, r.text)
+    for extra in ({"echo": False}, {"suffix": None}, {"best_of": 1}, {"logprobs": None}):
+        r = post(server, "/v1/completions", json.dumps({"prompt": "a", "max_tokens": 2} | extra))
+        assert r.status_code == 200, (extra, r.text)
+
+
+def test_slow_clients_do_not_lock_out_others(run_dir):
+    """150 connections that dribble header lines (waitress's default limit was 100 connections):
+    /health and a real generation must still be answered while they hang on."""
+    with serving(run_dir) as (url, port):
+        slow, stop = [], threading.Event()
+        try:
+            for _ in range(150):
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")
+                slow.append(s)
+
+            def dribble():
+                for i in range(100):  # bounded: at most ~20 s
+                    if stop.wait(0.2):
+                        return
+                    for s in slow:
+                        try:
+                            s.sendall(f"X-Slow-{i}: 1\r\n".encode())
+                        except OSError:
+                            pass
+
+            threading.Thread(target=dribble, daemon=True).start()
+            time.sleep(0.5)
+            assert requests.get(f"{url}/health", timeout=5).status_code == 200
+            r = requests.post(f"{url}/generate", json={"prompt": "北京", "max_new_tokens": 5, "stream": False},
+                              timeout=10)
+            assert r.status_code == 200 and r.json()["tokens"] >= 1
+        finally:
+            stop.set()
+            for s in slow:
+                s.close()
+
+
+def test_a_silent_connection_is_closed_after_the_idle_timeout(run_dir):
+    app = create_app(load_run(run_dir))
+    server = make_server(app, "127.0.0.1", 0, clients=2, idle_timeout_s=1)
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.effective_port), timeout=10) as silent:
+            silent.sendall(b"GET /health HTTP/1.1\r\n")  # and then nothing more
+            started = time.monotonic()
+            assert silent.recv(1024) == b"", "the server should close the connection"
+            assert time.monotonic() - started < 5
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
+        app.extensions["batcher"].close()
+
+
+# ----------------------------------------------------------------------------- request logic without HTTP
+
+LIMITS = Limits(block_size=64, vocab_size=400, max_new_tokens_cap=100)
+
+
+def test_parse_generate_gives_a_typed_request_with_off_values_normalised():
+    req = parse_generate({"prompt": "长江", "top_k": 2**63, "top_p": 1e-300, "stop": "。", "seed": 3}, LIMITS)
+    assert (req.prompt, req.mode, req.stream, req.stops, req.seed) == ("长江", "text", True, ("。",), 3)
+    assert req.sampling == {"temperature": 0.8, "top_k": None, "top_p": 1e-6, "repetition_penalty": 1.0}
+    assert req.max_new_tokens == 100  # the default, capped
+    chat = parse_generate({"mode": "chat", "messages": [{"role": "user", "content": "你好"}], "system": "s"}, LIMITS)
+    assert chat.prompt == [{"role": "user", "content": "你好"}] and chat.system == "s"
+    with pytest.raises(ApiError) as e:
+        parse_generate({"prompt": "a", "repetition_penalty": 1e-300}, LIMITS)
+    assert e.value.status == 400 and e.value.field == "repetition_penalty"
+
+
+def test_parse_openai_reads_each_api_and_refuses_unsupported_fields():
+    chat = parse_openai({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 7,
+                         "stream": True, "stream_options": {"include_usage": True}}, CHAT, LIMITS)
+    assert (chat.mode, chat.max_new_tokens, chat.stream, chat.include_usage) == ("chat", 7, True, True)
+    text = parse_openai({"prompt": "hi", "max_tokens": 5}, COMPLETIONS, LIMITS)
+    assert (text.mode, text.prompt, text.prompt_field, text.stream) == ("text", "hi", "prompt", False)
+    for field, value in (("logprobs", True), ("tools", [{}]), ("echo", True), ("n", 2)):
+        with pytest.raises(ApiError) as e:
+            parse_openai({"prompt": "hi", field: value}, COMPLETIONS, LIMITS)
+        assert e.value.field == field
+
+
+def finished_job(ids, text_tokens, reason):
+    job = Job(ids, 10, {}, (), None)
+    job.tokens, job.finish_reason = text_tokens, reason
+    return job
+
+
+def test_openai_reply_shapes_chat_and_completions():
+    job = finished_job([1, 2, 3], 2, "length")
+    chat = OpenAIReply(CHAT, "m", job).whole("你好")
+    assert chat["object"] == "chat.completion" and chat["id"].startswith("chatcmpl-") and chat["model"] == "m"
+    assert chat["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "你好"}, "logprobs": None,
+                                "finish_reason": "length"}]
+    assert chat["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    text = OpenAIReply(COMPLETIONS, "m", job).whole("abc")
+    assert text["object"] == "text_completion" and text["id"].startswith("cmpl-")
+    assert text["choices"] == [{"index": 0, "text": "abc", "logprobs": None, "finish_reason": "length"}]
+
+
+def test_openai_stream_events_and_sse_framing():
+    job = finished_job([1], 2, "stop")
+    events = list(OpenAIReply(CHAT, "m", job, include_usage=True).events(iter(["你", "好"])))
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    assert deltas == [{"role": "assistant", "content": ""}, {"content": "你"}, {"content": "好"}, {}]
+    assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-2]["usage"] is None
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+    assert {e["object"] for e in events} == {"chat.completion.chunk"}
+    text_events = list(OpenAIReply(COMPLETIONS, "m", job).events(iter(["ab"])))
+    assert [e["choices"][0]["text"] for e in text_events] == ["ab", ""] and "usage" not in text_events[0]
+    failed = list(OpenAIReply(COMPLETIONS, "m", finished_job([1], 0, "error")).events(iter([])))
+    assert failed == [{"error": {"message": "generation failed", "type": "server_error"}}]
+    framed = list(sse(iter([{"a": "长"}, {"b": 1}])))
+    assert framed == ['data: {"a": "长"}\n\n', 'data: {"b": 1}\n\n', "data: [DONE]\n\n"]
