@@ -43,7 +43,7 @@ import uuid
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from checkpoint import MODES, load_run, pick_device
+from inference import MODES, load_run, pick_device
 from model import generate
 from tokenizer import StreamDecoder
 
@@ -330,7 +330,7 @@ def public_info(run, name):
 
 def create_app(run, name=None, api_key=None, cors=False, max_batch=16, queue=64, max_new_tokens_cap=1024,
                gather_ms=5):
-    """The WSGI app serving `run` (a checkpoint.Run); its worker is `app.extensions["batcher"]`."""
+    """The WSGI app serving `run` (an inference.Run); its worker is `app.extensions["batcher"]`."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.ensure_ascii = False

@@ -16,7 +16,7 @@ import pytest
 import requests
 import torch
 
-from checkpoint import load_run
+from inference import load_run
 from conftest import make_run
 from server import StopCutter, create_app, make_server
 
