@@ -226,6 +226,8 @@ def load_tokenizer(spec="data/tokenizer"):
     """A tokenizer folder path, 'gpt2', a `TokenizerId`, or its JSON form from meta.json / a checkpoint."""
     if isinstance(spec, (dict, TokenizerId)):
         ident = TokenizerId.from_json(spec)
+        if not ident.is_gpt2 and ident.path is None:
+            raise FileNotFoundError(f"the tokenizer {ident.short()} has no recorded path to load it from")
         spec = "gpt2" if ident.is_gpt2 else ident.path
     if spec == "gpt2":
         # offline: the course's cached GPT-2 files, unless the user pointed tiktoken elsewhere

@@ -151,6 +151,8 @@ def test_tokenizer_id_keeps_the_on_disk_form_and_compares_content_only(tiny_toke
     assert TokenizerId.from_json({"path": str(tmp_path), "sha256": ident.sha256}) == ident
     assert TokenizerId(ident.sha256[:12] + "0" * 52) != ident and TokenizerId() != ident
     assert ident.short() == f"sha256 {ident.sha256[:12]}" and TokenizerId().short() == "gpt2"
+    with pytest.raises(FileNotFoundError, match="no recorded path"):
+        load_tokenizer(TokenizerId(ident.sha256))
     for junk in (None, 3, {"path": "x"}, "gpt-2"):
         with pytest.raises(ValueError, match="not a tokenizer identity"):
             TokenizerId.from_json(junk)
