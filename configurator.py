@@ -13,8 +13,9 @@ calls `configure(defaults, argv)`, which returns the final settings as a new dic
 - Every value is checked against the type of its default: int, float (an int is accepted), bool
   (True/False only, so `--compile=0` cannot silently mean something else) and str (also a bool,
   for switches such as `compile='auto'` that may be turned on or off). A None default accepts
-  anything. A wrong type or an unknown key exits with a message listing the valid keys: a typo
-  must never be silently ignored.
+  anything. A wrong type or an unknown key raises `ConfigError` with a message listing the valid
+  keys: a typo must never be silently ignored. The script's `main()` turns it into an exit status;
+  `-h` / `--help` is for `main()` too (`settings_help` gives the text).
 """
 import ast
 import sys
@@ -24,8 +25,12 @@ from pathlib import Path
 _NOT_SETTINGS = (types.ModuleType, types.FunctionType, type)
 
 
+class ConfigError(ValueError):
+    """A setting that does not exist or has the wrong type, a missing config file, a malformed flag."""
+
+
 def _fail(message, defaults):
-    raise SystemExit(f"{message}\nvalid keys: {', '.join(sorted(defaults))}")
+    raise ConfigError(f"{message}\nvalid keys: {', '.join(sorted(defaults))}")
 
 
 def _checked(key, value, defaults, text=None):
@@ -60,19 +65,20 @@ def _parse_literal(text):
         return text
 
 
+def settings_help(defaults):
+    """The text `--help` prints: every setting with its default."""
+    return "\n".join(["settings (override in a config file or with --key=value):",
+                      *(f"  {key} = {value!r}" for key, value in defaults.items())])
+
+
 def configure(defaults, argv=None):
     """The settings after applying the config files and `--key=value` flags in `argv`, in order."""
     config = dict(defaults)
     for arg in sys.argv[1:] if argv is None else argv:
-        if arg in ("-h", "--help"):
-            print("settings (override in a config file or with --key=value):")
-            for key, value in defaults.items():
-                print(f"  {key} = {value!r}")
-            raise SystemExit(0)
         if not arg.startswith("--"):
             path = Path(arg)
             if not path.is_file():
-                raise SystemExit(f"config file {arg} not found")
+                raise ConfigError(f"config file {arg} not found")
             namespace = dict(config)
             exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)
             for key, value in namespace.items():
@@ -82,6 +88,6 @@ def configure(defaults, argv=None):
             continue
         key, sep, text = arg[2:].partition("=")
         if not sep:
-            raise SystemExit(f"flag {arg!r} must be written --key=value")
+            raise ConfigError(f"flag {arg!r} must be written --key=value")
         config[key] = _checked(key, _parse_literal(text), defaults, text)
     return config

@@ -12,8 +12,8 @@ Design choices:
   as in the paper; the implicit reward of a response is beta * (log pi - log pi_ref).
 - The reference model is the frozen starting point of the policy: the checkpoint `init_from`
   names (the SFT run's best.pt; with LoRA the same base the adapters sit on), loaded from file by
-  path and sha256 and recorded in the run's checkpoints, so a resumed run compares against the
-  very same model. It runs without gradients.
+  path and sha256 (`checkpoint.checkpoint_reference`) and recorded in the run's checkpoints, so a
+  resumed run compares against the very same model. It runs without gradients.
 - `batch_size` counts pairs: a batch of n drawn block indices becomes the n pairs those blocks
   belong to (2n rows), so uniform block sampling is uniform pair sampling (with `sequential`
   sampling an epoch of blocks visits every pair twice, in shuffled order).
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import find_checkpoint, model_from_checkpoint
-from lora import checkpoint_reference, load_referenced
+from checkpoint import checkpoint_reference, find_checkpoint, load_referenced
+from inference import model_from_checkpoint
 
 
 def sequence_logps(logits, y, mask):
@@ -50,7 +50,7 @@ class DPO:
     """train.py's objective on preference data: the reference model, the loss of a micro-batch and
     the statistics to log.
 
-    `reference` = `lora.checkpoint_reference(...)` of the policy's starting checkpoint; it is
+    `reference` = `checkpoint.checkpoint_reference(...)` of the policy's starting checkpoint; it is
     recorded in the run's checkpoints (key `dpo_reference`) so a resumed run compares against the
     same, hash-checked, model. Statistics accumulate on the device and are read only at log steps.
     """
@@ -74,10 +74,11 @@ class DPO:
 
     def margins(self, model, x, y, mask, ctx):
         """Mean DPO loss of interleaved (chosen, rejected) rows and each pair's reward margin."""
+        n = self.ref_model.config.n_vocab  # padding ids are no tokens: not in the softmax (None: old runs)
         with ctx:
-            policy = sequence_logps(model(x)[0], y, mask)
+            policy = sequence_logps(model(x)[0][..., :n], y, mask)
             with torch.no_grad():
-                ref = sequence_logps(self.ref_model(x)[0], y, mask)
+                ref = sequence_logps(self.ref_model(x)[0][..., :n], y, mask)
         loss, chosen, rejected = dpo_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], self.beta)
         return loss, chosen - rejected
 

@@ -22,7 +22,7 @@ Design choices:
   special token, while our `encode` keeps user text ordinary.
 - The vocabulary stays padded as train.py trained it (ids past the tokenizer's never occur), so an
   export imported back fits train.py's checks. A LoRA run exports merged
-  (`checkpoint.model_from_checkpoint` folds the adapter in).
+  (`inference.model_from_checkpoint` folds the adapter in).
 - Import requires the run's tokenizer in our format (`--tokenizer`), since a run directory keeps a
   tiktoken tokenizer; when the HF folder has a `tokenizer.json`, its vocabulary must agree with it.
 """
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint, tokenizer_for
+from checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from inference import model_from_checkpoint, tokenizer_for
 from model import GPT, GPTConfig
 from tokenizer import _bytes_to_unicode, load_tokenizer
 
@@ -158,7 +159,7 @@ def import_hf(folder, out_dir, tokenizer, kind="pretrain"):
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(out_dir / "tokenizer")
     ckpt = {"model": model.state_dict(), "model_args": args, "iter_num": 0, "best_val_loss": None,
-            "tokenizer": tok.identity, "kind": kind, "config": {"imported_from": str(Path(folder).resolve())}}
+            "tokenizer": tok.identity.to_json(), "kind": kind, "config": {"imported_from": str(Path(folder).resolve())}}
     for name in ("best.pt", "last.pt"):
         save_checkpoint(ckpt, out_dir / name)
     print(f"imported {folder} -> {out_dir}")

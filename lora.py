@@ -13,12 +13,13 @@ Design choices:
   only A and B train, so the optimizer holds state for them alone, and a checkpoint holds only
   them (`lora_state_dict`).
 - An adapter checkpoint names its base checkpoint file by path and sha256 (keys `lora`,
-  `lora_config`, `base`, and no `model`). Loading checks the hash, so an adapter is never applied
-  to weights it was not trained on (a base run that trained on and overwrote its best.pt, say).
-- The same hash-checked reference (`checkpoint_reference`, `load_referenced`) names DPO's
-  reference model.
-- For inference the adapter is merged (`model_from_lora_checkpoint`), so `checkpoint.load_run`
+  `lora_config`, `base`, and no `model`; `checkpoint.checkpoint_reference`). Loading checks the
+  hash, so an adapter is never applied to weights it was not trained on (a base run that trained
+  on and overwrote its best.pt, say).
+- For inference the adapter is merged (`model_from_lora_checkpoint`), so `inference.load_run`
   hands sample.py, server.py, the Gradio app and export.py a plain GPT that runs at full speed.
+- Of the project's modules this one imports only the checkpoint format (and the model and
+  tokenizer leaves); inference.py imports it, never the other way round.
 """
 import argparse
 import math
@@ -29,9 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, tokenizer_for
+from checkpoint import (CheckpointError, checkpoint_reference, find_checkpoint, load_checkpoint, load_referenced,
+                        save_checkpoint)
 from model import GPT, GPTConfig
-from tokenizer import file_sha256
+from tokenizer import TokenizerId
 
 # which nn.Linear modules (by their name's ending) each target family covers
 TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
@@ -129,26 +131,7 @@ def merge_lora(model):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_reference(path):
-    """How a run names a checkpoint it depends on (an adapter's base, DPO's reference model): the
-    file's absolute path and sha256."""
-    path = Path(path).resolve()
-    return {"path": str(path), "sha256": file_sha256(path)}
-
-
 MERGE_HINT = " (merge the LoRA run with `python lora.py merge` into a run that does not need its base)"
-
-
-def load_referenced(reference, what="the base checkpoint of this LoRA adapter", hint=MERGE_HINT):
-    """The checkpoint a reference names, refused unless its sha256 still matches."""
-    path = Path(reference["path"])
-    if not path.exists():
-        raise FileNotFoundError(f"{what} is missing: {path}{hint}")
-    digest = file_sha256(path)
-    if digest != reference["sha256"]:
-        raise ValueError(f"{what}, {path}, changed since this run used it (sha256 {digest[:12]}, expected "
-                         f"{reference['sha256'][:12]}); refusing to use it")
-    return load_checkpoint(path)
 
 
 def adapter_entries(model, adapter):
@@ -158,16 +141,16 @@ def adapter_entries(model, adapter):
 
 def load_adapter_run(model, ckpt):
     """Put an adapter checkpoint's base weights into `model` (a GPT of that shape), then its adapter."""
-    base = load_referenced(ckpt["base"])
+    base = load_referenced(ckpt["base"], "the base checkpoint of this LoRA adapter", MERGE_HINT)
     if "model" not in base:
-        raise ValueError(f"the base {ckpt['base']['path']} is itself a LoRA run: merge it first (python lora.py merge)")
+        raise CheckpointError(f"the base {ckpt['base']['path']} is itself a LoRA run: merge it first (python lora.py merge)")
     model.load_state_dict(base["model"])
     apply_lora(model, **ckpt["lora_config"])
     return load_lora(model, ckpt["lora"])
 
 
 def model_from_lora_checkpoint(ckpt, device="cpu"):
-    """Base + adapter, merged: what `checkpoint.model_from_checkpoint` returns for an adapter run."""
+    """Base + adapter, merged: what `inference.model_from_checkpoint` returns for an adapter run."""
     return merge_lora(load_adapter_run(GPT(GPTConfig(**ckpt["model_args"])), ckpt)).to(device).eval()
 
 
@@ -213,16 +196,23 @@ def merge_run(out_dir, to):
         plain["merged_from"] = {"adapter": str(src.resolve()), "base": ckpt["base"], "lora_config": ckpt["lora_config"]}
         save_checkpoint(plain, to / src.name)
         print(f"merged {src} -> {to / src.name}")
-    tokenizer_for(ckpt, out_dir).save(to / "tokenizer")
+    TokenizerId.from_json(ckpt["tokenizer"]).load(out_dir / "tokenizer").save(to / "tokenizer")
     if (out_dir / "log.jsonl").exists():
         shutil.copyfile(out_dir / "log.jsonl", to / "log.jsonl")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     ap = argparse.ArgumentParser(description="LoRA adapter runs: merge an adapter into its base.")
     sub = ap.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="write a plain run directory with the adapter folded in")
     merge.add_argument("--out_dir", required=True, help="the adapter run directory")
     merge.add_argument("--to", required=True, help="the plain run directory to write")
-    args = ap.parse_args()
-    merge_run(args.out_dir, args.to)
+    args = ap.parse_args(argv)
+    try:
+        merge_run(args.out_dir, args.to)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

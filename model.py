@@ -27,6 +27,7 @@ from torch.nn import functional as F
 class GPTConfig:
     block_size: int = 512
     vocab_size: int = 32000
+    n_vocab: int | None = None  # the tokenizer's ids; those from here to vocab_size are padding, left out of the loss
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -134,7 +135,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x if cache is None else x[:, [-1], :]), None
         logits = self.lm_head(x)
-        losses = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none")
+        n = self.config.n_vocab or logits.size(-1)  # padding ids are no tokens: not in the softmax
+        losses = F.cross_entropy(logits[..., :n].flatten(0, 1).float(), targets.reshape(-1), reduction="none")
         if loss_mask is None:
             return logits, losses.mean()
         mask = loss_mask.reshape(-1).to(losses.dtype)

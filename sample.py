@@ -6,7 +6,7 @@
     python sample.py --out_dir=out/sft --mode=chat --system="你是一个乐于助人的助手。"
 
 Design:
-- Everything goes through `checkpoint.load_run` and `Run.stream`, so prompt layouts, stop tokens
+- Everything goes through `inference.load_run` and `Run.stream`, so prompt layouts, stop tokens
   and decoding are exactly those of the server, the web UI and the evaluations; this file only
   parses flags and prints. Pieces are flushed as they arrive, so output streams.
 - Flags are nanoGPT-style `--key=value` (argparse also takes `--key value`).
@@ -20,7 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from checkpoint import MODES, load_run, pick_device
+from checkpoint import CheckpointError
+from inference import MODES, load_run, pick_device
 
 
 def optional(kind):
@@ -131,7 +132,10 @@ def main(argv=None, out=None, lines=None):
     out = out or sys.stdout
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise SystemExit("--num_samples and --max_new_tokens must be at least 1")
-    run = load_run(args.out_dir, args.which, pick_device(args.device))
+    try:
+        run = load_run(args.out_dir, args.which, pick_device(args.device))
+    except (CheckpointError, FileNotFoundError) as e:  # a refused or broken checkpoint, a missing run
+        raise SystemExit(f"error: {e}") from None
     if args.max_new_tokens >= run.model.config.block_size:
         print(f"note: max_new_tokens {args.max_new_tokens} reaches block_size {run.model.config.block_size}; "
               "the context window will slide", file=sys.stderr)

@@ -4,7 +4,7 @@
 
 Design choices:
 - Two kinds of model, one interface. `LocalModel` is a run directory, loaded on first use and
-  cached, generating through `checkpoint.Run.stream` (the one generator of the project).
+  cached, generating through `inference.Run.stream` (the one generator of the project).
   `PeerModel` is another machine's server.py, called through `POST /generate` with streaming.
   Both yield text pieces and raise `ModelError` with a readable message, so the page treats them
   alike. A chat with a peer sends the whole conversation as `messages` (and the system prompt), so
@@ -44,7 +44,7 @@ import gradio as gr  # noqa: E402  (the environment variable must be set before 
 import httpx  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from checkpoint import load_run, pick_device  # noqa: E402
+from inference import load_run, pick_device  # noqa: E402
 from data_utils import BadLines, iter_jsonl  # noqa: E402
 
 ELO_K, ELO_START = 32, 1000.0
@@ -347,7 +347,7 @@ class Arena:
 
     def record_vote(self, battle, winner):
         left, right = battle["models"]
-        vote = {"time": _now(), "left": left, "right": right, "winner": winner, "mode": battle["mode"],
+        vote = {"schema": 1, "time": _now(), "left": left, "right": right, "winner": winner, "mode": battle["mode"],
                 "prompt": battle["prompt"], "blind": battle["blind"]}
         with self.lock:
             append_text(self.votes_path, json.dumps(vote, ensure_ascii=False) + "\n")

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from checkpoint import MODES, load_run, pick_device
+from inference import MODES, load_run, pick_device
 from model import generate
 from tokenizer import StreamDecoder
 
@@ -706,7 +706,7 @@ class Service:
 
 def create_app(run, name=None, api_key=None, cors=False, max_batch=16, queue=64, max_new_tokens_cap=1024,
                gather_ms=5):
-    """The WSGI app serving `run` (a checkpoint.Run): Flask wiring around a `Service`
+    """The WSGI app serving `run` (an inference.Run): Flask wiring around a `Service`
     (`app.extensions["service"]`; its worker is `app.extensions["batcher"]`)."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES

@@ -11,7 +11,9 @@ Design:
 - Special tokens sit after the BPE ids. Only code inserts them (by id): user text is always
   encoded as ordinary text, so typing "<|endoftext|>" cannot end a document or fake a role.
 - A tokenizer is a folder: `ranks.tiktoken` (base64 token, rank) + `tokenizer.json` (pattern,
-  special tokens, and a sha256 of both). `identity` names it exactly in meta.json and checkpoints.
+  special tokens, and a sha256 of both). Its identity is a `TokenizerId`: the sha256 of its content
+  (the folder may be copied anywhere), or GPT-2's. Every "same tokenizer?" check in the project is
+  `TokenizerId` equality; meta.json and checkpoints hold its `to_json()` form.
 - `gpt2` stays available for compatibility: GPT-2's ranks with EOT 50256, our other special tokens
   appended from 50257.
 """
@@ -20,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tiktoken
@@ -45,6 +48,54 @@ SPECIAL_TOKENS = {
     "end": "<|end|>",  # end of a chat turn
 }
 DEFAULT_VOCAB_SIZE = 32000
+
+
+@dataclass(frozen=True)
+class TokenizerId:
+    """Which tokenizer ids belong to: GPT-2's (`sha256` None) or a trained one, named by the sha256 of
+    its ranks and pattern. `path` records where it was found, a hint for loading it again; it is not
+    part of the identity, so equality (`==`) is the one "same tokenizer?" check.
+
+    On disk (meta.json, checkpoints) it is `"gpt2"` or `{"path": ..., "sha256": ...}`: `to_json`,
+    `from_json`.
+    """
+
+    sha256: str | None = None
+    path: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_json(cls, value):
+        if isinstance(value, cls):
+            return value
+        if value == "gpt2":
+            return cls()
+        if isinstance(value, dict) and isinstance(value.get("sha256"), str):
+            path = value.get("path")
+            return cls(value["sha256"], None if path is None else str(path))
+        raise ValueError(f"not a tokenizer identity: {value!r} (expected \"gpt2\" or {{\"path\", \"sha256\"}})")
+
+    def to_json(self):
+        return "gpt2" if self.is_gpt2 else {"path": self.path, "sha256": self.sha256}
+
+    @property
+    def is_gpt2(self):
+        return self.sha256 is None
+
+    def short(self):
+        """For messages and tables: 'gpt2' or 'sha256 0123456789ab'."""
+        return "gpt2" if self.is_gpt2 else f"sha256 {self.sha256[:12]}"
+
+    def load(self, *folders):
+        """The tokenizer this names: the first of `folders` (then the recorded path) holding it."""
+        if self.is_gpt2:
+            return load_tokenizer("gpt2")
+        candidates = [Path(f) for f in folders] + ([Path(self.path)] if self.path else [])
+        for folder in candidates:
+            if (folder / "tokenizer.json").exists():
+                tok = load_tokenizer(folder)
+                if tok.identity == self:
+                    return tok
+        raise FileNotFoundError(f"the tokenizer {self.short()} is in none of: {', '.join(map(str, candidates))}")
 
 
 def _bytes_to_unicode():
@@ -116,7 +167,7 @@ class Tokenizer:
 
     def save(self, folder):
         """Write this tokenizer's folder (used to keep a copy inside each run directory)."""
-        src = self.identity.get("path") if isinstance(self.identity, dict) else None
+        src = self.identity.path
         if src is None:
             return
         folder = Path(folder)
@@ -162,17 +213,22 @@ class StreamDecoder:
         return text
 
 
-def file_sha256(*paths):
+def file_sha256(path, chunk=1 << 20):
+    """The sha256 of a file, read in chunks (checkpoints may be larger than memory allows twice)."""
     h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).read_bytes())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
     return h.hexdigest()
 
 
 def load_tokenizer(spec="data/tokenizer"):
-    """A tokenizer folder path, 'gpt2', or an identity dict from meta.json / a checkpoint."""
-    if isinstance(spec, dict):
-        spec = spec["path"]
+    """A tokenizer folder path, 'gpt2', a `TokenizerId`, or its JSON form from meta.json / a checkpoint."""
+    if isinstance(spec, (dict, TokenizerId)):
+        ident = TokenizerId.from_json(spec)
+        if not ident.is_gpt2 and ident.path is None:
+            raise FileNotFoundError(f"the tokenizer {ident.short()} has no recorded path to load it from")
+        spec = "gpt2" if ident.is_gpt2 else ident.path
     if spec == "gpt2":
         # offline: the course's cached GPT-2 files, unless the user pointed tiktoken elsewhere
         shared_cache = Path(__file__).resolve().parent.parent / "shared" / "tiktoken_cache"
@@ -188,7 +244,7 @@ def load_tokenizer(spec="data/tokenizer"):
             "gpt2-minigpt", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
             special_tokens={**base._special_tokens, **extra},
         )
-        return Tokenizer(enc, special, "gpt2")
+        return Tokenizer(enc, special, TokenizerId())
     folder = Path(spec)
     config_path, ranks_path = folder / "tokenizer.json", folder / "ranks.tiktoken"
     if not config_path.exists() or not ranks_path.exists():
@@ -205,7 +261,7 @@ def load_tokenizer(spec="data/tokenizer"):
     specials = config["special_tokens"]  # name -> [spelling, id]
     enc = tiktoken.Encoding(f"minigpt-{digest[:8]}", pat_str=config["pattern"], mergeable_ranks=ranks,
                             special_tokens={s: i for s, i in specials.values()})
-    identity = {"path": str(folder), "sha256": digest}
+    identity = TokenizerId(digest, str(folder))
     return Tokenizer(enc, {name: i for name, (_, i) in specials.items()}, identity)
 
 
@@ -290,4 +346,4 @@ if __name__ == "__main__":
     args = ap.parse_args()
     t0 = time.time()
     tok = train_tokenizer(sample_texts(args.input, args.max_chars), args.out, args.vocab_size)
-    print(f"trained {tok.n_vocab}-token tokenizer in {time.time() - t0:.0f}s -> {args.out} (sha256 {tok.identity['sha256'][:12]})")
+    print(f"trained {tok.n_vocab}-token tokenizer in {time.time() - t0:.0f}s -> {args.out} ({tok.identity.short()})")

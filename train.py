@@ -9,7 +9,9 @@ Design choices:
 - Settings are the module-level assignments below, overridden by config files and then flags
   (configurator.py). The model's shape comes from the settings; its block size, vocabulary and
   tokenizer from the data's meta.json (the vocabulary padded up to a multiple of 64, which makes
-  the output layer's matmuls faster; the padding ids never occur in the data).
+  the output layer's matmuls faster; the padding ids never occur in the data and are left out of
+  the loss's softmax, `GPTConfig.n_vocab`, so val_loss is exactly the loss of the trimmed model
+  that inference.load_run gives evaluations/perplexity.py).
 - `init_from`: 'scratch'; 'resume' continues out_dir/last.pt exactly (model, optimizer, scaler,
   RNG states, data position); a run directory starts from that run's best.pt with a fresh optimizer
   at iteration 0 (fine-tuning), refused when its tokenizer, vocabulary or block size differ from
@@ -28,6 +30,10 @@ Design choices:
   optimizer state, of the lowest val loss. A non-finite loss stops the run (exit 1) without saving,
   so the last good checkpoint stays as it was. A new run refuses an out_dir that holds one unless
   `overwrite=True`.
+- Errors: the functions below raise typed errors (`TrainingError`, `checkpoint.CheckpointError`,
+  `configurator.ConfigError`) with a message saying what to do; only `main` turns them into a
+  one-line message and exit status 1. A resumed run drops log lines it will write again and any
+  torn line (a kill mid-write) from log.jsonl; every line records `"schema"` (docs/FORMATS.md).
 - The host reads values from the accelerator only at log steps (loss, gradient norm, the stop
   flag that DDP ranks agree on), so the GPU is never made to wait in between.
 - LoRA and DPO live in lora.py and dpo.py; this file only wires them in. `lora_rank > 0` trains
@@ -51,13 +57,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import find_checkpoint, load_checkpoint, pick_device, save_checkpoint
-from configurator import configure
-from data_utils import BlockData, atomic_write, evaluate_blocks, load_meta
+from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from configurator import ConfigError, configure, settings_help
+from data_utils import BadLines, BlockData, atomic_write, evaluate_blocks, load_meta, parse_jsonl_line
 from dpo import DPO, pair_rows
+from inference import pick_device
 from lora import adapter_entries, setup_training
 from model import GPT, GPTConfig
-from tokenizer import load_tokenizer
+from tokenizer import TokenizerId, load_tokenizer
 
 # ----------------------------------------------------------------------------- settings
 # run and data
@@ -115,6 +122,14 @@ PEAK_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100"
               ("A6000", 155e12), ("V100", 125e12), ("T4", 65e12))
 
 
+LOG_SCHEMA = 1  # the log.jsonl format version, recorded on every line (docs/FORMATS.md)
+
+
+class TrainingError(Exception):
+    """A run that cannot start or go on (bad settings, data that does not fit the checkpoint, a
+    non-finite loss); the message says what to do. `main` turns it into an exit status."""
+
+
 # ----------------------------------------------------------------------------- set-up
 
 
@@ -137,34 +152,31 @@ def setup_runtime(cfg):
         else:
             dtype = "float32"  # CPU autocast is slower than fp32 on most CPUs; MPS autocast is partial
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+        raise TrainingError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
     use_compile = cfg.compile
     if use_compile == "auto":
         use_compile = device_type == "cuda" and sys.platform.startswith("linux")
     elif not isinstance(use_compile, bool):
-        raise SystemExit(f"compile must be auto, True or False, not {use_compile!r}")
+        raise TrainingError(f"compile must be auto, True or False, not {use_compile!r}")
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
     return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device,
                            device_type=device_type, dtype=dtype, ctx=ctx, compile=use_compile)
 
 
-def tokenizer_name(identity):
-    return "gpt2" if identity == "gpt2" else f"sha256 {identity['sha256'][:12]}"
-
-
 def check_compatible(ckpt, source, meta, data_dir, vocab_size):
     """Refuse a checkpoint whose ids or positions would mean something else with this data."""
     args, problems = ckpt["model_args"], []
-    if tokenizer_name(ckpt.get("tokenizer")) != tokenizer_name(meta["tokenizer"]):
-        problems.append(f"tokenizer {tokenizer_name(ckpt.get('tokenizer'))} vs {tokenizer_name(meta['tokenizer'])}")
+    theirs, ours = TokenizerId.from_json(ckpt["tokenizer"]), TokenizerId.from_json(meta["tokenizer"])
+    if theirs != ours:
+        problems.append(f"tokenizer {theirs.short()} vs {ours.short()}")
     if args["vocab_size"] != vocab_size:
         problems.append(f"vocabulary {args['vocab_size']} vs {vocab_size}")
     if args["block_size"] != meta["block_size"]:
         problems.append(f"block size {args['block_size']} vs {meta['block_size']}")
     if problems:
-        raise SystemExit(f"{source} does not fit the data in {data_dir} ({'; '.join(problems)}): prepare the data "
+        raise TrainingError(f"{source} does not fit the data in {data_dir} ({'; '.join(problems)}): prepare the data "
                          f"with the run's tokenizer and block size, e.g. python data/prepare_sft.py "
                          f"--tokenizer {Path(source).parent}/tokenizer --block_size {args['block_size']}")
 
@@ -176,33 +188,36 @@ def build_model(cfg, meta, out_dir):
     for a LoRA run, what its checkpoints record about the adapter (else None).
     """
     vocab_size = math.ceil(meta["vocab_size"] / 64) * 64
-    model_args = dict(block_size=meta["block_size"], vocab_size=vocab_size, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    # the padding ids past the tokenizer's are no tokens: n_vocab keeps them out of the loss's
+    # softmax, so the loss is that of the trimmed model inference.load_run hands the evaluations
+    model_args = dict(block_size=meta["block_size"], vocab_size=vocab_size, n_vocab=meta["vocab_size"],
+                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
     ckpt = source = None
     if cfg.init_from == "resume":
         source = out_dir / "last.pt"
         if not source.exists():
-            raise SystemExit(f"init_from=resume, but {source} does not exist")
+            raise TrainingError(f"init_from=resume, but {source} does not exist")
     elif cfg.init_from != "scratch":
         run_dir = Path(cfg.init_from)
         if not run_dir.is_dir():
-            raise SystemExit(f"init_from must be 'scratch', 'resume' or a run directory; {run_dir} is none of them")
+            raise TrainingError(f"init_from must be 'scratch', 'resume' or a run directory; {run_dir} is none of them")
         if run_dir.resolve() == out_dir.resolve():
-            raise SystemExit(f"fine-tuning {run_dir} would overwrite it: choose another out_dir")
+            raise TrainingError(f"fine-tuning {run_dir} would overwrite it: choose another out_dir")
         source = find_checkpoint(run_dir, "best")
     if cfg.init_from != "scratch":
         ckpt = load_checkpoint(source)
         check_compatible(ckpt, source, meta, cfg.data_dir, vocab_size)
-        # the architecture is the checkpoint's; dropout is a training setting
-        model_args = {**ckpt["model_args"], "dropout": cfg.dropout}
+        # the architecture is the checkpoint's; dropout is a training setting (and runs from before
+        # n_vocab was recorded get it from the data, whose tokenizer check_compatible matched)
+        model_args = {**ckpt["model_args"], "dropout": cfg.dropout, "n_vocab": meta["vocab_size"]}
     model = GPT(GPTConfig(**model_args))
     if ckpt is not None and "lora" not in ckpt:
         model.load_state_dict(ckpt["model"])
     try:  # LoRA: adapters on the init_from weights, or an adapter run's base + adapter (lora.py)
         adapter = setup_training(model, ckpt, source, cfg.init_from == "resume", cfg.lora_rank, cfg.lora_alpha,
                                  cfg.lora_targets, cfg.lora_dropout)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(str(e)) from None
+    except (ValueError, FileNotFoundError) as e:  # bad LoRA settings, a missing or changed base
+        raise TrainingError(str(e)) from e
     return model, model_args, ckpt, adapter
 
 
@@ -316,8 +331,27 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+def lines_before(path, resume_iter):
+    """The lines of log.jsonl logged before iteration `resume_iter` (the steps after the checkpoint
+    run again), as text. A torn line (a kill in the middle of a write) or any other malformed line is
+    dropped and reported, never fatal."""
+    bad, keep = BadLines(), []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            obj = parse_jsonl_line(raw, f"{path}:{lineno}", bad, required=())
+            if obj is None:
+                continue
+            if not isinstance(obj.get("iter"), int):
+                bad.add(f"{path}:{lineno}", "no integer 'iter'")
+            elif obj["iter"] < resume_iter:
+                keep.append(raw.decode("utf-8").rstrip("\r\n") + "\n")
+    bad.report("malformed lines of the training log (dropped)")
+    return keep
+
+
 class Log:
-    """log.jsonl (and wandb when enabled) on rank 0; other ranks write nothing."""
+    """log.jsonl (and wandb when enabled) on rank 0; other ranks write nothing. Every line records
+    the format version (`"schema": LOG_SCHEMA`)."""
 
     def __init__(self, path, cfg, rt, resume_iter):
         self.path, self.active, self.wandb = path, rt.master, None
@@ -325,16 +359,15 @@ class Log:
             return
         if resume_iter is None:
             path.unlink(missing_ok=True)
-        elif path.exists():  # drop what was logged after the checkpoint: those steps run again
-            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                     if ln.strip() and json.loads(ln)["iter"] < resume_iter]
+        elif path.exists():
+            lines = lines_before(path, resume_iter)
             with atomic_write(path, "w") as f:
-                f.write("".join(ln + "\n" for ln in lines))
+                f.write("".join(lines))
         if cfg.wandb_log:
             try:
                 import wandb
             except ImportError:
-                raise SystemExit("wandb_log=True needs wandb: pip install wandb") from None
+                raise TrainingError("wandb_log=True needs wandb: pip install wandb") from None
             self.wandb = wandb
             wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg))
 
@@ -342,7 +375,7 @@ class Log:
         if not self.active:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"schema": LOG_SCHEMA, **record}) + "\n")
         if self.wandb:
             self.wandb.log(record, step=record["iter"])
 
@@ -358,28 +391,39 @@ def peak_flops(rt):
 
 
 def main(argv=None):
+    """The command line: settings in, exit status out (the typed errors of the run become messages)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = SimpleNamespace(**configure(DEFAULTS, argv))
-    if cfg.sampling not in ("random", "sequential"):
-        raise SystemExit(f"sampling must be 'random' or 'sequential', not {cfg.sampling!r}")
-    rt = setup_runtime(cfg)
+    if "-h" in argv or "--help" in argv:
+        print(settings_help(DEFAULTS))
+        return
+    rt = None
     try:
-        train(cfg, rt, argv)
+        cfg = SimpleNamespace(**configure(DEFAULTS, argv))
+        if cfg.sampling not in ("random", "sequential"):
+            raise TrainingError(f"sampling must be 'random' or 'sequential', not {cfg.sampling!r}")
+        rt = setup_runtime(cfg)
+        status = train(cfg, rt, argv)
+    except (ConfigError, TrainingError, CheckpointError, FileNotFoundError) as e:
+        # other ranks exit quietly: rank 0 says what happened
+        raise SystemExit(str(e) if rt is None or rt.master else 1) from None
     finally:
-        if rt.ddp:
+        if rt is not None and rt.ddp:
             dist.destroy_process_group()
+    if status:
+        raise SystemExit(status)
 
 
 def train(cfg, rt, argv):
+    """The run; returns its exit status (0 when done or stopped by SIGTERM, 130 after Ctrl-C)."""
     say = print if rt.master else (lambda *a, **k: None)
     out_dir = Path(cfg.out_dir)
     meta = load_meta(cfg.data_dir)
     kind = meta["kind"]
     tok = load_tokenizer(meta["tokenizer"])
-    if tokenizer_name(tok.identity) != tokenizer_name(meta["tokenizer"]):
-        raise SystemExit(f"the tokenizer at {meta['tokenizer']['path']} changed since {cfg.data_dir} was prepared")
+    if tok.identity != TokenizerId.from_json(meta["tokenizer"]):
+        raise TrainingError(f"the tokenizer at {tok.identity.path} changed since {cfg.data_dir} was prepared")
     if cfg.init_from != "resume" and (out_dir / "last.pt").exists() and not cfg.overwrite:
-        raise SystemExit(f"{out_dir} already holds a run: continue it with --init_from=resume, replace it with "
+        raise TrainingError(f"{out_dir} already holds a run: continue it with --init_from=resume, replace it with "
                          f"--overwrite=True, or choose another --out_dir")
     train_data = BlockData(cfg.data_dir, "train", cfg.seed)
     val_data = BlockData(cfg.data_dir, "val", cfg.seed)
@@ -396,8 +440,8 @@ def train(cfg, rt, argv):
     if kind == "dpo":  # preference pairs (dpo.py): the init_from checkpoint, frozen, is the reference model
         try:
             dpo = DPO.for_run(cfg.init_from, ckpt, cfg.dpo_beta, rt.device)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(str(e)) from None
+        except (ValueError, FileNotFoundError) as e:  # no init_from, a missing or changed reference
+            raise TrainingError(str(e)) from e
     model.to(rt.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
@@ -430,7 +474,7 @@ def train(cfg, rt, argv):
 
     say(f"data: {cfg.data_dir} ({kind}): {train_data.n_blocks:,} train / {val_data.n_blocks:,} val blocks of "
         f"{meta['block_size']} tokens; vocabulary {meta['vocab_size']:,} (padded to {model_args['vocab_size']:,}), "
-        f"tokenizer {tokenizer_name(tok.identity)}")
+        f"tokenizer {tok.identity.short()}")
     say(f"model: {model_args['n_layer']} layers, {model_args['n_head']} heads, {model_args['n_embd']} wide: "
         f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M with positions); "
         f"from {cfg.init_from}" + (f" at iteration {iter_num}" if iter_num else ""))
@@ -447,7 +491,7 @@ def train(cfg, rt, argv):
     def save(path, with_state=True):
         weights = {"model": raw_model.state_dict()} if adapter is None else adapter_entries(raw_model, adapter)
         state = {**weights, "model_args": model_args, "iter_num": iter_num,
-                 "best_val_loss": best_val_loss, "config": vars(cfg), "tokenizer": tok.identity, "kind": kind}
+                 "best_val_loss": best_val_loss, "config": vars(cfg), "tokenizer": tok.identity.to_json(), "kind": kind}
         if dpo is not None:
             state["dpo_reference"] = dpo.reference
         if with_state:
@@ -456,9 +500,8 @@ def train(cfg, rt, argv):
         save_checkpoint(state, path)
 
     def fail_nonfinite(what):
-        raise SystemExit(f"{what} is not finite at iteration {iter_num}: stopping without saving; the last good "
-                         f"checkpoint is {out_dir / 'last.pt'}. Try a lower learning_rate, grad_clip or float32."
-                         if rt.master else 1)
+        raise TrainingError(f"{what} is not finite at iteration {iter_num}: stopping without saving; the last good "
+                            f"checkpoint is {out_dir / 'last.pt'}. Try a lower learning_rate, grad_clip or float32.")
 
     stop = StopRequest(rt.master)
     t_start = t_log = time.time()
@@ -475,7 +518,7 @@ def train(cfg, rt, argv):
                     command = " ".join(["python train.py", *(a for a in argv if not a.startswith("--init_from=")),
                                         "--init_from=resume"])
                     say(f"stopped at iteration {iter_num}: saved {out_dir / 'last.pt'}; continue with: {command}")
-                raise SystemExit(130 if signum == signal.SIGINT else 0)
+                return 130 if signum == signal.SIGINT else 0
 
             if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
                 t_eval = time.time()

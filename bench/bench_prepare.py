@@ -97,7 +97,7 @@ def main():
         for f in files:
             (sliced / f.name).symlink_to(f.resolve())
         tok = get_tokenizer(args.tokenizer, args.input, DEFAULT_VOCAB_SIZE)
-        tokenizer = tok.identity if tok.identity == "gpt2" else str(Path(tok.identity["path"]).resolve())
+        tokenizer = "gpt2" if tok.identity.is_gpt2 else str(Path(tok.identity.path).resolve())
         mb = sum(f.stat().st_size for f in files) / 1e6
         common = ["--input", str(sliced), "--tokenizer", tokenizer, "--block_size", str(args.block_size)]
         commands = {

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))
 
-from checkpoint import load_run  # noqa: E402
+from inference import load_run  # noqa: E402
 from conftest import make_run  # noqa: E402  (the test suite's writer of random-weight run directories)
 from model import generate  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402

@@ -24,7 +24,6 @@ Design choices:
   text are counted, not fatal. A JSON array is parsed incrementally, so memory stays small.
 """
 import argparse
-import hashlib
 import itertools
 import json
 import os
@@ -39,6 +38,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import BadLines, atomic_write, iter_jsonl  # noqa: E402
+from tokenizer import file_sha256  # noqa: E402
 
 DEFAULT_URL = ("https://huggingface.co/datasets/pleisto/wikipedia-cn-20230720-filtered/resolve/main/"
                "wikipedia-cn-20230720-filtered.json")
@@ -53,14 +53,6 @@ class DownloadError(Exception):
 
 class _Incomplete(Exception):
     pass
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hub_sha256(response):

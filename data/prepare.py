@@ -290,7 +290,7 @@ def build_meta(tok, args, dtype, counts, bad):
     for split in SPLITS:
         for what in ("articles", "blocks", "tokens", "chars"):
             summary[f"{what}_{split}"] = counts[f"{what}_{split}"]
-    return {"block_size": args.block_size, "dtype": dtype, "vocab_size": tok.n_vocab, "tokenizer": tok.identity,
+    return {"block_size": args.block_size, "dtype": dtype, "vocab_size": tok.n_vocab, "tokenizer": tok.identity.to_json(), "schema": 1,
             "special": tok.special, "kind": "pretrain", "pack": args.pack, "val_fraction": args.val_fraction,
             "counts": summary}
 

@@ -41,11 +41,6 @@ from evaluations.qa_eval import context_prompt  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
-def _digest(tok):
-    """What names a tokenizer's content (its folder may be a copy anywhere)."""
-    return tok.identity if tok.identity == "gpt2" else tok.identity["sha256"]
-
-
 def read_examples(paths, bad, with_context=False):
     """QA examples (`evaluations.metrics.load_qa`: id, question, answers, context) with their
     prompt and the group of questions they share an article or passage with, and ready preference
@@ -135,12 +130,12 @@ def main(argv=None):
 
     run = None
     if args.sft_run:
-        from checkpoint import load_run, pick_device
+        from inference import load_run, pick_device
         run = load_run(args.sft_run, device=pick_device(args.device))
     elif args.negatives != "other" or not args.tokenizer:
         ap.error("--sft_run is needed (for model negatives, and for its tokenizer)")
     tok = run.tok if run else load_tokenizer(args.tokenizer)
-    if run and args.tokenizer and _digest(load_tokenizer(args.tokenizer)) != _digest(tok):
+    if run and args.tokenizer and load_tokenizer(args.tokenizer).identity != tok.identity:
         ap.error(f"--tokenizer {args.tokenizer} is not the tokenizer of the SFT run {args.sft_run}")
     block_size = args.block_size or (run.info["block_size"] if run else None)
     if not block_size:
@@ -188,7 +183,7 @@ def main(argv=None):
         "malformed": bad.count, "dropped": dict(counts["dropped"]),
     }
     write_json(out / "meta.json", {"block_size": block_size, "dtype": np.dtype(dtype).name, "vocab_size": tok.n_vocab,
-                                   "tokenizer": tok.identity, "special": tok.special, "kind": "dpo",
+                                   "tokenizer": tok.identity.to_json(), "schema": 1, "special": tok.special, "kind": "dpo",
                                    "sft_run": str(Path(args.sft_run).resolve()) if run else None,
                                    "counts": counts})
     bad.report()

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import BadLines, atomic_write, find_jsonl, load_meta, parse_jsonl_line, split_of, write_json  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from tokenizer import TokenizerId, load_tokenizer  # noqa: E402
 
 
 def normalise(text):
@@ -206,10 +206,9 @@ def build_examples(records, tok, block_size, val_fraction, counts, keys_read):
 def check_tokenizer(tok, pretrain_data):
     """Refuse to build SFT data with a tokenizer other than the pretraining data's."""
     theirs = load_meta(pretrain_data)["tokenizer"]
-    same = theirs == tok.identity if "gpt2" in (theirs, tok.identity) else theirs["sha256"] == tok.identity["sha256"]
-    if not same:
+    if TokenizerId.from_json(theirs) != tok.identity:
         raise SystemExit(f"error: tokenizer mismatch: {pretrain_data}/meta.json was made with {theirs}, "
-                         f"but --tokenizer gives {tok.identity}; use the pretraining tokenizer")
+                         f"but --tokenizer gives {tok.identity.to_json()}; use the pretraining tokenizer")
 
 
 def prepare_sft(args):
@@ -253,7 +252,7 @@ def prepare_sft(args):
         "blocks_val": len(rows["val"]), "tokens": counts["tokens"],
         "pad_fraction": round(1 - counts["tokens"] / (n_rows * args.block_size), 4), "bad_lines": bad.examples,
     }
-    meta = {"block_size": args.block_size, "dtype": dtype.name, "vocab_size": tok.n_vocab, "tokenizer": tok.identity,
+    meta = {"block_size": args.block_size, "dtype": dtype.name, "vocab_size": tok.n_vocab, "tokenizer": tok.identity.to_json(), "schema": 1,
             "special": tok.special, "kind": "sft", "with_context": args.with_context,
             "val_fraction": args.val_fraction, "counts": summary}
     write_json(out / "meta.json", meta)

@@ -248,7 +248,7 @@ def write_predictions(path, rows):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"schema": 1, **row}, ensure_ascii=False) + "\n")  # docs/FORMATS.md
 
 
 def write_results(output, name, run, input_path, settings, metrics):

@@ -5,7 +5,8 @@
 
 - The loss is the masked mean over every target of the split (or of its first `--max_blocks`
   blocks), computed by `data_utils.evaluate_blocks`, the same function training uses for val_loss,
-  so the numbers here and in log.jsonl agree. The mask comes from the data's own kind: all tokens
+  so the numbers here and in log.jsonl agree (on the same blocks, to float rounding: the trimmed
+  model `load_run` gives and training's padded one have the same softmax, GPTConfig.n_vocab). The mask comes from the data's own kind: all tokens
   but padding for pretraining data, answer spans only for SFT data.
 - Bits per character divides by characters, not tokens, so runs with different tokenizers (or
   gpt2) can be compared; perplexity cannot.
@@ -21,15 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import load_run, pick_device  # noqa: E402
 from data_utils import BlockData, evaluate_blocks  # noqa: E402
 from evaluations.metrics import default_output, format_table, write_results  # noqa: E402
-
-
-def same_tokenizer(a, b):
-    if a == "gpt2" or b == "gpt2":
-        return a == b
-    return a["sha256"] == b["sha256"]
+from inference import load_run, pick_device  # noqa: E402
+from tokenizer import TokenizerId  # noqa: E402
 
 
 def main(argv=None):
@@ -47,9 +43,9 @@ def main(argv=None):
     device = pick_device(args.device)
     run = load_run(args.out_dir, args.which, device)
     data = BlockData(args.data, args.split)
-    if not same_tokenizer(data.meta["tokenizer"], run.tok.identity):
-        sys.exit(f"error: {args.data} was tokenized with {data.meta['tokenizer']}, but {args.out_dir} uses "
-                 f"{run.tok.identity}; prepare the data with the run's tokenizer")
+    if TokenizerId.from_json(data.meta["tokenizer"]) != run.tok.identity:
+        sys.exit(f"error: {args.data} was tokenized with {TokenizerId.from_json(data.meta['tokenizer']).short()}, but "
+                 f"{args.out_dir} uses {run.tok.identity.short()}; prepare the data with the run's tokenizer")
     if data.block_size - 1 > run.model.config.block_size:
         sys.exit(f"error: blocks of {data.block_size} tokens are longer than the model's context "
                  f"({run.model.config.block_size} + 1)")

@@ -66,7 +66,7 @@ def make_run(out_dir, tok, block_size=64, n_layer=2, n_head=2, n_embd=32, seed=0
     model = GPT(GPTConfig(**args))
     tok.save(out_dir / "tokenizer")
     ckpt = {"model": model.state_dict(), "model_args": args, "iter_num": 0, "best_val_loss": 9.9,
-            "tokenizer": tok.identity, "kind": kind, "config": {}}
+            "tokenizer": tok.identity.to_json(), "kind": kind, "config": {}}
     save_checkpoint(ckpt, out_dir / "best.pt")
     save_checkpoint(ckpt, out_dir / "last.pt")
     return out_dir
@@ -74,5 +74,5 @@ def make_run(out_dir, tok, block_size=64, n_layer=2, n_head=2, n_embd=32, seed=0
 
 @pytest.fixture
 def tiny_run(tmp_path, tiny_tokenizer):
-    """A run directory with a tiny random model (loadable with checkpoint.load_run)."""
+    """A run directory with a tiny random model (loadable with inference.load_run)."""
     return make_run(tmp_path / "run", tiny_tokenizer)

@@ -1,7 +1,7 @@
 """configurator.configure: types, unknown keys, config files then flags, and train.py's presets."""
 import pytest
 
-from configurator import configure
+from configurator import ConfigError, configure
 from conftest import ROOT
 
 DEFAULTS = {"batch_size": 16, "learning_rate": 6e-4, "compile": "auto", "wandb_log": False,
@@ -30,28 +30,28 @@ def test_booleans_and_switches():
     assert configure(DEFAULTS, ["--compile=False"])["compile"] is False  # 'auto' may be switched off
     assert configure(DEFAULTS, ["--compile=auto"])["compile"] == "auto"
     for bad in ("--wandb_log=1", "--wandb_log=yes"):
-        with pytest.raises(SystemExit, match="'wandb_log' expects bool"):
+        with pytest.raises(ConfigError, match="'wandb_log' expects bool"):
             configure(DEFAULTS, [bad])
 
 
 def test_wrong_types_are_errors():
     for bad in ("--batch_size=2.5", "--batch_size=many", "--learning_rate=fast", "--batch_size=True"):
-        with pytest.raises(SystemExit, match="expects"):
+        with pytest.raises(ConfigError, match="expects"):
             configure(DEFAULTS, [bad])
 
 
 def test_unknown_key_lists_the_valid_keys():
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(ConfigError) as error:
         configure(DEFAULTS, ["--batch_szie=8"])
-    message = str(error.value.code)
+    message = str(error.value)
     assert "unknown config key 'batch_szie'" in message
     assert "valid keys: batch_size, compile, learning_rate, max_epochs, out_dir, wandb_log" in message
 
 
 def test_malformed_flags_and_missing_files():
-    with pytest.raises(SystemExit, match="--key=value"):
+    with pytest.raises(ConfigError, match="--key=value"):
         configure(DEFAULTS, ["--batch_size", "8"])
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(ConfigError, match="not found"):
         configure(DEFAULTS, ["no/such/config.py"])
 
 
@@ -71,11 +71,11 @@ def test_config_file_sees_earlier_settings_and_is_checked(tmp_path):
     assert configure(DEFAULTS, ["--batch_size=3", str(derived)])["batch_size"] == 6
     typo = tmp_path / "typo.py"
     typo.write_text("learning_rat = 1e-3\n")
-    with pytest.raises(SystemExit, match="unknown config key 'learning_rat'"):
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rat'"):
         configure(DEFAULTS, [str(typo)])
     wrong = tmp_path / "wrong.py"
     wrong.write_text("batch_size = '8'\n")
-    with pytest.raises(SystemExit, match="'batch_size' expects int"):
+    with pytest.raises(ConfigError, match="'batch_size' expects int"):
         configure(DEFAULTS, [str(wrong)])
 
 
@@ -89,3 +89,14 @@ def test_train_presets_are_valid(name):
         pretrain = configure(train.DEFAULTS, [str(ROOT / "config" / name.replace("_sft", ""))])
         assert config["data_dir"] == "data/sft" and config["init_from"] == pretrain["out_dir"]
         assert config["out_dir"] != pretrain["out_dir"]
+
+
+def test_errors_are_typed_and_train_py_turns_them_into_an_exit_status(capsys):
+    """The library raises ConfigError (not SystemExit); only train.main exits, with the message."""
+    import train
+
+    assert not issubclass(ConfigError, SystemExit)
+    with pytest.raises(SystemExit, match="unknown config key 'batch_szie'"):
+        train.main(["--batch_szie=8"])
+    train.main(["--help"])  # prints the settings and returns: no run starts
+    assert "learning_rate = 0.0006" in capsys.readouterr().out

@@ -53,7 +53,7 @@ def test_block_data_batches_and_sequential_epochs(tmp_path, tiny_tokenizer):
     rows.tofile(tmp_path / "train.bin")
     (tmp_path / "val.bin").write_bytes(b"")
     write_json(tmp_path / "meta.json", {"block_size": 24, "dtype": "uint16", "vocab_size": tok.n_vocab,
-                                        "tokenizer": tok.identity, "special": tok.special, "kind": "sft"})
+                                        "tokenizer": tok.identity.to_json(), "special": tok.special, "kind": "sft"})
     data = BlockData(tmp_path, "train", seed=3)
     assert data.n_blocks == 10 and data.block_size == 24
     x, y, mask = data.batch([4, 1])
@@ -123,7 +123,7 @@ def test_trimmed_batches_give_the_same_loss_and_gradient(tmp_path, tiny_tokenize
     rows = np.array([padded(tok.encode_qa(f"问题{i}", "答案" * i), tok, 200) for i in range(1, 5)], dtype=np.uint16)
     rows.tofile(tmp_path / "train.bin")
     write_json(tmp_path / "meta.json", {"block_size": 200, "dtype": "uint16", "vocab_size": tok.n_vocab,
-                                        "tokenizer": tok.identity, "special": tok.special, "kind": "sft"})
+                                        "tokenizer": tok.identity.to_json(), "special": tok.special, "kind": "sft"})
     data = BlockData(tmp_path, "train")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=200, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16))

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import checkpoint_reference, load_checkpoint
 from conftest import ROOT
 from data_utils import BlockData, load_meta
 from dpo import dpo_loss, pair_rows, sequence_logps
-from lora import checkpoint_reference
 from test_lora import QA, TINY_TRAIN, trained_sft_run, write_qa
 
 
@@ -58,7 +57,7 @@ def test_prepare_dpo_writes_pairs_whose_masks_cover_only_the_responses(tiny_run,
     _prepare("--input", qa_file, "--out", out, "--sft_run", tiny_run, "--negatives", "both",
              "--max_new_tokens", 8, "--val_fraction", 0.25)
     meta = load_meta(out)
-    assert meta["kind"] == "dpo" and meta["tokenizer"]["sha256"] == tiny_tokenizer.identity["sha256"]
+    assert meta["kind"] == "dpo" and meta["tokenizer"]["sha256"] == tiny_tokenizer.identity.sha256
     counts = meta["counts"]
     assert counts["malformed"] == 1 and counts["pairs_read"] == len(QA)
     assert counts["pairs_train"] + counts["pairs_val"] == counts["pairs_kept"] > 0
@@ -85,7 +84,7 @@ def test_prepare_dpo_refuses_a_tokenizer_that_is_not_the_sft_runs(tiny_run, qa_f
     other = train_tokenizer(["另一个分词器的训练文本。"] * 20, tmp_path / "other_tok", vocab_size=300)
     with pytest.raises(SystemExit):
         _prepare("--input", qa_file, "--out", tmp_path / "dpo", "--sft_run", tiny_run,
-                 "--tokenizer", other.identity["path"])
+                 "--tokenizer", other.identity.path)
     assert "is not the tokenizer of the SFT run" in capsys.readouterr().err
     assert not (tmp_path / "dpo").exists()
 

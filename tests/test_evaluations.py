@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_run
+from inference import load_run
 from conftest import ROOT, TINY_TEXT
 from data_utils import count_chars, split_sentences
 from evaluations import perplexity, qa_eval, report, rouge_l
@@ -33,7 +33,7 @@ def write_blocks(data_dir, tok, rows, kind, identity=None):
     for split in ("train", "val"):
         blocks.tofile(data_dir / f"{split}.bin")
     meta = {"block_size": BLOCK, "dtype": "uint16", "vocab_size": tok.n_vocab, "kind": kind,
-            "tokenizer": identity or tok.identity, "special": tok.special, "counts": {}}
+            "tokenizer": identity or tok.identity.to_json(), "special": tok.special, "counts": {}}
     (data_dir / "meta.json").write_text(json.dumps(meta))
     return blocks
 
@@ -120,7 +120,7 @@ def test_qa_eval_with_context_writes_scored_predictions(tmp_path, tiny_run):
                   "--batch_size", "2", "--device", "cpu"])
     result = json.loads((tiny_run / "eval_qa_context.json").read_text())
     rows = [json.loads(line) for line in (tiny_run / "pred_qa_context.jsonl").open(encoding="utf-8")]
-    assert [r["id"] for r in rows] == ["q1", "q2", "q3"]
+    assert [r["id"] for r in rows] == ["q1", "q2", "q3"] and all(r["schema"] == 1 for r in rows)
     assert rows[0]["answers"] == ["北京", "北京市"]
     for key in ("em", "f1", "subem", "rouge_l", "bleu4"):
         assert result["metrics"][key] == pytest.approx(100 * sum(r[key] for r in rows) / 3)

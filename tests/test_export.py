@@ -3,7 +3,8 @@ special tokens at the same ids), a LoRA run exports merged, and export -> import
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_run, model_from_checkpoint
+from checkpoint import load_checkpoint
+from inference import load_run, model_from_checkpoint
 from export import export_hf, hf_tokenizer, import_hf
 from test_lora import TINY_TRAIN, trained_sft_run
 from tokenizer import load_tokenizer
@@ -74,18 +75,18 @@ def test_lora_run_of_train_py_exports_merged_with_its_padded_vocabulary(tmp_path
     ids = _sequences(tiny_tokenizer.n_vocab)
     torch.testing.assert_close(_hf_logits(tmp_path / "hf", ids), _our_logits(model, ids), atol=1e-4, rtol=0)
     # imported back, it fits train.py again: fine-tune it on the same data
-    import_hf(tmp_path / "hf", tmp_path / "imported", tiny_tokenizer.identity["path"], kind="sft")
+    import_hf(tmp_path / "hf", tmp_path / "imported", tiny_tokenizer.identity.path, kind="sft")
     train.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'again'}", f"--init_from={tmp_path / 'imported'}",
                 *TINY_TRAIN, "--max_iters=1", "--eval_interval=1"])
 
 
 def test_export_then_import_round_trips(tiny_run, tiny_tokenizer, tmp_path):
     export_hf(tiny_run, tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "imported", tiny_tokenizer.identity["path"], kind="sft")
+    import_hf(tmp_path / "hf", tmp_path / "imported", tiny_tokenizer.identity.path, kind="sft")
     ids = _sequences(tiny_tokenizer.n_vocab)
     original, imported = load_run(tiny_run), load_run(tmp_path / "imported")
     torch.testing.assert_close(_our_logits(imported.model, ids), _our_logits(original.model, ids), atol=0, rtol=0)
-    assert imported.info["kind"] == "sft" and imported.tok.identity["sha256"] == tiny_tokenizer.identity["sha256"]
+    assert imported.info["kind"] == "sft" and imported.tok.identity.sha256 == tiny_tokenizer.identity.sha256
 
 
 def test_import_refuses_a_tokenizer_with_another_vocabulary(tiny_run, tmp_path):
@@ -94,4 +95,4 @@ def test_import_refuses_a_tokenizer_with_another_vocabulary(tiny_run, tmp_path):
     export_hf(tiny_run, tmp_path / "hf")
     other = train_tokenizer(["另一个分词器的训练文本，词表不同。"] * 20, tmp_path / "other_tok", vocab_size=300)
     with pytest.raises(ValueError, match="is not that of the tokenizer"):
-        import_hf(tmp_path / "hf", tmp_path / "imported", other.identity["path"])
+        import_hf(tmp_path / "hf", tmp_path / "imported", other.identity.path)

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from checkpoint import load_run
+from inference import load_run
 from conftest import ROOT, make_run
 from sample_gradio import (Arena, LocalModel, PeerModel, Settings, elo_ratings, leaderboard, load_examples,
                            load_peers, load_votes, local_models, peer_url, stream_models)

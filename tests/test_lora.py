@@ -1,5 +1,5 @@
 """LoRA: a fresh adapter changes nothing, merging is exact, only adapters train, adapter runs load
-through checkpoint.load_run (base verified by sha256) and merge into a plain run, and train.py
+through inference.load_run (base verified by sha256) and merge into a plain run, and train.py
 trains, saves and resumes adapter runs."""
 import json
 import sys
@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_run, model_from_checkpoint, save_checkpoint
+from checkpoint import checkpoint_reference, load_checkpoint, save_checkpoint
 from conftest import ROOT, make_run
-from lora import (LoRALinear, adapter_entries, apply_lora, checkpoint_reference, lora_state_dict, merge_lora, merge_run,
-                  setup_training)
+from inference import load_run, model_from_checkpoint
+from lora import LoRALinear, adapter_entries, apply_lora, lora_state_dict, merge_lora, merge_run, setup_training
 
 QA = [("中国的首都是哪里？", "北京"), ("长江全长多少？", "约6300公里"), ("黄河被称为什么？", "母亲河"),
       ("故宫是什么？", "明清两代的皇家宫殿"), ("Python由谁创建？", "Guido van Rossum"),
@@ -39,7 +39,7 @@ def trained_sft_run(tmp_path, tok):
 
     qa = write_qa(tmp_path / "qa.jsonl")
     data, run = tmp_path / "sft_data", tmp_path / "sft"
-    prepare_sft(["--input", str(qa), "--out", str(data), "--block_size", "64", "--tokenizer", tok.identity["path"],
+    prepare_sft(["--input", str(qa), "--out", str(data), "--block_size", "64", "--tokenizer", tok.identity.path,
                  "--val_fraction", "0.3"])
     train.main([f"--data_dir={data}", f"--out_dir={run}", *TINY_TRAIN, "--max_iters=2", "--eval_interval=2"])
     return qa, data, run

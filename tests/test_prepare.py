@@ -28,7 +28,7 @@ def write_jsonl(path, objs):
 
 
 def run(tmp_path, tok, input_path, *extra, out="out"):
-    prepare_main(["--input", str(input_path), "--out", str(tmp_path / out), "--tokenizer", tok.identity["path"],
+    prepare_main(["--input", str(input_path), "--out", str(tmp_path / out), "--tokenizer", tok.identity.path,
                   "--quiet", *extra])
     out = tmp_path / out
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
@@ -168,7 +168,7 @@ def test_nothing_usable_exits_non_zero_and_writes_nothing(tmp_path, tiny_tokeniz
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": "太短"}, {"id": 1}])
     with pytest.raises(SystemExit) as exit_info:
         prepare_main(["--input", str(path), "--out", str(tmp_path / "out"), "--tokenizer",
-                      tiny_tokenizer.identity["path"], "--quiet"])
+                      tiny_tokenizer.identity.path, "--quiet"])
     assert exit_info.value.code == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
     with pytest.raises(SystemExit):
@@ -184,7 +184,7 @@ def test_interrupted_run_keeps_the_previous_output(tmp_path, tiny_tokenizer):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     big = write_jsonl(tmp_path / "big.jsonl", [article(i, 40) for i in range(2000)])
     proc = subprocess.Popen([sys.executable, str(ROOT / "data" / "prepare.py"), "--input", str(big), "--out", str(out),
-                             "--tokenizer", tok.identity["path"], "--workers", "1", "--chunk_bytes", "65536"],
+                             "--tokenizer", tok.identity.path, "--workers", "1", "--chunk_bytes", "65536"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not any(p.name.startswith(".train.bin.tmp") and p.stat().st_size for p in out.iterdir()):
@@ -200,7 +200,7 @@ def test_meta_fields(tmp_path, tiny_tokenizer):
     meta, rows = run(tmp_path, tiny_tokenizer, write_jsonl(tmp_path / "in.jsonl", [article(i) for i in range(50)]),
                      "--val_fraction", "0.2", "--block_size", "64")
     assert meta["block_size"] == 64 and meta["dtype"] == "uint16" and meta["kind"] == "pretrain"
-    assert meta["vocab_size"] == tiny_tokenizer.n_vocab and meta["tokenizer"] == tiny_tokenizer.identity
+    assert meta["vocab_size"] == tiny_tokenizer.n_vocab and meta["tokenizer"] == tiny_tokenizer.identity.to_json() and meta["schema"] == 1
     assert meta["special"] == tiny_tokenizer.special
     c = meta["counts"]
     for key in ("articles_read", "articles_kept", "dropped", "blocks_train", "blocks_val", "tokens", "chars",

@@ -19,7 +19,7 @@ def write(path, obj=None, lines=None):
 
 
 def run(tmp_path, tok, *inputs, extra=(), block_size=128, out="sft"):
-    prepare_sft_main(["--input", *map(str, inputs), "--out", str(tmp_path / out), "--tokenizer", tok.identity["path"],
+    prepare_sft_main(["--input", *map(str, inputs), "--out", str(tmp_path / out), "--tokenizer", tok.identity.path,
                       "--block_size", str(block_size), *extra])
     out = tmp_path / out
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
@@ -149,7 +149,7 @@ def test_exchange_longer_than_a_row_is_dropped_and_counted(tmp_path, tiny_tokeni
 
 def test_tokenizer_must_match_the_pretraining_data(tmp_path, tiny_tokenizer):
     wiki = write(tmp_path / "wiki.jsonl", lines=[{"id": str(i), "text": f"标题\n\n{'北京是首都。' * 20}"} for i in range(5)])
-    prepare_main(["--input", str(wiki), "--out", str(tmp_path / "pre"), "--tokenizer", tiny_tokenizer.identity["path"],
+    prepare_main(["--input", str(wiki), "--out", str(tmp_path / "pre"), "--tokenizer", tiny_tokenizer.identity.path,
                   "--quiet", "--val_fraction", "0"])
     qa = write(tmp_path / "qa.jsonl", lines=PAIRS)
     run(tmp_path, tiny_tokenizer, qa, extra=["--pretrain_data", str(tmp_path / "pre")])

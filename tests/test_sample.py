@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sample
-from checkpoint import load_run
+from inference import load_run
 from conftest import ROOT
 
 FAST = ["--max_new_tokens=12", "--temperature=1.0", "--seed=5"]
@@ -60,8 +60,36 @@ def test_bad_flags_give_clear_errors(tiny_run, tmp_path):
         run_sample(f"--out_dir={tiny_run}", f"--start=FILE:{tmp_path / 'missing.txt'}")
     with pytest.raises(SystemExit):
         run_sample(f"--out_dir={tiny_run}", "--mode=poem")
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(SystemExit, match="no checkpoint"):
         run_sample(f"--out_dir={tmp_path}")
+
+
+class RunsCode:
+    """Unpickling this calls os.getpid: harmless here, but a checkpoint that calls anything is refused."""
+
+    def __reduce__(self):
+        return os.getpid, ()
+
+
+@pytest.mark.parametrize("command", ["sample", "train"])
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tiny_run, tiny_tokenizer, tmp_path, command):
+    """No traceback, no advice to switch the safety off (torch's message suggests weights_only=False)."""
+    from test_train import sft_rows, write_data
+
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    torch.save({**ckpt, "payload": RunsCode()}, tiny_run / "best.pt")
+    if command == "sample":
+        argv = [str(ROOT / "sample.py"), f"--out_dir={tiny_run}", "--device=cpu"]
+    else:  # fine-tuning from the run
+        data = write_data(tmp_path / "data", tiny_tokenizer, sft_rows(tiny_tokenizer), "sft", block_size=64)
+        argv = [str(ROOT / "train.py"), f"--init_from={tiny_run}", f"--out_dir={tmp_path / 'out'}",
+                f"--data_dir={data}", "--device=cpu", "--compile=False"]
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1
+    message = done.stderr.strip()
+    assert "refusing to load" in message and "could run code" in message, message
+    assert "\n" not in message and "Traceback" not in message and "weights_only" not in message
 
 
 def chat_subprocess(tiny_run, stdin, *flags):

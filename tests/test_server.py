@@ -20,7 +20,7 @@ import requests
 import torch
 from conftest import make_run
 
-from checkpoint import load_run
+from inference import load_run
 from server import (
     CHAT,
     COMPLETIONS,

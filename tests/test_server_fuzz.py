@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import ROOT, make_run
 
-from checkpoint import load_run
+from inference import load_run
 from server import create_app, make_server
 
 KEY = "fuzz-key"

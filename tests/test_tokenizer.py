@@ -1,4 +1,6 @@
-"""Tokenizer: round trips, trainer/runtime equality, special-token safety, streaming decode, loading."""
+"""Tokenizer: round trips, trainer/runtime equality, special-token safety, streaming decode, loading,
+identity (TokenizerId) and the streaming file hash."""
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -8,8 +10,8 @@ import tiktoken
 
 from conftest import SHARED
 from data_utils import clean_article, iter_jsonl
-from tokenizer import (PATTERN, StreamDecoder, _bytes_to_unicode, load_tokenizer, ranks_from_hf, train_bpe,
-                       train_tokenizer)
+from tokenizer import (PATTERN, StreamDecoder, TokenizerId, _bytes_to_unicode, file_sha256, load_tokenizer,
+                       ranks_from_hf, train_bpe, train_tokenizer)
 
 MIXED = [
     "北京是中华人民共和国的首都。",
@@ -105,7 +107,7 @@ def test_gpt2_loads_offline():
     if not (SHARED / "tiktoken_cache").exists():
         pytest.skip(f"no tiktoken cache at {SHARED / 'tiktoken_cache'}")
     tok = load_tokenizer("gpt2")
-    assert tok.eot == 50256 and tok.identity == "gpt2"
+    assert tok.eot == 50256 and tok.identity.is_gpt2 and tok.identity.to_json() == "gpt2"
     assert tok.encode("hello world") == [31373, 995]
     assert sorted(v for k, v in tok.special.items() if k != "eot") == list(range(50257, 50257 + 6))
     assert tok.n_vocab == 50263
@@ -115,14 +117,14 @@ def test_gpt2_loads_offline():
 def test_save_and_load_keep_identity(tiny_tokenizer, tmp_path):
     tiny_tokenizer.save(tmp_path / "copy")
     copy = load_tokenizer(tmp_path / "copy")
-    assert copy.identity["sha256"] == tiny_tokenizer.identity["sha256"]
+    assert copy.identity.sha256 == tiny_tokenizer.identity.sha256
     assert copy.encode(MIXED[2]) == tiny_tokenizer.encode(MIXED[2])
     assert load_tokenizer({"path": str(tmp_path / "copy"), "sha256": "ignored"}).special == tiny_tokenizer.special
 
 
 def test_load_detects_corruption_and_absence(tiny_tokenizer, tmp_path):
     folder = tmp_path / "tok"
-    shutil.copytree(tiny_tokenizer.identity["path"], folder)
+    shutil.copytree(tiny_tokenizer.identity.path, folder)
     lines = (folder / "ranks.tiktoken").read_text().splitlines()
     token, rank = lines[300].split()
     lines[300] = f"{token} {int(rank) + 1}"
@@ -134,7 +136,42 @@ def test_load_detects_corruption_and_absence(tiny_tokenizer, tmp_path):
 
 
 def test_tokenizer_json_records_specials_after_bpe(tiny_tokenizer):
-    config = json.loads((Path(tiny_tokenizer.identity["path"]) / "tokenizer.json").read_text(encoding="utf-8"))
+    config = json.loads((Path(tiny_tokenizer.identity.path) / "tokenizer.json").read_text(encoding="utf-8"))
     ids = sorted(i for _, i in config["special_tokens"].values())
     assert ids == list(range(ids[0], ids[0] + 7)) and ids[-1] == tiny_tokenizer.n_vocab - 1
     assert config["vocab_size"] == tiny_tokenizer.n_vocab
+
+
+def test_tokenizer_id_keeps_the_on_disk_form_and_compares_content_only(tiny_tokenizer, tmp_path):
+    ident = tiny_tokenizer.identity
+    on_disk = {"path": ident.path, "sha256": ident.sha256}
+    assert ident.to_json() == on_disk and TokenizerId.from_json(on_disk) == ident
+    assert TokenizerId.from_json("gpt2") == TokenizerId() and TokenizerId().to_json() == "gpt2"
+    # the same content elsewhere is the same tokenizer; 12 equal hex digits are not
+    assert TokenizerId.from_json({"path": str(tmp_path), "sha256": ident.sha256}) == ident
+    assert TokenizerId(ident.sha256[:12] + "0" * 52) != ident and TokenizerId() != ident
+    assert ident.short() == f"sha256 {ident.sha256[:12]}" and TokenizerId().short() == "gpt2"
+    with pytest.raises(FileNotFoundError, match="no recorded path"):
+        load_tokenizer(TokenizerId(ident.sha256))
+    for junk in (None, 3, {"path": "x"}, "gpt-2"):
+        with pytest.raises(ValueError, match="not a tokenizer identity"):
+            TokenizerId.from_json(junk)
+
+
+def test_tokenizer_id_loads_a_matching_copy_first(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.save(tmp_path / "copy")
+    assert tiny_tokenizer.identity.load(tmp_path / "copy").identity.path == str(tmp_path / "copy")
+    assert tiny_tokenizer.identity.load(tmp_path / "nothing_here").identity.path == tiny_tokenizer.identity.path
+    other = train_tokenizer(["另一个分词器。" * 5] * 10, tmp_path / "other", vocab_size=300)
+    gone = TokenizerId(tiny_tokenizer.identity.sha256, str(tmp_path / "deleted"))
+    with pytest.raises(FileNotFoundError, match="is in none of"):
+        gone.load(other.identity.path)  # a tokenizer is there, but not this one
+
+
+def test_file_sha256_streams(tmp_path, monkeypatch):
+    """Checkpoints can be larger than memory allows twice: the hash reads in chunks, never whole."""
+    data = bytes(range(256)) * 1000
+    (tmp_path / "f.bin").write_bytes(data)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read the whole file into memory"))
+    assert file_sha256(tmp_path / "f.bin") == file_sha256(tmp_path / "f.bin", chunk=1000) == \
+        hashlib.sha256(data).hexdigest()

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import train
-from checkpoint import load_run
+from inference import load_run
 from conftest import ROOT, TINY_TEXT
 from data_utils import BlockData, split_sentences
 from model import GPT, GPTConfig
@@ -42,7 +42,7 @@ def write_data(data_dir, tok, rows, kind, n_val=6, block_size=BLOCK):
         blocks[i, :len(row)] = row
     blocks[n_val:].tofile(data_dir / "train.bin")
     blocks[:n_val].tofile(data_dir / "val.bin")
-    meta = {"block_size": block_size, "dtype": "uint16", "vocab_size": tok.n_vocab, "tokenizer": tok.identity,
+    meta = {"block_size": block_size, "dtype": "uint16", "vocab_size": tok.n_vocab, "tokenizer": tok.identity.to_json(),
             "special": tok.special, "kind": kind,
             "counts": {"blocks_train": len(rows) - n_val, "blocks_val": n_val}}
     (data_dir / "meta.json").write_text(json.dumps(meta))
@@ -140,6 +140,34 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
 
 
+def test_val_loss_in_the_log_equals_perplexity_py_on_the_same_blocks(tmp_path, pretrain_dir):
+    """Training pads the vocabulary (448 rows for 407 tokens); load_run trims the padding. Both
+    leave the padding ids out of the softmax, so the numbers agree (they differed by ~1e-3 when
+    training's softmax included them)."""
+    from evaluations import perplexity
+
+    out = tmp_path / "run"
+    run(pretrain_dir, out, "--max_iters=4", "--eval_interval=2")  # eval_iters * batch_size >= 6: all val blocks
+    final = [line for line in read_log(out) if "val_loss" in line][-1]
+    assert final["iter"] == 4
+    perplexity.main(["--out_dir", str(out), "--which", "last", "--data", str(pretrain_dir), "--batch_size", "4",
+                     "--device", "cpu", "--output", str(tmp_path / "ppl.json")])
+    metrics = json.loads((tmp_path / "ppl.json").read_text())["metrics"]
+    assert metrics["blocks"] == 6
+    assert metrics["loss"] == pytest.approx(final["val_loss"], rel=1e-6, abs=0)
+    assert metrics["bpc"] == pytest.approx(final["val_bpc"], rel=1e-6, abs=0)
+
+
+def test_the_loss_leaves_vocabulary_padding_out_of_the_softmax():
+    torch.manual_seed(0)
+    padded = GPT(GPTConfig(block_size=16, vocab_size=64, n_vocab=50, n_layer=1, n_head=2, n_embd=16)).eval()
+    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    logits, loss = padded(x, y)
+    expected = torch.nn.functional.cross_entropy(logits[..., :50].reshape(-1, 50).double(), y.reshape(-1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() != pytest.approx(torch.nn.functional.cross_entropy(logits.reshape(-1, 64), y.reshape(-1)).item())
+
+
 # ----------------------------------------------------------------------------- resume and checkpoints
 
 
@@ -158,17 +186,33 @@ def test_resume_is_exact(tmp_path, pretrain_dir, sampling):
         assert torch.equal(tensor, b["model"][name]), name
 
 
+def test_resume_drops_a_torn_last_log_line(tmp_path, pretrain_dir, capsys):
+    """A kill in the middle of a write leaves half a JSON line at the end of log.jsonl."""
+    common = ["--eval_interval=2", "--lr_decay_iters=6", "--sampling=sequential"]
+    run(pretrain_dir, tmp_path / "whole", "--max_iters=6", *common)
+    out = tmp_path / "torn"
+    run(pretrain_dir, out, "--max_iters=4", *common)
+    log = out / "log.jsonl"
+    log.write_bytes(log.read_bytes() + b'{"schema": 1, "iter": 4, "loss": 3.1')  # no closing brace, no newline
+    run(pretrain_dir, out, "--max_iters=6", "--init_from=resume", *common)
+    assert "malformed lines of the training log" in capsys.readouterr().out
+    assert read_log(out) == read_log(tmp_path / "whole")  # every line parses; the torn one is gone
+
+
 def test_checkpoints_load_with_weights_only(tmp_path, pretrain_dir, tiny_tokenizer):
     out = tmp_path / "run"
     run(pretrain_dir, out, "--max_iters=2", "--sampling=sequential")
     last, best = load(out / "last.pt"), load(out / "best.pt")
     assert last["iter_num"] == 2 and last["kind"] == "pretrain"
-    assert last["tokenizer"] == best["tokenizer"] == tiny_tokenizer.identity
+    assert last["tokenizer"] == best["tokenizer"] == tiny_tokenizer.identity.to_json()
     assert last["data_state"] == {"epoch": 0, "cursor": 8}
     assert set(last["rng"]) >= {"torch", "numpy"} and isinstance(last["rng"]["numpy"]["state"]["state"], int)
     assert "optimizer" not in best and best["best_val_loss"] == min(
         line["val_loss"] for line in read_log(out) if "val_loss" in line)
-    assert last["model_args"]["vocab_size"] == 448  # 407 tokens padded to a multiple of 64
+    assert last["model_args"]["vocab_size"] == 448  # 400 tokens padded to a multiple of 64
+    assert last["model_args"]["n_vocab"] == tiny_tokenizer.n_vocab  # ... and the padding kept out of the loss
+    assert last["schema"] == best["schema"] == 1
+    assert all(line["schema"] == 1 for line in read_log(out))
     assert (out / "tokenizer" / "tokenizer.json").exists()
 
 
@@ -278,24 +322,55 @@ def test_sft_refuses_a_mismatched_block_size_or_tokenizer(tmp_path, pretrain_dir
 # ----------------------------------------------------------------------------- distributed
 
 
+# train.py with plain SGD in place of AdamW, for the DDP equivalence below. Adam divides each
+# gradient element by its own running scale, so an element whose true gradient is zero (a key bias:
+# softmax ignores a shift of all keys) turns float rounding noise into a full-size step, and two
+# runs that compute the same gradient differently end up apart there. SGD's step is the gradient
+# times the learning rate, so equal gradients give equal weights, to the gradients' own precision.
+SGD_TRAIN = """
+import sys
+import torch
+sys.path.insert(0, {root!r})
+import train
+
+def sgd(groups, lr, betas=None, fused=None, **_):
+    return torch.optim.SGD(groups, lr=lr)
+
+torch.optim.AdamW = sgd
+train.main()
+"""
+
+
 @pytest.mark.slow
 def test_two_ddp_processes_equal_one_process_with_the_doubled_batch(tmp_path, sft_dir):
+    """2 ranks x 2 blocks per step compute the gradient of 1 process x 4 blocks: the same loss and
+    gradient norm at every step, and (with SGD, which passes the gradients through unscaled) the
+    same weights after 3 steps: within 1e-5 of each weight (~100 float32 roundings) plus 0.1% of
+    how far the tensor moved. Measured: at most 2.4e-5 of the movement apart; a wrongly scaled
+    gradient would be ~100% apart."""
+    script = tmp_path / "sgd_train.py"
+    script.write_text(SGD_TRAIN.format(root=str(ROOT)))
     flags = [f"--data_dir={sft_dir}", *TINY_MODEL, "--max_iters=3", "--eval_interval=100", "--sampling=sequential"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py"), *flags, f"--out_dir={tmp_path / 'ddp'}", "--batch_size=2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout
-    run(sft_dir, tmp_path / "one", *flags[1:], "--batch_size=4")
-    ddp, one = train_lines(tmp_path / "ddp"), train_lines(tmp_path / "one")
-    assert len(ddp) == len(one) == 3
-    for a, b in zip(ddp, one):
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), *flags, f"--out_dir={tmp_path / 'ddp'}", "--batch_size=2"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    assert "2 process(es)" in ddp.stdout
+    one = subprocess.run([sys.executable, str(script), *flags, f"--out_dir={tmp_path / 'one'}", "--batch_size=4"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    ddp_log, one_log = train_lines(tmp_path / "ddp"), train_lines(tmp_path / "one")
+    assert len(ddp_log) == len(one_log) == 3
+    for a, b in zip(ddp_log, one_log):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    a, b = load(tmp_path / "ddp" / "last.pt"), load(tmp_path / "one" / "last.pt")
-    for name, tensor in a["model"].items():
-        torch.testing.assert_close(tensor, b["model"][name], rtol=1e-4, atol=1e-5)
+    run(sft_dir, tmp_path / "start", *flags[1:], "--batch_size=4", "--max_iters=0")  # the weights both start from
+    a, b, start = (load(tmp_path / d / "last.pt")["model"] for d in ("ddp", "one", "start"))
+    for name, tensor in a.items():
+        moved = (b[name] - start[name]).abs().max().item()  # how far 3 steps took this tensor
+        assert moved > 0, name
+        torch.testing.assert_close(tensor, b[name], rtol=1e-5, atol=1e-3 * moved, msg=name)
 
 
 def test_wandb_without_the_package_is_a_clear_error(tmp_path, pretrain_dir):

@@ -1,0 +1,127 @@
+"""The loaded run as every front end uses it: model + tokenizer + a description, and decoding.
+
+    run = load_run("out/sft", device=pick_device("auto"))
+    print(run.complete("羊侃的字是什么？", mode="qa", max_new_tokens=32))
+
+- `load_run(out_dir)` -> `Run`: finds the run's checkpoint (checkpoint.py), builds the model (an
+  adapter run's base + adapter merged by lora.py, so it runs at full speed), finds its tokenizer
+  (the run's own copy in `out_dir/tokenizer` when its content matches the recorded identity, else
+  the recorded path) and cuts the vocabulary padding off the output layer (`drop_vocab_padding`).
+- `Run.stream()` turns a prompt in one of the three modes (text, qa, chat) into streamed text.
+  sample.py, server.py, sample_gradio.py and the evaluations all go through it, so they agree on
+  prompt layouts and decoding.
+- Dependencies run one way: checkpoint.py (the format) <- lora.py <- this module <- front ends.
+"""
+from pathlib import Path
+
+import torch
+
+from checkpoint import find_checkpoint, load_checkpoint
+from lora import model_from_lora_checkpoint
+from model import GPT, GPTConfig, generate
+from tokenizer import StreamDecoder, TokenizerId
+
+MODES = ("text", "qa", "chat")
+
+
+def pick_device(device="auto"):
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def tokenizer_for(ckpt, out_dir):
+    """The run's own tokenizer copy when it matches the recorded identity, else the recorded path."""
+    return TokenizerId.from_json(ckpt["tokenizer"]).load(Path(out_dir) / "tokenizer")
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """The model a checkpoint holds, in eval mode; an adapter run's base + adapter, merged."""
+    if "lora" in ckpt:
+        return model_from_lora_checkpoint(ckpt, device)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+class Run:
+    """A loaded model with its tokenizer; `info` describes it for /health, /v1/models and reports."""
+
+    def __init__(self, model, tok, info):
+        self.model, self.tok, self.info = model, tok, info
+
+    def prompt_ids(self, prompt, mode="text", system=None):
+        """Token ids for a prompt: text continues a passage, qa adds the answer separator, chat
+        takes a list of {role, content} messages (or one user message as a string)."""
+        if mode == "text":
+            return self.tok.encode(prompt)
+        if mode == "qa":
+            return self.tok.encode_qa(prompt)
+        if mode == "chat":
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            if system:
+                messages = [{"role": "system", "content": system}] + messages
+            return self.tok.encode_chat(messages)
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+
+    def stream(self, prompt, mode="text", system=None, max_new_tokens=128, **sampling):
+        """Yield pieces of generated text as tokens arrive (never a split character)."""
+        ids = self.prompt_ids(prompt, mode, system)
+        decoder = StreamDecoder(self.tok)
+        for (token,) in generate(self.model, [ids], max_new_tokens, stop_ids=self.tok.stop_ids(mode), **sampling):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def complete(self, prompt, mode="text", **kw):
+        return "".join(self.stream(prompt, mode, **kw))
+
+    def complete_batch(self, prompts, mode="text", system=None, max_new_tokens=128, **sampling):
+        """Whole completions for many prompts at once (batched generation; evaluations use it)."""
+        rows = [self.prompt_ids(p, mode, system) for p in prompts]
+        out = [[] for _ in rows]
+        for step in generate(self.model, rows, max_new_tokens, stop_ids=self.tok.stop_ids(mode), **sampling):
+            for i, t in enumerate(step):
+                if t is not None:
+                    out[i].append(t)
+        return [self.tok.decode(o) for o in out]
+
+
+def drop_vocab_padding(model, n_vocab):
+    """train.py pads the vocabulary to a multiple of 64 (faster matmuls). The padding ids are no
+    tokens, so they are cut off the tied embedding here and generation can never sample them. The
+    loss is unchanged: training leaves them out of the softmax too (GPTConfig.n_vocab)."""
+    weight = torch.nn.Parameter(model.lm_head.weight[:n_vocab].detach().clone())
+    model.lm_head.weight = model.transformer.wte.weight = weight
+    model.lm_head.out_features = model.transformer.wte.num_embeddings = model.config.vocab_size = n_vocab
+    model.config.n_vocab = n_vocab
+
+
+def load_run(out_dir, which="best", device="cpu"):
+    path = find_checkpoint(out_dir, which)
+    ckpt = load_checkpoint(path, device)
+    model = model_from_checkpoint(ckpt, device)
+    tok = tokenizer_for(ckpt, out_dir)
+    if model.config.vocab_size > tok.n_vocab:
+        drop_vocab_padding(model, tok.n_vocab)
+    cfg = ckpt["model_args"]
+    info = {
+        "name": Path(out_dir).resolve().name,
+        "checkpoint": str(path),
+        "params": model.num_params(),
+        "n_layer": cfg["n_layer"], "n_head": cfg["n_head"], "n_embd": cfg["n_embd"],
+        "block_size": cfg["block_size"],
+        "vocab_size": tok.n_vocab,
+        "tokenizer": "gpt2" if tok.identity.is_gpt2 else tok.identity.sha256[:12],
+        "kind": ckpt.get("kind", "pretrain"),
+        "iter": ckpt.get("iter_num", 0),
+        "val_loss": ckpt.get("best_val_loss"),
+    }
+    return Run(model, tok, info)
