@@ -5,11 +5,15 @@
 Design:
 - Blocks: every row is exactly `block_size` tokens, `[tokens..., EOT, PAD...]`, made of whole
   sentences (`data_utils.split_sentences`), so a row never ends mid-sentence. A long article goes on
-  in further rows, each starting at a sentence start and ending with its own EOT. A paragraph's last
-  sentence keeps its newline, so an article's rows decode back to its cleaned text. A single sentence
+  in further rows, each starting at a sentence start. The EOT rule: EOT follows only the true end
+  of an article; a row cut inside an article ends with PAD instead (PAD never counts in the loss),
+  so the model never learns "the document ends here" where it goes on, and the file holds exactly
+  one EOT per kept article (`eot_train` / `eot_val` in meta.json). A paragraph's last sentence
+  keeps its newline, so an article's rows decode back to its cleaned text. A single sentence
   longer than a row (lists, tables) is cut into row-sized pieces at token boundaries (never inside a
-  character) and counted as `sentences_split`. `--pack` lets several pieces (each still ending in
-  EOT) share a row, to cut padding; the summary reports the PAD fraction either way.
+  character) and counted as `sentences_split`. `--pack` lets several pieces share a row, each
+  article end followed by its EOT; a piece cut inside its article closes its row. The summary
+  reports the PAD fraction either way.
 - Split: by article, from a sha1 of its id (else title, else text) (`data_utils.split_of`), so it is
   independent of order and worker count, and later stages can tell which articles were pretrained on.
 - Streaming and parallel: the main process reads whole lines in chunks of `--chunk_bytes` and a
@@ -121,11 +125,12 @@ class Worker:
         boundaries, n_split = self.cut_long_sentences(flat, sentence_ends)
         counts["sentences_split"] += n_split
         pieces = self.cut_pieces(boundaries, article_ends)
-        starts, ends = pieces[:, 0], pieces[:, 1]
-        out = self.fill_rows(flat, starts, ends)
+        starts, ends, last = pieces[:, 0], pieces[:, 1], pieces[:, 2].astype(bool)
+        out = self.fill_rows(flat, starts, ends, last)
         counts[f"tokens_{split}"] += int(len(flat))
         counts[f"blocks_{split}"] += len(out)
-        counts[f"pad_{split}"] += int(out.size - (ends - starts).sum() - len(starts))
+        counts[f"eot_{split}"] += int(last.sum())
+        counts[f"pad_{split}"] += int(out.size - (ends - starts).sum() - last.sum())
         return out.tobytes()
 
     def encode_sentences(self, articles):
@@ -158,27 +163,32 @@ class Worker:
         return np.unique(np.concatenate([sentence_ends, cuts]).astype(np.int64)), len(long)
 
     def cut_pieces(self, boundaries, article_ends):
-        """(start, end) of each row piece: the most whole sentences of one article that fit a row."""
+        """(start, end, ends_article) of each row piece: the most whole sentences of one article that
+        fit a row, and whether the article ends there (only then does an EOT follow)."""
         cap, bounds = self.block_size - 1, boundaries.tolist()
         pieces, start = [], 0
         for article_end in article_ends.tolist():
             while start < article_end:
                 end = min(bounds[bisect_right(bounds, start + cap) - 1], article_end)
-                pieces.append((start, end))
+                pieces.append((start, end, end == article_end))
                 start = end
-        return np.array(pieces, dtype=np.int64).reshape(-1, 2)
+        return np.array(pieces, dtype=np.int64).reshape(-1, 3)
 
-    def fill_rows(self, flat, starts, ends):
-        """Rows holding each piece followed by EOT, padded; with `pack`, pieces share rows greedily."""
-        lengths = ends - starts + 1  # with the EOT
+    def fill_rows(self, flat, starts, ends, last):
+        """Rows holding each piece, then EOT where its article ends (`last`), padded.
+
+        A piece cut inside its article is followed by PAD and closes its row: the model is never
+        taught that a document ends where it does not. With `pack`, pieces share rows greedily; the
+        piece after a cut one would not have fitted in its row anyway (that is why it was cut)."""
+        lengths = ends - starts + 1  # with the EOT, or the PAD after a cut piece
         if self.pack:
             row_of, col_of, row, col = [], [], 0, 0
-            for n in lengths.tolist():
+            for n, closes in zip(lengths.tolist(), last.tolist()):
                 if col + n > self.block_size:
                     row, col = row + 1, 0
                 row_of.append(row)
                 col_of.append(col)
-                col += n
+                col = col + n if closes else self.block_size
             row_of, col_of = np.array(row_of), np.array(col_of)
         else:
             row_of, col_of = np.arange(len(lengths)), np.zeros(len(lengths), dtype=np.int64)
@@ -187,7 +197,7 @@ class Worker:
         token_piece = np.repeat(np.arange(len(lengths)), n_tokens)
         within = np.arange(len(token_piece)) - np.repeat(np.cumsum(n_tokens) - n_tokens, n_tokens)
         out[row_of[token_piece], col_of[token_piece] + within] = flat[starts[token_piece] + within]
-        out[row_of, col_of + n_tokens] = self.tok.eot
+        out[row_of[last], (col_of + n_tokens)[last]] = self.tok.eot
         return out
 
 
@@ -288,7 +298,7 @@ def build_meta(tok, args, dtype, counts, bad):
         "sentences_split": counts["sentences_split"],
     }
     for split in SPLITS:
-        for what in ("articles", "blocks", "tokens", "chars"):
+        for what in ("articles", "blocks", "tokens", "chars", "eot"):
             summary[f"{what}_{split}"] = counts[f"{what}_{split}"]
     return {"block_size": args.block_size, "dtype": dtype, "vocab_size": tok.n_vocab, "tokenizer": tok.identity,
             "special": tok.special, "kind": "pretrain", "pack": args.pack, "val_fraction": args.val_fraction,
@@ -302,7 +312,8 @@ def print_summary(meta, out, bad):
           f"({c['articles_train']} train / {c['articles_val']} val), dropped {c['dropped']}")
     print(f"blocks of {meta['block_size']}: {c['blocks_train']} train / {c['blocks_val']} val; "
           f"{c['tokens']:,} tokens, {c['chars']:,} chars ({c['chars'] / max(c['tokens'], 1):.2f} chars/token), "
-          f"pad fraction {c['pad_fraction']:.1%}, {c['sentences_split']} over-long sentences split")
+          f"pad fraction {c['pad_fraction']:.1%}, {c['sentences_split']} over-long sentences split, "
+          f"{c['eot_train'] + c['eot_val']} EOT (one per article end)")
     print(f"{c['input_mb_per_s']} MB/s over {c['seconds']}s -> {out}/train.bin, val.bin, meta.json")
     if c["blocks_val"] == 0:
         print("warning: no validation block (raise --val_fraction for a corpus this small)")
