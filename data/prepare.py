@@ -22,9 +22,12 @@ Design:
 - Speed: tiktoken's BPE is most of the cost, so the gain comes from using every core; around it, no
   Python work per token: sentence and row boundaries are numpy cumsums and searches, and a chunk's
   rows are filled by one fancy-indexed assignment (`fill_rows`).
-- Robust and atomic: malformed lines are counted and the first ones reported with file:line; the
-  bins go to temporaries renamed at the end, the old meta.json is removed just before and the new one
-  written last, so an interrupted run never looks complete. Exit 1 only when nothing usable was found.
+- Robust and atomic: malformed lines (bad JSON or UTF-8, nesting too deep, lone surrogates, lines
+  over `--max_line_bytes`, skipped without being read whole) are counted and the first ones
+  reported with file:line; FIFOs, symlink loops and folders named `*.jsonl` are reported and never
+  opened. The bins go to temporaries renamed at the end, the old meta.json is removed just before
+  and the new one written last, so an interrupted run never looks complete; the temporaries a
+  killed run left behind are removed at the next start. Exit 1 only when nothing usable was found.
 """
 import argparse
 import os
@@ -40,11 +43,13 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_utils import (BadLines, article_key, atomic_write, clean_article, count_chars, find_jsonl,  # noqa: E402
-                        parse_jsonl_line, split_of, split_sentences, write_json)
+from data_utils import (MAX_LINE_BYTES, BadLines, article_key, atomic_write, clean_article, count_chars,  # noqa: E402
+                        find_jsonl, parse_jsonl_line, remove_stale_temporaries, split_of, split_sentences,
+                        token_dtype, write_json)
 from tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer, sample_texts, train_tokenizer  # noqa: E402
 
 SPLITS = ("train", "val")
+OUTPUTS = ("train.bin", "val.bin", "meta.json")
 
 
 def article_sentences(body):
@@ -60,18 +65,30 @@ def article_sentences(body):
     return sentences
 
 
-def read_chunks(files, chunk_bytes):
-    """(path, first line number, bytes of whole lines), about `chunk_bytes` each, file by file."""
+def read_chunks(files, chunk_bytes, max_line_bytes, bad):
+    """(path, first line number, bytes of whole lines), about `chunk_bytes` each, file by file.
+
+    A line longer than `max_line_bytes` is dropped as soon as it is known to be too long and the
+    rest of it is skipped unread into memory, so one line can never take more than about
+    `max_line_bytes + chunk_bytes`; it is reported to `bad` and counted by the caller."""
     for path in files:
-        lineno, rest = 1, b""
+        lineno, rest, skipping = 1, b"", False
         with open(path, "rb") as f:
             while block := f.read(chunk_bytes):
+                if skipping:
+                    newline = block.find(b"\n")
+                    if newline < 0:
+                        continue
+                    block, skipping, lineno = block[newline + 1:], False, lineno + 1
                 block = rest + block
                 cut = block.rfind(b"\n") + 1
                 rest = block[cut:]
                 if cut:
                     yield str(path), lineno, block[:cut]
                     lineno += block.count(b"\n", 0, cut)
+                if len(rest) > max_line_bytes:
+                    bad.add(f"{path}:{lineno}", f"line longer than {max_line_bytes} bytes")
+                    rest, skipping = b"", True
         if rest:
             yield str(path), lineno, rest
 
@@ -100,13 +117,7 @@ class Worker:
             if obj is None:
                 counts["malformed"] += 1
                 continue
-            body = clean_article(obj["text"])
-            try:
-                body.encode()
-            except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape
-                bad.add(f"{path}:{first_line + offset}", "lone surrogate in text")
-                counts["malformed"] += 1
-                continue
+            body = clean_article(obj["text"])  # parse_jsonl_line refused lone surrogates and deep nesting
             if len(body) < max(self.min_chars, 1):
                 counts["too_short"] += 1
                 continue
@@ -245,15 +256,20 @@ def get_tokenizer(spec, input_path, vocab_size):
 
 def prepare(args):
     """Run the whole preparation and return the meta dict; SystemExit(1) when nothing usable is found."""
-    files = find_jsonl(args.input)
+    skipped = BadLines()
+    files = find_jsonl(args.input, skipped=skipped)
+    skipped.report("paths that are not regular files")
     if not files:
         print(f"error: no .jsonl files under {args.input}", file=sys.stderr)
         raise SystemExit(1)
     tok = get_tokenizer(args.tokenizer, args.input, args.vocab_size)
-    dtype = "uint16" if tok.n_vocab <= 2**16 else "uint32"
+    dtype = token_dtype(tok.n_vocab).name
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temporaries(out, OUTPUTS):
+        print(f"removed {stale}, left by a run that was killed")
     bad, counts = BadLines(), Counter()
+    counts["skipped_paths"] = skipped.count
     for path in files:
         if path.stat().st_size == 0:
             bad.add(f"{path}:0", "empty file")
@@ -263,13 +279,17 @@ def prepare(args):
     t0 = time.time()
     with atomic_write(out / "train.bin") as f_train, atomic_write(out / "val.bin") as f_val, \
             tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=args.quiet) as bar:
-        chunks = read_chunks(files, args.chunk_bytes)
+        long_lines = BadLines()
+        chunks = read_chunks(files, args.chunk_bytes, args.max_line_bytes, long_lines)
         for n_bytes, rows, chunk_counts, chunk_bad in ordered_results(chunks, worker_args, args.workers):
             f_train.write(rows["train"])
             f_val.write(rows["val"])
             counts.update(chunk_counts)
             bad.merge(chunk_bad)
             bar.update(n_bytes)
+        # the over-long lines were never parsed: count them with the malformed ones
+        counts.update({"articles_read": long_lines.count, "malformed": long_lines.count})
+        bad.merge(long_lines)
         if counts["blocks_train"] + counts["blocks_val"] == 0:
             bad.report()
             print(f"error: no usable article in {args.input} ({counts['articles_read']} lines read)", file=sys.stderr)
@@ -291,6 +311,7 @@ def build_meta(tok, args, dtype, counts, bad):
         "articles_kept": counts["articles_train"] + counts["articles_val"],
         "dropped": {"malformed": counts["malformed"], "too_short": counts["too_short"]},
         "empty_files": counts["empty_files"],
+        "skipped_paths": counts["skipped_paths"],
         "bad_lines": bad.examples,
         "tokens": counts["tokens_train"] + counts["tokens_val"],
         "chars": counts["chars_train"] + counts["chars_val"],
@@ -332,6 +353,8 @@ def main(argv=None):
     ap.add_argument("--min_chars", type=int, default=50, help="drop articles shorter than this after cleaning")
     ap.add_argument("--chunk_bytes", type=int, default=1 << 20,
                     help="unit of work; the output never depends on --workers (--pack rows stay within a chunk)")
+    ap.add_argument("--max_line_bytes", type=int, default=MAX_LINE_BYTES,
+                    help="a longer line is skipped unread and counted as malformed (bounds memory)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.block_size < 2:

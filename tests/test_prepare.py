@@ -243,3 +243,41 @@ def test_trains_a_tokenizer_when_absent(tmp_path, capsys):
     assert "training a 300-token tokenizer" in capsys.readouterr().out
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert (tmp_path / "tok" / "ranks.tiktoken").exists() and meta["tokenizer"]["path"] == str(tmp_path / "tok")
+
+
+def test_hostile_input_is_counted_never_fatal_and_bounded(tmp_path, tiny_tokenizer, capsys):
+    """Regression: a deeply nested line crashed the run (RecursionError); a FIFO, a symlink loop and a
+    folder named *.jsonl were skipped without a word; one huge line was read whole into memory."""
+    folder = tmp_path / "in"
+    path = write_jsonl(folder / "a.jsonl", [article(1)])
+    with open(path, "ab") as f:
+        f.write(b'{"text": ' + b"[" * 3000 + b"]" * 3000 + b"}\n")  # line 2
+        f.write(b'{"id": "9", "text": "\\ud800' + "长".encode() * 60 + b'"}\n')  # line 3
+        f.write(b'{"text": "' + "长".encode() * 20_000 + b'"}\n')  # line 4: 60 kB, over the limit below
+        f.write(json.dumps(article(2)).encode() + b"\n")
+    os.mkfifo(folder / "pipe.jsonl")
+    os.symlink("loop.jsonl", folder / "loop.jsonl")
+    (folder / "dir.jsonl").mkdir()
+    meta, rows = run(tmp_path, tiny_tokenizer, folder, "--val_fraction", "0", "--max_line_bytes", "8000",
+                     "--chunk_bytes", "4096", "--workers", "1")
+    c = meta["counts"]
+    assert c["articles_kept"] == 2 and c["articles_read"] == 5 and c["dropped"]["malformed"] == 3
+    assert sorted(c["bad_lines"]) == [f"{path}:2: JSON nested too deeply", f"{path}:3: lone surrogate in a string",
+                                      f"{path}:4: line longer than 8000 bytes"]
+    assert c["skipped_paths"] == 3
+    out = capsys.readouterr().out
+    assert "skipped 3 paths that are not regular files" in out and "a FIFO" in out and "symlink loop" in out
+    assert documents(rows["train"], tiny_tokenizer) == [clean_article(article(i)["text"]) for i in (1, 2)]
+
+
+def test_temporaries_of_a_killed_run_are_removed_at_start(tmp_path, tiny_tokenizer):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / f".train.bin.tmp{dead.pid}", out / f".meta.json.tmp{dead.pid}"]
+    for p in stale:
+        p.write_bytes(b"x" * 1000)
+    (out / "notes.tmp1").write_text("not ours")
+    run(tmp_path, tiny_tokenizer, write_jsonl(tmp_path / "in.jsonl", [article(1)]), "--val_fraction", "0")
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "notes.tmp1", "train.bin", "val.bin"]

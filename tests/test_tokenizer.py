@@ -138,3 +138,13 @@ def test_tokenizer_json_records_specials_after_bpe(tiny_tokenizer):
     ids = sorted(i for _, i in config["special_tokens"].values())
     assert ids == list(range(ids[0], ids[0] + 7)) and ids[-1] == tiny_tokenizer.n_vocab - 1
     assert config["vocab_size"] == tiny_tokenizer.n_vocab
+
+
+def test_passage_qa_layout_is_one_function(tiny_tokenizer):
+    from tokenizer import passage_qa_prompt
+
+    tok = tiny_tokenizer
+    assert passage_qa_prompt(" 北京是首都。\n", " 首都是哪里？ ") == "北京是首都。\n首都是哪里？"
+    assert tok.encode_passage_qa("北京是首都。", "首都是哪里？", "北京") == \
+        tok.encode_qa("北京是首都。\n首都是哪里？", "北京")
+    assert tok.encode_passage_qa("北京是首都。", "首都是哪里？")[-1] == tok.answer
