@@ -6,7 +6,8 @@
   the model is pretrained on, the text QA pairs are generated from and the text evaluations prompt
   with all agree.
 - The block layout on disk and the loss mask (`loss_mask`, `BlockData`): every block is exactly
-  `block_size` tokens, `[tokens..., EOT, PAD...]`, and the model sees `x = block[:-1]`,
+  `block_size` tokens, `[tokens..., EOT, PAD...]` (pretraining rows cut inside an article have
+  no EOT: it marks only true document ends), and the model sees `x = block[:-1]`,
   `y = block[1:]`. The mask is computed from the tokens alone (vectorised), so no mask file is
   stored and pretraining and SFT data share one format.
 - Untrusted input has limits: a line longer than `MAX_LINE_BYTES` is skipped without being read

@@ -3,7 +3,7 @@
     python data/prepare.py --input ../shared/data/zhwiki/zhwiki-00.jsonl --out /tmp/eot/new \
         --block_size 256 --pack --tokenizer TOK --val_fraction 0.02
     python bench/bench_eot.py --data /tmp/eot/new --input ../shared/data/zhwiki/zhwiki-00.jsonl \
-        --work /tmp/eot --max_iters 150 --seeds 2
+        --work /tmp/eot --max_iters 150 --seeds 2 [--train_args "--n_layer=2 --batch_size=8"]
 
 - `old` data is the new data with the PAD that closes each row cut inside an article turned back
   into EOT, which is exactly what the old prepare.py wrote (the row layout is otherwise identical:
@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--max_iters", type=int, default=150)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--n_prompts", type=int, default=50)
+    ap.add_argument("--train_args", default="", help="more train.py overrides, e.g. a smaller model")
     args = ap.parse_args()
     from checkpoint import load_run
 
@@ -105,7 +106,7 @@ def main():
             out = work / f"run_{name}_{seed}"
             subprocess.run([sys.executable, str(ROOT / "train.py"), str(ROOT / "config/train_config_cpu.py"),
                             f"--data_dir={data[name]}", f"--out_dir={out}", f"--max_iters={args.max_iters}",
-                            f"--eval_interval={args.max_iters}", f"--seed={1337 + seed}"],
+                            f"--eval_interval={args.max_iters}", f"--seed={1337 + seed}", *args.train_args.split()],
                            check=True, stdout=subprocess.DEVNULL)
             run = load_run(out, "last")
             bpc = evaluate_blocks(run.model, val, range(val.n_blocks), run.tok, 16, "cpu")["bpc"]

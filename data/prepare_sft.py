@@ -216,6 +216,12 @@ def chat_pieces(tok, messages, block_size, counts):
     return [tok.encode_chat(system + p, add_generation_prompt=False) for p in pieces]
 
 
+def carries_passage(record, context_mix):
+    """A coin of probability `context_mix` per pair, seeded by the pair itself (split_of's hash with
+    its own salt), so which pairs show their passage does not depend on input order or other pairs."""
+    return split_of(f"{record['key']}\0{record['question']}", context_mix, salt="minigpt-context") == "val"
+
+
 def build_examples(records, tok, args, counts, keys_read):
     """(split, token ids, record) per kept example, deduplicated, in input order.
 
@@ -243,8 +249,7 @@ def build_examples(records, tok, args, counts, keys_read):
             continue
         question, answer = record["question"], record["answers"][0]
         record["passage"] = None
-        if args.with_context and record["context"] and \
-                split_of(f"{record['key']}\0{question}", args.context_mix, salt="minigpt-context") == "val":
+        if args.with_context and record["context"] and carries_passage(record, args.context_mix):
             rng = random.Random(f"{args.seed}\0{record['key']}\0{question}")
             answer_start = record["answer_start"]
             if answer_start is None:  # generated pairs: the answer is a span of the passage, or nowhere
