@@ -6,17 +6,31 @@
   the model is pretrained on, the text QA pairs are generated from and the text evaluations prompt
   with all agree.
 - The block layout on disk and the loss mask (`loss_mask`, `BlockData`): every block is exactly
-  `block_size` tokens, `[tokens..., EOT, PAD...]`, and the model sees `x = block[:-1]`,
+  `block_size` tokens, `[tokens..., EOT, PAD...]` (pretraining rows cut inside an article have
+  no EOT: it marks only true document ends), and the model sees `x = block[:-1]`,
   `y = block[1:]`. The mask is computed from the tokens alone (vectorised), so no mask file is
   stored and pretraining and SFT data share one format.
+- Untrusted input has limits: a line longer than `MAX_LINE_BYTES` is skipped without being read
+  into memory (`read_lines`), JSON nested too deeply or holding a lone surrogate ("\\ud800") is a
+  malformed line (`load_json`), and paths that are not regular files (FIFOs, symlink loops,
+  folders named `*.jsonl`) are reported, never opened (`find_jsonl`).
+- One reader per input kind, shared by the preparation scripts and the evaluations: QA jsonl
+  objects (`qa_fields`), SQuAD-style JSON (`squad_questions`) and both as evaluation questions
+  (`load_qa`). `TRAINING_HELD_OUT` names the files no training set may read (DRCD test).
 - Writing files atomically (`atomic_write`): a temporary file renamed at the end, so an
-  interrupted run never leaves a complete-looking output.
+  interrupted run never leaves a complete-looking output; `remove_stale_temporaries` clears the
+  temporaries of runs that were killed.
+- The token dtype rule (`token_dtype`): uint16 while every id fits, else uint32.
 """
+import errno
+import fnmatch
 import hashlib
 import json
 import math
 import os
 import re
+import stat
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -47,38 +61,121 @@ class BadLines:
                 print(f"  {e}")
 
 
-def find_jsonl(path, pattern="*.jsonl"):
-    """A file, or every matching file under a folder (recursively), in a stable order."""
-    path = Path(path)
-    if path.is_file():
+MAX_LINE_BYTES = 4 << 20  # the longest zhwiki article line is about 0.4 MB
+MAX_JSON_FILE_BYTES = 256 << 20  # a SQuAD-style file is read whole (DRCD dev is 8 MB)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class BadJSON(ValueError):
+    """Untrusted JSON that cannot be used; the message says why."""
+
+
+def find_jsonl(path, pattern="*.jsonl", skipped=None):
+    """A file, or every regular file matching `pattern` (or a tuple of them) under a folder
+    (recursively), in a stable order.
+
+    Matches that are not regular files (a FIFO, a symlink loop or a broken link, a folder named
+    `x.jsonl`) are never opened (a FIFO would hang the reader) but go to `skipped` (a BadLines).
+    """
+    path, skipped = Path(path), skipped if skipped is not None else BadLines()
+    kind = _file_kind(path)
+    if kind == "file":
         return [path]
-    return sorted(p for p in path.rglob(pattern) if p.is_file())
+    if kind != "folder":
+        skipped.add(str(path), kind)
+        return []
+    patterns = (pattern,) if isinstance(pattern, str) else pattern
+    found = {p for pat in patterns for p in path.rglob(pat)}
+    files = []
+    for p in sorted(found):
+        kind = _file_kind(p)
+        if kind == "file":
+            files.append(p)
+        else:
+            skipped.add(str(p), f"{kind}, not a regular file")
+    return files
+
+
+def _file_kind(path):
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return "a symlink loop" if e.errno == errno.ELOOP else "missing (or a broken link)"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+
+
+def read_lines(path, bad, max_bytes=MAX_LINE_BYTES):
+    """Yield (line_number, raw bytes) of a file; a line longer than `max_bytes` is reported to `bad`
+    and yielded as None, read in bounded pieces and never held whole in memory."""
+    with open(path, "rb") as f:
+        lineno = 0
+        while raw := f.readline(max_bytes + 1):
+            lineno += 1
+            if len(raw) > max_bytes and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(1 << 20)
+                bad.add(f"{path}:{lineno}", f"line longer than {max_bytes} bytes")
+                raw = None
+            yield lineno, raw
+
+
+def load_json(raw):
+    """Untrusted JSON text (bytes) -> its value; BadJSON for invalid UTF-8, invalid JSON, nesting
+    too deep for the parser, or a lone surrogate escape (text that cannot be written as UTF-8)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadJSON("invalid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise BadJSON(f"invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise BadJSON("JSON nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(obj):  # pairs (emoji) escape as \ud83d too
+        raise BadJSON("lone surrogate in a string")
+    return obj
+
+
+def _has_lone_surrogate(obj):
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 def iter_jsonl(path, bad=None, required=("text",)):
     """Yield (line_number, object) for each well-formed JSON object line that has `required` keys.
 
-    Invalid UTF-8, broken JSON, non-objects and missing keys go to `bad` with file:line.
+    Invalid UTF-8, broken JSON, non-objects, missing keys and over-long lines go to `bad` with file:line.
     """
     bad = bad if bad is not None else BadLines()
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            obj = parse_jsonl_line(raw, f"{path}:{lineno}", bad, required)
-            if obj is not None:
-                yield lineno, obj
+    for lineno, raw in read_lines(path, bad):
+        obj = parse_jsonl_line(raw, f"{path}:{lineno}", bad, required)
+        if obj is not None:
+            yield lineno, obj
 
 
 def parse_jsonl_line(raw, where, bad, required=("text",)):
-    """One raw jsonl line (bytes) -> its object, or None (blank, or malformed: counted in `bad`)."""
-    if not raw.strip():
+    """One raw jsonl line (bytes) -> its object, or None (blank, too long, or malformed: counted in `bad`)."""
+    if raw is None or not raw.strip():
         return None
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        bad.add(where, "invalid UTF-8")
-        return None
-    except json.JSONDecodeError as e:
-        bad.add(where, f"invalid JSON ({e.msg})")
+        obj = load_json(raw)
+    except BadJSON as e:
+        bad.add(where, str(e))
         return None
     if not isinstance(obj, dict):
         bad.add(where, "not a JSON object")
@@ -96,7 +193,8 @@ def split_of(key, val_fraction, salt="minigpt-split"):
     A sha1 of salt+key, not Python's salted hash(), so later stages (QA generation, evaluation) can
     tell which articles were held out of pretraining by calling this again.
     """
-    digest = hashlib.sha1(f"{salt}\0{key}".encode("utf-8")).digest()
+    # surrogatepass: the same bytes for any valid text, and no crash on a lone surrogate
+    digest = hashlib.sha1(f"{salt}\0{key}".encode("utf-8", "surrogatepass")).digest()
     return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
 
 
@@ -106,6 +204,128 @@ def article_key(obj):
         if obj.get(field) not in (None, ""):
             return str(obj[field])
     return ""
+
+
+# ----------------------------------------------------------------------------- QA inputs
+
+# Files no training set may read, whatever folder they are found in: DRCD test is the held-out
+# reading-comprehension evaluation (CMRC2018 trial and DRCD dev may be trained on).
+TRAINING_HELD_OUT = ("drcd_test*",)
+
+
+def held_out_of_training(path):
+    return any(fnmatch.fnmatch(Path(path).name.lower(), pattern) for pattern in TRAINING_HELD_OUT)
+
+
+def clean_answers(texts):
+    """Stripped, non-empty, distinct answer strings, in order."""
+    return list(dict.fromkeys(t.strip() for t in texts if isinstance(t, str) and t.strip()))
+
+
+def qa_fields(obj):
+    """A QA jsonl object (`{"question", "answer" | "answers", "context"?, "id"?, "title"?}`) as
+    {question, answers, context, article}, or None when it is not a QA pair. `answers` may come back
+    empty (blank answers); `article` is the key the pair is split by: its id, else title, else question."""
+    question = obj.get("question")
+    answers = obj.get("answers", [obj.get("answer")])
+    if not isinstance(question, str) or not isinstance(answers, list) or not answers \
+            or not all(isinstance(a, str) for a in answers):
+        return None
+    context = obj.get("context")
+    return {"question": question.strip(), "answers": clean_answers(answers),
+            "context": context if isinstance(context, str) and context.strip() else None,
+            "article": str(obj.get("id") or obj.get("title") or question)}
+
+
+def squad_questions(path, data, bad):
+    """Every question of SQuAD-style data (CMRC2018, DRCD, XQuAD) as {id, article, question, answers,
+    answer_start, context}: answers cleaned (possibly empty: the caller decides), `answer_start` the
+    character offset of answers[0] in the context (None when unknown), `article` the split key (title,
+    else id). An article or paragraph of the wrong shape is reported to `bad` and skipped."""
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise ValueError(f"{path} is not SQuAD-style JSON (expected an object with a 'data' list)")
+    name = Path(path).name
+    for a_index, article in enumerate(data["data"]):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            bad.add(f"{path}:article {a_index}", "unexpected SQuAD shape (no 'paragraphs' list)")
+            continue
+        key = str(article.get("title") or article.get("id") or f"{name}:{a_index}")
+        for paragraph in paragraphs:
+            qas = paragraph.get("qas") if isinstance(paragraph, dict) else None
+            context = paragraph.get("context") if isinstance(paragraph, dict) else None
+            if not isinstance(qas, list) or not isinstance(context, str):
+                bad.add(f"{path}:article {a_index}", "unexpected SQuAD shape (a paragraph without 'context' or 'qas')")
+                continue
+            for q_index, qa in enumerate(qas):
+                if not isinstance(qa, dict):
+                    bad.add(f"{path}:article {a_index}", "unexpected SQuAD shape (a question that is not an object)")
+                    continue
+                golds = [a for a in qa.get("answers", []) if isinstance(a, dict) and isinstance(a.get("text"), str)]
+                answers = clean_answers(a["text"] for a in golds)
+                start = next((a.get("answer_start") for a in golds if a["text"].strip() == answers[0]), None) \
+                    if answers else None
+                start = _answer_offset(context, answers[0], start) if answers else None
+                yield {"id": str(qa.get("id", f"{key}-{q_index}")), "article": key,
+                       "question": qa["question"].strip() if isinstance(qa.get("question"), str) else "",
+                       "answers": answers, "answer_start": start, "context": context}
+
+
+def _answer_offset(context, answer, start):
+    """Where `answer` starts in `context`: the given offset when it is right (around leading
+    whitespace the gold text had), else the first occurrence, else None."""
+    if isinstance(start, int) and not isinstance(start, bool) and 0 <= start <= len(context):
+        for s in (start, start + 1, start - 1):
+            if context[s:s + len(answer)] == answer:
+                return s
+    found = context.find(answer)
+    return found if found >= 0 else None
+
+
+def load_qa(path, bad=None):
+    """Questions for the evaluations and DPO, as dicts {id, article, question, answers, context}
+    (SQuAD-style also `answer_start`): SQuAD-style JSON or QA jsonl.
+
+    jsonl lines hold `question` and `answer` (or a list `answers`), optionally `context`; generated
+    pairs share their article's `id`, so ids get a per-article counter (`<article>-<k>`). A question
+    without a usable gold answer is reported to `bad`.
+    """
+    path = Path(path)
+    bad = bad if bad is not None else BadLines()
+    if not path.is_file():
+        raise FileNotFoundError(f"QA input {path} not found")
+    if path.suffix == ".json":
+        data = read_json_file(path)
+        if not isinstance(data, BadJSON):
+            examples = []
+            for q in squad_questions(path, data, bad):
+                if q["question"] and q["answers"]:
+                    examples.append(q)
+                else:
+                    bad.add(f"{path}:{q['id']}", "no question or no gold answer")
+            return examples
+        # not one JSON document: perhaps one object per line, read as jsonl below
+    examples, per_article = [], {}
+    for lineno, obj in iter_jsonl(path, bad, required=("question",)):
+        q = qa_fields(obj)
+        if q is None or not q["answers"]:
+            bad.add(f"{path}:{lineno}", "no string answer")
+            continue
+        prefix = str(obj.get("id", f"{path.name}:{lineno}"))
+        per_article[prefix] = per_article.get(prefix, -1) + 1
+        examples.append({"id": f"{prefix}-{per_article[prefix]}", **q})
+    return examples
+
+
+def read_json_file(path, max_bytes=MAX_JSON_FILE_BYTES):
+    """A whole JSON file's value, or the BadJSON saying why it cannot be used (also: too large)."""
+    size = Path(path).stat().st_size
+    if size > max_bytes:
+        return BadJSON(f"file of {size} bytes, over the {max_bytes}-byte limit for one JSON document")
+    try:
+        return load_json(Path(path).read_bytes())
+    except BadJSON as e:
+        return e
 
 
 # ----------------------------------------------------------------------------- cleaning
@@ -161,11 +381,20 @@ def count_chars(text):
 # ----------------------------------------------------------------------------- files
 
 
+def token_dtype(n_vocab):
+    """The one rule for token files: uint16 while every id fits, else uint32."""
+    return np.dtype("uint16" if n_vocab <= 2**16 else "uint32")
+
+
+def _temporary(path, pid):
+    return path.with_name(f".{path.name}.tmp{pid}")
+
+
 @contextmanager
 def atomic_write(path, mode="wb"):
     """Open a temporary file beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path, os.getpid())
     try:
         with open(tmp, mode) as f:
             yield f
@@ -175,6 +404,38 @@ def atomic_write(path, mode="wb"):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(folder, names, max_age_s=24 * 3600):
+    """Remove the `atomic_write` temporaries of `names` in `folder` left by killed runs: those whose
+    process is gone, or older than `max_age_s` (a pid may have been reused). Returns their paths."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    pattern = re.compile(r"\.(%s)\.tmp(\d+)" % "|".join(map(re.escape, names)))
+    for p in folder.iterdir():
+        m = pattern.fullmatch(p.name)
+        if not m or int(m.group(2)) == os.getpid():
+            continue
+        try:
+            old = time.time() - p.lstat().st_mtime > max_age_s
+            if old or not _alive(int(m.group(2))):
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:  # another run cleaned it first
+            pass
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone, or not a pid this system can have
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def write_json(path, obj):

@@ -111,6 +111,12 @@ def _bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
+def passage_qa_prompt(passage, question):
+    """The one passage + question prompt (SFT --with_context, DPO --with_context, qa_eval --with_context):
+    the passage, a newline, the question. Text, because evaluations send text prompts to `Run`."""
+    return passage.strip() + "\n" + question.strip()
+
+
 class Tokenizer:
     """Encode/decode text; knows the special token ids as attributes (tok.eot, tok.pad, ...)."""
 
@@ -148,6 +154,10 @@ class Tokenizer:
         if answer is not None:
             ids += self.encode(answer) + [self.eot]
         return ids
+
+    def encode_passage_qa(self, passage, question, answer=None):
+        """The reading-comprehension layout: `passage_qa_prompt` then the SFT layout (`encode_qa`)."""
+        return self.encode_qa(passage_qa_prompt(passage, question), answer)
 
     def encode_chat(self, messages, add_generation_prompt=True):
         """<|role|> content <|end|> per message; a prompt ends with <|assistant|>.

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from data.prepare import article_sentences, get_tokenizer  # noqa: E402
-from data_utils import article_key, clean_article, find_jsonl, iter_jsonl, split_of  # noqa: E402
+from data_utils import article_key, clean_article, find_jsonl, iter_jsonl, split_of, token_dtype  # noqa: E402
 from tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def baseline(input_dir, out, tokenizer, block_size, val_fraction, min_chars):
                         row = []
                     row.extend(piece)
             rows[split].append(row + [tok.eot] + [tok.pad] * (cap - len(row)))
-    dtype = "uint16" if tok.n_vocab <= 2**16 else "uint32"
+    dtype = token_dtype(tok.n_vocab).name
     for split, split_rows in rows.items():
         np.array(split_rows, dtype=dtype).reshape(-1, block_size).tofile(Path(out) / f"{split}.bin")
 

@@ -5,11 +5,15 @@
 Design:
 - Blocks: every row is exactly `block_size` tokens, `[tokens..., EOT, PAD...]`, made of whole
   sentences (`data_utils.split_sentences`), so a row never ends mid-sentence. A long article goes on
-  in further rows, each starting at a sentence start and ending with its own EOT. A paragraph's last
-  sentence keeps its newline, so an article's rows decode back to its cleaned text. A single sentence
+  in further rows, each starting at a sentence start. The EOT rule: EOT follows only the true end
+  of an article; a row cut inside an article ends with PAD instead (PAD never counts in the loss),
+  so the model never learns "the document ends here" where it goes on, and the file holds exactly
+  one EOT per kept article (`eot_train` / `eot_val` in meta.json). A paragraph's last sentence
+  keeps its newline, so an article's rows decode back to its cleaned text. A single sentence
   longer than a row (lists, tables) is cut into row-sized pieces at token boundaries (never inside a
-  character) and counted as `sentences_split`. `--pack` lets several pieces (each still ending in
-  EOT) share a row, to cut padding; the summary reports the PAD fraction either way.
+  character) and counted as `sentences_split`. `--pack` lets several pieces share a row, each
+  article end followed by its EOT; a piece cut inside its article closes its row. The summary
+  reports the PAD fraction either way.
 - Split: by article, from a sha1 of its id (else title, else text) (`data_utils.split_of`), so it is
   independent of order and worker count, and later stages can tell which articles were pretrained on.
 - Streaming and parallel: the main process reads whole lines in chunks of `--chunk_bytes` and a
@@ -18,9 +22,12 @@ Design:
 - Speed: tiktoken's BPE is most of the cost, so the gain comes from using every core; around it, no
   Python work per token: sentence and row boundaries are numpy cumsums and searches, and a chunk's
   rows are filled by one fancy-indexed assignment (`fill_rows`).
-- Robust and atomic: malformed lines are counted and the first ones reported with file:line; the
-  bins go to temporaries renamed at the end, the old meta.json is removed just before and the new one
-  written last, so an interrupted run never looks complete. Exit 1 only when nothing usable was found.
+- Robust and atomic: malformed lines (bad JSON or UTF-8, nesting too deep, lone surrogates, lines
+  over `--max_line_bytes`, skipped without being read whole) are counted and the first ones
+  reported with file:line; FIFOs, symlink loops and folders named `*.jsonl` are reported and never
+  opened. The bins go to temporaries renamed at the end, the old meta.json is removed just before
+  and the new one written last, so an interrupted run never looks complete; the temporaries a
+  killed run left behind are removed at the next start. Exit 1 only when nothing usable was found.
 """
 import argparse
 import os
@@ -36,11 +43,13 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_utils import (BadLines, article_key, atomic_write, clean_article, count_chars, find_jsonl,  # noqa: E402
-                        parse_jsonl_line, split_of, split_sentences, write_json)
+from data_utils import (MAX_LINE_BYTES, BadLines, article_key, atomic_write, clean_article, count_chars,  # noqa: E402
+                        find_jsonl, parse_jsonl_line, remove_stale_temporaries, split_of, split_sentences,
+                        token_dtype, write_json)
 from tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer, sample_texts, train_tokenizer  # noqa: E402
 
 SPLITS = ("train", "val")
+OUTPUTS = ("train.bin", "val.bin", "meta.json")
 
 
 def article_sentences(body):
@@ -56,18 +65,30 @@ def article_sentences(body):
     return sentences
 
 
-def read_chunks(files, chunk_bytes):
-    """(path, first line number, bytes of whole lines), about `chunk_bytes` each, file by file."""
+def read_chunks(files, chunk_bytes, max_line_bytes, bad):
+    """(path, first line number, bytes of whole lines), about `chunk_bytes` each, file by file.
+
+    A line longer than `max_line_bytes` is dropped as soon as it is known to be too long and the
+    rest of it is skipped unread into memory, so one line can never take more than about
+    `max_line_bytes + chunk_bytes`; it is reported to `bad` and counted by the caller."""
     for path in files:
-        lineno, rest = 1, b""
+        lineno, rest, skipping = 1, b"", False
         with open(path, "rb") as f:
             while block := f.read(chunk_bytes):
+                if skipping:
+                    newline = block.find(b"\n")
+                    if newline < 0:
+                        continue
+                    block, skipping, lineno = block[newline + 1:], False, lineno + 1
                 block = rest + block
                 cut = block.rfind(b"\n") + 1
                 rest = block[cut:]
                 if cut:
                     yield str(path), lineno, block[:cut]
                     lineno += block.count(b"\n", 0, cut)
+                if len(rest) > max_line_bytes:
+                    bad.add(f"{path}:{lineno}", f"line longer than {max_line_bytes} bytes")
+                    rest, skipping = b"", True
         if rest:
             yield str(path), lineno, rest
 
@@ -96,13 +117,7 @@ class Worker:
             if obj is None:
                 counts["malformed"] += 1
                 continue
-            body = clean_article(obj["text"])
-            try:
-                body.encode()
-            except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape
-                bad.add(f"{path}:{first_line + offset}", "lone surrogate in text")
-                counts["malformed"] += 1
-                continue
+            body = clean_article(obj["text"])  # parse_jsonl_line refused lone surrogates and deep nesting
             if len(body) < max(self.min_chars, 1):
                 counts["too_short"] += 1
                 continue
@@ -121,11 +136,12 @@ class Worker:
         boundaries, n_split = self.cut_long_sentences(flat, sentence_ends)
         counts["sentences_split"] += n_split
         pieces = self.cut_pieces(boundaries, article_ends)
-        starts, ends = pieces[:, 0], pieces[:, 1]
-        out = self.fill_rows(flat, starts, ends)
+        starts, ends, last = pieces[:, 0], pieces[:, 1], pieces[:, 2].astype(bool)
+        out = self.fill_rows(flat, starts, ends, last)
         counts[f"tokens_{split}"] += int(len(flat))
         counts[f"blocks_{split}"] += len(out)
-        counts[f"pad_{split}"] += int(out.size - (ends - starts).sum() - len(starts))
+        counts[f"eot_{split}"] += int(last.sum())
+        counts[f"pad_{split}"] += int(out.size - (ends - starts).sum() - last.sum())
         return out.tobytes()
 
     def encode_sentences(self, articles):
@@ -158,27 +174,32 @@ class Worker:
         return np.unique(np.concatenate([sentence_ends, cuts]).astype(np.int64)), len(long)
 
     def cut_pieces(self, boundaries, article_ends):
-        """(start, end) of each row piece: the most whole sentences of one article that fit a row."""
+        """(start, end, ends_article) of each row piece: the most whole sentences of one article that
+        fit a row, and whether the article ends there (only then does an EOT follow)."""
         cap, bounds = self.block_size - 1, boundaries.tolist()
         pieces, start = [], 0
         for article_end in article_ends.tolist():
             while start < article_end:
                 end = min(bounds[bisect_right(bounds, start + cap) - 1], article_end)
-                pieces.append((start, end))
+                pieces.append((start, end, end == article_end))
                 start = end
-        return np.array(pieces, dtype=np.int64).reshape(-1, 2)
+        return np.array(pieces, dtype=np.int64).reshape(-1, 3)
 
-    def fill_rows(self, flat, starts, ends):
-        """Rows holding each piece followed by EOT, padded; with `pack`, pieces share rows greedily."""
-        lengths = ends - starts + 1  # with the EOT
+    def fill_rows(self, flat, starts, ends, last):
+        """Rows holding each piece, then EOT where its article ends (`last`), padded.
+
+        A piece cut inside its article is followed by PAD and closes its row: the model is never
+        taught that a document ends where it does not. With `pack`, pieces share rows greedily; the
+        piece after a cut one would not have fitted in its row anyway (that is why it was cut)."""
+        lengths = ends - starts + 1  # with the EOT, or the PAD after a cut piece
         if self.pack:
             row_of, col_of, row, col = [], [], 0, 0
-            for n in lengths.tolist():
+            for n, closes in zip(lengths.tolist(), last.tolist()):
                 if col + n > self.block_size:
                     row, col = row + 1, 0
                 row_of.append(row)
                 col_of.append(col)
-                col += n
+                col = col + n if closes else self.block_size
             row_of, col_of = np.array(row_of), np.array(col_of)
         else:
             row_of, col_of = np.arange(len(lengths)), np.zeros(len(lengths), dtype=np.int64)
@@ -187,7 +208,7 @@ class Worker:
         token_piece = np.repeat(np.arange(len(lengths)), n_tokens)
         within = np.arange(len(token_piece)) - np.repeat(np.cumsum(n_tokens) - n_tokens, n_tokens)
         out[row_of[token_piece], col_of[token_piece] + within] = flat[starts[token_piece] + within]
-        out[row_of, col_of + n_tokens] = self.tok.eot
+        out[row_of[last], (col_of + n_tokens)[last]] = self.tok.eot
         return out
 
 
@@ -235,15 +256,20 @@ def get_tokenizer(spec, input_path, vocab_size):
 
 def prepare(args):
     """Run the whole preparation and return the meta dict; SystemExit(1) when nothing usable is found."""
-    files = find_jsonl(args.input)
+    skipped = BadLines()
+    files = find_jsonl(args.input, skipped=skipped)
+    skipped.report("paths that are not regular files")
     if not files:
         print(f"error: no .jsonl files under {args.input}", file=sys.stderr)
         raise SystemExit(1)
     tok = get_tokenizer(args.tokenizer, args.input, args.vocab_size)
-    dtype = "uint16" if tok.n_vocab <= 2**16 else "uint32"
+    dtype = token_dtype(tok.n_vocab).name
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temporaries(out, OUTPUTS):
+        print(f"removed {stale}, left by a run that was killed")
     bad, counts = BadLines(), Counter()
+    counts["skipped_paths"] = skipped.count
     for path in files:
         if path.stat().st_size == 0:
             bad.add(f"{path}:0", "empty file")
@@ -253,13 +279,17 @@ def prepare(args):
     t0 = time.time()
     with atomic_write(out / "train.bin") as f_train, atomic_write(out / "val.bin") as f_val, \
             tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=args.quiet) as bar:
-        chunks = read_chunks(files, args.chunk_bytes)
+        long_lines = BadLines()
+        chunks = read_chunks(files, args.chunk_bytes, args.max_line_bytes, long_lines)
         for n_bytes, rows, chunk_counts, chunk_bad in ordered_results(chunks, worker_args, args.workers):
             f_train.write(rows["train"])
             f_val.write(rows["val"])
             counts.update(chunk_counts)
             bad.merge(chunk_bad)
             bar.update(n_bytes)
+        # the over-long lines were never parsed: count them with the malformed ones
+        counts.update({"articles_read": long_lines.count, "malformed": long_lines.count})
+        bad.merge(long_lines)
         if counts["blocks_train"] + counts["blocks_val"] == 0:
             bad.report()
             print(f"error: no usable article in {args.input} ({counts['articles_read']} lines read)", file=sys.stderr)
@@ -281,6 +311,7 @@ def build_meta(tok, args, dtype, counts, bad):
         "articles_kept": counts["articles_train"] + counts["articles_val"],
         "dropped": {"malformed": counts["malformed"], "too_short": counts["too_short"]},
         "empty_files": counts["empty_files"],
+        "skipped_paths": counts["skipped_paths"],
         "bad_lines": bad.examples,
         "tokens": counts["tokens_train"] + counts["tokens_val"],
         "chars": counts["chars_train"] + counts["chars_val"],
@@ -288,7 +319,7 @@ def build_meta(tok, args, dtype, counts, bad):
         "sentences_split": counts["sentences_split"],
     }
     for split in SPLITS:
-        for what in ("articles", "blocks", "tokens", "chars"):
+        for what in ("articles", "blocks", "tokens", "chars", "eot"):
             summary[f"{what}_{split}"] = counts[f"{what}_{split}"]
     return {"block_size": args.block_size, "dtype": dtype, "vocab_size": tok.n_vocab, "tokenizer": tok.identity.to_json(), "schema": 1,
             "special": tok.special, "kind": "pretrain", "pack": args.pack, "val_fraction": args.val_fraction,
@@ -302,7 +333,8 @@ def print_summary(meta, out, bad):
           f"({c['articles_train']} train / {c['articles_val']} val), dropped {c['dropped']}")
     print(f"blocks of {meta['block_size']}: {c['blocks_train']} train / {c['blocks_val']} val; "
           f"{c['tokens']:,} tokens, {c['chars']:,} chars ({c['chars'] / max(c['tokens'], 1):.2f} chars/token), "
-          f"pad fraction {c['pad_fraction']:.1%}, {c['sentences_split']} over-long sentences split")
+          f"pad fraction {c['pad_fraction']:.1%}, {c['sentences_split']} over-long sentences split, "
+          f"{c['eot_train'] + c['eot_val']} EOT (one per article end)")
     print(f"{c['input_mb_per_s']} MB/s over {c['seconds']}s -> {out}/train.bin, val.bin, meta.json")
     if c["blocks_val"] == 0:
         print("warning: no validation block (raise --val_fraction for a corpus this small)")
@@ -321,6 +353,8 @@ def main(argv=None):
     ap.add_argument("--min_chars", type=int, default=50, help="drop articles shorter than this after cleaning")
     ap.add_argument("--chunk_bytes", type=int, default=1 << 20,
                     help="unit of work; the output never depends on --workers (--pack rows stay within a chunk)")
+    ap.add_argument("--max_line_bytes", type=int, default=MAX_LINE_BYTES,
+                    help="a longer line is skipped unread and counted as malformed (bounds memory)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.block_size < 2:

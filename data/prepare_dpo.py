@@ -4,8 +4,8 @@
         --sft_run out/sft
     python data/prepare_dpo.py --input sft/sft_saves.jsonl --negatives other --tokenizer data/tokenizer
 
-Input: SQuAD-style JSON (CMRC2018 / DRCD) or QA jsonl (`{"question", "answer", "id"}`, as
-sft/sft_generate.py writes it), both read by `evaluations.metrics.load_qa`, or ready preference
+Input: SQuAD-style JSON (CMRC2018 / DRCD dev; DRCD test is held out and refused) or QA jsonl
+(`{"question", "answer", "id"}`, as sft/sft_generate.py writes it), both read by `data_utils.load_qa`, or ready preference
 jsonl (`{"prompt", "chosen", "rejected"}`, used as is). Output in `--out`: `pairs.jsonl` (every
 pair kept, with where its negative came from), `train.bin` / `val.bin` and `meta.json` (kind "dpo").
 
@@ -17,8 +17,11 @@ Design choices:
   answer of a question about another article (a fluent, on-format but wrong answer, as related
   work used for KTO negatives); `both` (default) = the model's answer when wrong, else another
   article's. Pairs are closed-book, question -> answer, as in the default SFT data; with
-  `--with_context` the prompt is the passage, a newline, then the question (the layout of
-  prepare_sft.py and qa_eval.py under the same flag).
+  `--with_context` the prompt is `tokenizer.passage_qa_prompt` (the passage, a newline, the
+  question: the one layout of prepare_sft.py and qa_eval.py under the same flag).
+- Split by article, not by pair: `data_utils.split_of` of the article key, the same key and hash as
+  prepare_sft.py, so with the same `--val_fraction` (0.05 both) a question in the SFT `val.jsonl`
+  is a DPO validation pair, and no passage or article has pairs in both splits.
 - Row 2i = prompt + chosen, row 2i+1 = prompt + rejected, each `tok.encode_qa(prompt, a)` padded
   with PAD to `block_size`, so `loss_mask(kind="sft")` marks exactly the two responses and a pair
   never straddles train and val. A pair whose longer row does not fit is dropped and counted.
@@ -35,31 +38,42 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_utils import BadLines, atomic_write, count_chars, iter_jsonl, write_json  # noqa: E402
-from evaluations.metrics import complete_all, f1, load_qa  # noqa: E402
-from evaluations.qa_eval import context_prompt  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from data_utils import (BadLines, atomic_write, count_chars, held_out_of_training, iter_jsonl, load_qa,  # noqa: E402
+                        remove_stale_temporaries, split_of, token_dtype, write_json)
+from evaluations.metrics import complete_all, f1  # noqa: E402
+from tokenizer import load_tokenizer, passage_qa_prompt  # noqa: E402
+
+OUTPUTS = ("train.bin", "val.bin", "pairs.jsonl", "meta.json")
 
 
 def read_examples(paths, bad, with_context=False):
-    """QA examples (`evaluations.metrics.load_qa`: id, question, answers, context) with their
-    prompt and the group of questions they share an article or passage with, and ready preference
-    rows."""
+    """QA examples (`data_utils.load_qa`: id, article, question, answers, context) with their prompt
+    and the group of questions they share a passage (else an article) with, and ready preference rows.
+    Held-out evaluation files (`data_utils.TRAINING_HELD_OUT`, DRCD test) are refused."""
     qa, preference = [], []
     for path in map(Path, paths):
+        if held_out_of_training(path):
+            raise ValueError(f"{path} is held out of training (an evaluation set): DPO may not train on it")
         first = next(iter_jsonl(path, BadLines(), required=()), (0, {}))[1] if path.suffix == ".jsonl" else {}
         if "chosen" not in first:
             for q in load_qa(path, bad):
                 if with_context and not q["context"]:
                     bad.add(f"{path}:{q['id']}", "no context for --with_context")
                     continue
-                q["prompt"] = context_prompt(q["context"], q["question"]) if with_context else q["question"]
-                q["group"] = q["context"] or q["id"].rpartition("-")[0]  # passage, else article id
+                q["prompt"] = passage_qa_prompt(q["context"], q["question"]) if with_context else q["question"]
+                q["group"] = q["context"] or q["article"]
                 qa.append(q)
             continue
         for _, obj in iter_jsonl(path, bad, required=("prompt", "chosen", "rejected")):
             preference.append({k: obj[k] for k in ("prompt", "chosen", "rejected")} | {"negative": "given"})
     return qa, preference
+
+
+def split_key(pair):
+    """What a pair is split by: its article, the same key and hash as prepare_sft.py (so a question
+    held out of SFT is held out here too, and no passage is in both splits); a ready preference row
+    by its prompt."""
+    return pair.get("article") or pair["prompt"]
 
 
 def other_answer(example, qa, max_f1, rng, tries=20):
@@ -75,7 +89,8 @@ def build_pairs(qa, negatives, model_said, max_f1, seed, counts):
     rng = random.Random(seed)
     pairs = []
     for i, ex in enumerate(qa):
-        pair = {"prompt": ex["prompt"], "chosen": ex["answers"][0], "id": ex["id"], "group": ex["group"]}
+        pair = {"prompt": ex["prompt"], "chosen": ex["answers"][0], "id": ex["id"], "article": ex["article"],
+                "group": ex["group"]}
         score = f1(model_said[i], ex["answers"]) if model_said else None
         if score is not None:
             pair["sft_answer"], pair["sft_f1"] = model_said[i], round(score, 4)
@@ -123,7 +138,8 @@ def main(argv=None):
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--gen_batch_size", type=int, default=32)
     ap.add_argument("--limit", type=int, help="use only the first N QA examples")
-    ap.add_argument("--val_fraction", type=float, default=0.05)
+    ap.add_argument("--val_fraction", type=float, default=0.05,
+                    help="share of articles held out; keep it equal to prepare_sft.py's (0.05) so SFT val stays val")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args(argv)
@@ -142,9 +158,12 @@ def main(argv=None):
         ap.error("--block_size is needed without --sft_run")
 
     bad = BadLines()
-    qa, preference = read_examples(args.input, bad, args.with_context)
+    try:
+        qa, preference = read_examples(args.input, bad, args.with_context)
+    except ValueError as e:
+        ap.error(str(e))
     qa = qa[: args.limit] if args.limit else qa
-    counts = {"pairs_read": len(qa) + len(preference), "articles_read": len({q["group"] for q in qa}),
+    counts = {"pairs_read": len(qa) + len(preference), "articles_read": len({q["article"] for q in qa}),
               "dropped": Counter()}
     model_said = None
     if args.negatives != "other" and qa:
@@ -156,12 +175,19 @@ def main(argv=None):
     if len(pairs) < 2:
         sys.exit(f"only {len(pairs)} usable pairs (dropped: {dict(counts['dropped'])}); need at least 2")
 
-    order = np.random.default_rng(args.seed).permutation(len(pairs))
-    n_val = min(len(pairs) - 1, max(1, round(len(pairs) * args.val_fraction)))
-    split = {"val": sorted(order[:n_val]), "train": sorted(order[n_val:])}
-    dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
+    split = {"train": [], "val": []}
+    for i, pair in enumerate(pairs):
+        split[split_of(split_key(pair), args.val_fraction)].append(i)
+    if not split["train"]:
+        sys.exit(f"all {len(pairs)} pairs fell in the validation split (lower --val_fraction)")
+    if not split["val"]:
+        print(f"warning: no validation pair among {len(pairs)} (raise --val_fraction for a set this small)")
+    n_val = len(split["val"])
+    dtype = token_dtype(tok.n_vocab)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temporaries(out, OUTPUTS):
+        print(f"removed {stale}, left by a run that was killed")
     for name, idx in split.items():
         block_rows = [rows[2 * i + k] for i in idx for k in (0, 1)]
         with atomic_write(out / f"{name}.bin") as f:
@@ -174,7 +200,7 @@ def main(argv=None):
     tokens = np.array(rows)
     counts |= {
         "pairs_kept": len(pairs), "pairs_train": len(split["train"]), "pairs_val": n_val,
-        "articles_kept": len({p["group"] for p in pairs if "group" in p}),
+        "articles_kept": len({p["article"] for p in pairs if "article" in p}),
         "negatives": dict(Counter(p["negative"] for p in pairs)),
         "blocks_train": 2 * len(split["train"]), "blocks_val": 2 * n_val,
         "tokens": int((tokens != tok.pad).sum()),
@@ -182,7 +208,7 @@ def main(argv=None):
         "pad_fraction": round(float((tokens == tok.pad).mean()), 4),
         "malformed": bad.count, "dropped": dict(counts["dropped"]),
     }
-    write_json(out / "meta.json", {"block_size": block_size, "dtype": np.dtype(dtype).name, "vocab_size": tok.n_vocab,
+    write_json(out / "meta.json", {"block_size": block_size, "dtype": dtype.name, "vocab_size": tok.n_vocab,
                                    "tokenizer": tok.identity.to_json(), "schema": 1, "special": tok.special, "kind": "dpo",
                                    "sft_run": str(Path(args.sft_run).resolve()) if run else None,
                                    "counts": counts})

@@ -1,14 +1,18 @@
 """SFT data: QA pairs and dialogues -> `train.bin`, `val.bin`, `val.jsonl`, `meta.json`.
 
     python data/prepare_sft.py --input data/qa.jsonl ../shared/data/qa ../shared/data/dialog --out data/sft
+    python data/prepare_sft.py --input data/qa.jsonl ../shared/data/qa --out data/sft_read \
+        --with_context --context_mix 0.5     # reading: half the pairs show their passage
 
-Inputs are recognised by their content, not their names:
-- generated QA jsonl, one `{"question", "answer", "id"?, "title"?}` a line;
-- SQuAD-style JSON (CMRC2018, DRCD): `{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}`,
-  with `--with_context` the prompt is the passage, a newline, then the question;
+Inputs are recognised by their content, not their names, through the readers of data_utils:
+- QA jsonl (`qa_fields`), one `{"question", "answer" | "answers", "context"?, "id"?, "title"?}` a line
+  (sft/sft_generate.py writes the passage a pair was made from as `context`);
+- SQuAD-style JSON (`squad_questions`: CMRC2018, DRCD), with a passage and answer offset per question;
 - chat jsonl, one `{"messages": [{"role": "system|user|assistant", "content"}, ...]}` a line;
 - KdConv JSON: a list of `{"name", "messages": [{"message", "attrs"?}, ...]}`, turns alternating
   user/assistant from the first (the knowledge `attrs` are not used).
+Held-out evaluation files (`data_utils.TRAINING_HELD_OUT`: DRCD test) are never read, even inside a
+folder given as input; they, FIFOs, symlink loops and folders named `*.json[l]` are reported.
 
 Design:
 - One example per row: `tok.encode_qa(question, answer)` or `tok.encode_chat(messages,
@@ -16,17 +20,29 @@ Design:
   `data_utils.loss_mask` finds the answer spans from the tokens alone. An example longer than a row is
   dropped and counted, except a dialogue, which is cut at turn boundaries into several examples (each
   starting with a user turn, keeping the system message); a single exchange too long is dropped.
+- Reading (`--with_context`): a pair that carries its passage is laid out by
+  `tok.encode_passage_qa(passage, question, answer)` (the passage, a newline, the question: the one
+  layout qa_eval.py and prepare_dpo.py use too). A passage too long for the block is cut around the
+  answer span (`cut_passage`), the answer's place in the cut drawn from a per-example seeded
+  generator, so the data is deterministic but the answer is not always in the middle. A pair whose
+  answer is not in its passage keeps the whole passage if it fits, else is dropped as too long.
+  `--context_mix F` gives the passage to a fraction F of those pairs (a hash of the question decides,
+  so it does not depend on order) and leaves the rest closed-book: one model learns both to read
+  and to remember. meta.json counts `with_passage` and `passages_cut`.
 - Pairs are deduplicated on their normalised text. The split is by source: the pair's `id` (else
   title), the SQuAD article title, or the dialogue, hashed with `data_utils.split_of` like
   data/prepare.py, so generated pairs of a wiki article held out of pretraining are held out here too.
-- The held-out QA pairs also go to `val.jsonl` (`{"id", "question", "answer", "answers"}`) for the
-  evaluations. SFT sets are small (MBs), so examples are held in memory for deduplication.
+- The held-out QA pairs also go to `val.jsonl` (`{"id", "question", "answer", "answers", "context"?}`,
+  context = the passage shown) for the evaluations. SFT sets are small (MBs), so examples are held
+  in memory for deduplication.
 - `--pretrain_data DIR` refuses a tokenizer other than the one that DIR's meta.json records.
-- Malformed lines and files are counted and reported with file:line, never fatal; outputs are written
-  to temporaries and renamed, meta.json last.
+- Malformed lines and files (bad JSON or UTF-8, nesting too deep, lone surrogates, over-long lines)
+  are counted and reported with file:line, never fatal; outputs are written to temporaries and
+  renamed, meta.json last; temporaries left by a killed run are removed at the next start.
 """
 import argparse
 import json
+import random
 import sys
 from collections import Counter
 from pathlib import Path
@@ -34,7 +50,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_utils import BadLines, atomic_write, find_jsonl, load_meta, parse_jsonl_line, split_of, write_json  # noqa: E402
+from data_utils import (BadJSON, BadLines, atomic_write, find_jsonl, held_out_of_training, load_meta,  # noqa: E402
+                        parse_jsonl_line, qa_fields, read_json_file, read_lines, remove_stale_temporaries,
+                        split_of, squad_questions, token_dtype, write_json)
+
+OUTPUTS = ("train.bin", "val.bin", "val.jsonl", "meta.json")
 from tokenizer import TokenizerId, load_tokenizer  # noqa: E402
 
 
@@ -42,8 +62,9 @@ def normalise(text):
     return " ".join(text.split()).lower()
 
 
-def qa_record(key, question, answers, source):
-    return {"kind": "qa", "key": key, "question": question.strip(), "answers": answers, "source": source}
+def qa_record(key, question, answers, source, context=None, answer_start=None, qid=None):
+    return {"kind": "qa", "key": key, "question": question, "answers": answers, "source": source,
+            "context": context, "answer_start": answer_start, "id": qid}
 
 
 def chat_record(key, messages, source):
@@ -51,31 +72,30 @@ def chat_record(key, messages, source):
 
 
 def read_jsonl(path, bad, counts):
-    """QA pairs or chat conversations, one a line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            obj = parse_jsonl_line(raw, where, bad, required=())
-            if obj is None:
-                counts["malformed"] += bool(raw.strip())
-                continue
-            if isinstance(obj.get("messages"), list):
-                messages = chat_messages(obj["messages"])
-                if messages is None:
-                    bad.add(where, "messages need string 'role' (system/user/assistant) and 'content'")
-                    counts["malformed"] += 1
-                    continue
-                first = next((m["content"] for m in messages if m["role"] == "user"), "")
-                yield chat_record(str(obj.get("id") or first), messages, "chat")
-            elif isinstance(obj.get("question"), str) and isinstance(obj.get("answer"), str):
-                if not obj["question"].strip() or not obj["answer"].strip():
-                    counts["no_answer"] += 1
-                    continue
-                key = str(obj.get("id") or obj.get("title") or obj["question"])
-                yield qa_record(key, obj["question"], [obj["answer"].strip()], "qa")
-            else:
-                bad.add(where, "neither a QA pair (question, answer) nor a chat (messages)")
+    """QA pairs (`data_utils.qa_fields`, with their passage when they carry one) or chat
+    conversations, one a line."""
+    for lineno, raw in read_lines(path, bad):
+        where = f"{path}:{lineno}"
+        obj = parse_jsonl_line(raw, where, bad, required=())
+        if obj is None:
+            counts["malformed"] += raw is None or bool(raw.strip())
+            continue
+        if isinstance(obj.get("messages"), list):
+            messages = chat_messages(obj["messages"])
+            if messages is None:
+                bad.add(where, "messages need string 'role' (system/user/assistant) and 'content'")
                 counts["malformed"] += 1
+                continue
+            first = next((m["content"] for m in messages if m["role"] == "user"), "")
+            yield chat_record(str(obj.get("id") or first), messages, "chat")
+        elif (q := qa_fields(obj)) is not None:
+            if not q["question"] or not q["answers"]:
+                counts["no_answer"] += 1
+                continue
+            yield qa_record(q["article"], q["question"], q["answers"], "qa", q["context"])
+        else:
+            bad.add(where, "neither a QA pair (question, answer) nor a chat (messages)")
+            counts["malformed"] += 1
 
 
 def chat_messages(messages):
@@ -84,16 +104,21 @@ def chat_messages(messages):
     return [{"role": m["role"], "content": m["content"]} for m in messages] if ok else None
 
 
-def read_json(path, bad, counts, with_context):
-    """A SQuAD-style file or a KdConv dialogue file, told apart by shape."""
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        bad.add(f"{path}:0", f"not a readable JSON file ({type(e).__name__})")
+def read_json(path, bad, counts):
+    """A SQuAD-style file (`data_utils.squad_questions`) or a KdConv dialogue file, told apart by shape."""
+    data = read_json_file(path)
+    if isinstance(data, BadJSON):
+        bad.add(f"{path}:0", f"not a readable JSON file ({data})")
         counts["malformed"] += 1
         return
     if isinstance(data, dict) and isinstance(data.get("data"), list):
-        yield from squad_records(path, data["data"], bad, counts, with_context)
+        before = bad.count
+        for q in squad_questions(path, data, bad):
+            if not q["question"] or not q["answers"]:
+                counts["no_answer"] += 1
+                continue
+            yield qa_record(q["article"], q["question"], q["answers"], "squad", q["context"], q["answer_start"], q["id"])
+        counts["malformed"] += bad.count - before
     elif isinstance(data, list) and all(isinstance(d, dict) and isinstance(d.get("messages"), list) for d in data):
         for index, dialogue in enumerate(data):
             turns = [m.get("message") for m in dialogue["messages"] if isinstance(m, dict)]
@@ -108,40 +133,55 @@ def read_json(path, bad, counts, with_context):
         counts["malformed"] += 1
 
 
-def squad_records(path, articles, bad, counts, with_context):
-    for a_index, article in enumerate(articles):
-        try:
-            key = str(article.get("title") or article.get("id") or f"{Path(path).name}:{a_index}")
-            for paragraph in article["paragraphs"]:
-                for qa in paragraph["qas"]:
-                    answers = list(dict.fromkeys(a["text"].strip() for a in qa["answers"] if a["text"].strip()))
-                    if not answers or not qa["question"].strip():
-                        counts["no_answer"] += 1
-                        continue
-                    question = qa["question"].strip()
-                    if with_context:
-                        question = paragraph["context"].strip() + "\n" + question
-                    record = qa_record(key, question, answers, "squad")
-                    record["id"] = qa.get("id")
-                    yield record
-        except (KeyError, TypeError, AttributeError) as e:
-            bad.add(f"{path}:article {a_index}", f"unexpected SQuAD shape ({type(e).__name__}: {e})")
-            counts["malformed"] += 1
-
-
-def read_inputs(paths, bad, counts, with_context):
+def read_inputs(paths, bad, counts, skipped):
+    """Records of every input; held-out evaluation files (`data_utils.TRAINING_HELD_OUT`, DRCD test)
+    are never opened, and paths that are not regular files go to `skipped`."""
     for given in paths:
-        given = Path(given)
-        # a folder: its .json and .jsonl files, but not sft_generate.py's progress sidecars
-        files = [given] if given.is_file() else sorted(
-            p for p in find_jsonl(given, "*.json") + find_jsonl(given, "*.jsonl") if not p.name.endswith(".state.jsonl"))
-        if not files:
-            bad.add(str(given), "no .json or .jsonl file here")
+        files = find_jsonl(given, ("*.json", "*.jsonl"), skipped)
+        if Path(given).is_dir():  # its .json and .jsonl files, but not sft_generate.py's progress sidecars
+            files = [p for p in files if not p.name.endswith(".state.jsonl")]
+            if not files:
+                bad.add(str(given), "no .json or .jsonl file here")
         for path in files:
-            if path.suffix == ".jsonl":
+            if held_out_of_training(path):
+                skipped.add(str(path), "held out of training (an evaluation set)")
+                counts["held_out_files"] += 1
+            elif path.suffix == ".jsonl":
                 yield from read_jsonl(path, bad, counts)
             else:
-                yield from read_json(path, bad, counts, with_context)
+                yield from read_json(path, bad, counts)
+
+
+def cut_passage(tok, passage, answer, answer_start, question, block_size, rng, max_tries=8):
+    """The passage, or a window of it around the answer, such that the whole example
+    `tok.encode_passage_qa(window, question, answer)` fits `block_size` tokens.
+
+    The answer's position inside the window is drawn from `rng` (seeded per example, so the data is
+    deterministic), so the model cannot learn "the answer is in the middle". Returns None when no
+    window holding the answer fits (the question and answer alone are too long), or when the
+    answer is not in the passage and the passage does not fit whole.
+    """
+    if len(tok.encode_passage_qa(passage, question, answer)) <= block_size:
+        return passage
+    if answer_start is None or passage[answer_start:answer_start + len(answer)] != answer:
+        return None
+    budget = block_size - len(tok.encode_passage_qa("", question, answer))
+    if budget <= 0:
+        return None
+    chars_per_token = len(passage) / max(len(tok.encode(passage)), 1)
+    width = int(budget * chars_per_token)
+    place = rng.random()  # where the answer sits in the window, as a fraction of the free room
+    for _ in range(max_tries):
+        if width < len(answer):
+            return None
+        start = answer_start - int(place * (width - len(answer)))
+        start = min(max(start, 0), len(passage) - width)
+        window = passage[start:start + width]
+        excess = len(tok.encode_passage_qa(window, question, answer)) - block_size
+        if excess <= 0:
+            return window
+        width -= max(int(excess * chars_per_token), 1)
+    return None
 
 
 def chat_pieces(tok, messages, block_size, counts):
@@ -176,8 +216,19 @@ def chat_pieces(tok, messages, block_size, counts):
     return [tok.encode_chat(system + p, add_generation_prompt=False) for p in pieces]
 
 
-def build_examples(records, tok, block_size, val_fraction, counts, keys_read):
-    """(split, token ids, record) per kept example, deduplicated, in input order."""
+def carries_passage(record, context_mix):
+    """A coin of probability `context_mix` per pair, seeded by the pair itself (split_of's hash with
+    its own salt), so which pairs show their passage does not depend on input order or other pairs."""
+    return split_of(f"{record['key']}\0{record['question']}", context_mix, salt="minigpt-context") == "val"
+
+
+def build_examples(records, tok, args, counts, keys_read):
+    """(split, token ids, record) per kept example, deduplicated, in input order.
+
+    With `--with_context`, a QA pair that carries its passage does so with probability
+    `--context_mix` (decided by a hash of the question, so independent of order); the passage is cut
+    around the answer to fit the block (`cut_passage`). Other pairs are closed-book.
+    """
     seen = set()
     for record in records:
         counts["examples_read"] += 1
@@ -191,16 +242,31 @@ def build_examples(records, tok, block_size, val_fraction, counts, keys_read):
             counts["duplicate"] += 1
             continue
         seen.add(fingerprint)
-        split = split_of(record["key"], val_fraction)
-        if record["kind"] == "qa":
-            ids = tok.encode_qa(record["question"], record["answers"][0])
-            if len(ids) > block_size:
+        split = split_of(record["key"], args.val_fraction)
+        if record["kind"] == "chat":
+            for ids in chat_pieces(tok, record["messages"], args.block_size, counts):
+                yield split, ids, record
+            continue
+        question, answer = record["question"], record["answers"][0]
+        record["passage"] = None
+        if args.with_context and record["context"] and carries_passage(record, args.context_mix):
+            rng = random.Random(f"{args.seed}\0{record['key']}\0{question}")
+            answer_start = record["answer_start"]
+            if answer_start is None:  # generated pairs: the answer is a span of the passage, or nowhere
+                answer_start = record["context"].find(answer) if answer in record["context"] else None
+            record["passage"] = cut_passage(tok, record["context"], answer, answer_start, question, args.block_size, rng)
+            if record["passage"] is None:
                 counts["too_long"] += 1
                 continue
-            yield split, ids, record
+            counts["with_passage"] += 1
+            counts["passages_cut"] += record["passage"] != record["context"]
+            ids = tok.encode_passage_qa(record["passage"], question, answer)
         else:
-            for ids in chat_pieces(tok, record["messages"], block_size, counts):
-                yield split, ids, record
+            ids = tok.encode_qa(question, answer)
+        if len(ids) > args.block_size:
+            counts["too_long"] += 1
+            continue
+        yield split, ids, record
 
 
 def check_tokenizer(tok, pretrain_data):
@@ -218,14 +284,17 @@ def prepare_sft(args):
         raise SystemExit(f"error: {e}")
     if args.pretrain_data:
         check_tokenizer(tok, args.pretrain_data)
-    dtype = np.dtype("uint16" if tok.n_vocab <= 2**16 else "uint32")
+    dtype = token_dtype(tok.n_vocab)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bad, counts, keys_read, keys = BadLines(), Counter(), set(), {"train": set(), "val": set()}
+    for stale in remove_stale_temporaries(out, OUTPUTS):
+        print(f"removed {stale}, left by a run that was killed")
+    bad, skipped, counts = BadLines(), BadLines(), Counter()
+    keys_read, keys = set(), {"train": set(), "val": set()}
     rows = {"train": [], "val": []}
     with atomic_write(out / "val.jsonl", "w") as val_pairs:
-        records = read_inputs(args.input, bad, counts, args.with_context)
-        for split, ids, record in build_examples(records, tok, args.block_size, args.val_fraction, counts, keys_read):
+        records = read_inputs(args.input, bad, counts, skipped)
+        for split, ids, record in build_examples(records, tok, args, counts, keys_read):
             row = np.full(args.block_size, tok.pad, dtype=dtype)
             row[: len(ids)] = ids
             rows[split].append(row)
@@ -234,8 +303,11 @@ def prepare_sft(args):
             if split == "val" and record["kind"] == "qa":
                 pair = {"id": record.get("id") or record["key"], "question": record["question"],
                         "answer": record["answers"][0], "answers": record["answers"]}
+                if record["passage"] is not None:  # for qa_eval --with_context: the passage it was shown
+                    pair["context"] = record["passage"]
                 val_pairs.write(json.dumps(pair, ensure_ascii=False) + "\n")
         n_rows = len(rows["train"]) + len(rows["val"])
+        skipped.report("inputs not read")
         if n_rows == 0:
             bad.report()
             raise SystemExit(f"error: no usable example in {args.input}")
@@ -248,12 +320,15 @@ def prepare_sft(args):
         "articles_read": len(keys_read), "articles_kept": len(keys["train"] | keys["val"]),
         "examples_read": counts["examples_read"], "examples_kept": n_rows, "dropped": dropped,
         "read_by_source": {k[5:]: v for k, v in counts.items() if k.startswith("read_")},
-        "dialogues_split": counts["dialogues_split"], "blocks_train": len(rows["train"]),
+        "dialogues_split": counts["dialogues_split"], "with_passage": counts["with_passage"],
+        "passages_cut": counts["passages_cut"], "held_out_files": counts["held_out_files"],
+        "skipped_paths": skipped.examples, "blocks_train": len(rows["train"]),
         "blocks_val": len(rows["val"]), "tokens": counts["tokens"],
         "pad_fraction": round(1 - counts["tokens"] / (n_rows * args.block_size), 4), "bad_lines": bad.examples,
     }
     meta = {"block_size": args.block_size, "dtype": dtype.name, "vocab_size": tok.n_vocab, "tokenizer": tok.identity.to_json(), "schema": 1,
             "special": tok.special, "kind": "sft", "with_context": args.with_context,
+            "context_mix": args.context_mix if args.with_context else None,
             "val_fraction": args.val_fraction, "counts": summary}
     write_json(out / "meta.json", meta)
     bad.report()
@@ -272,10 +347,17 @@ def main(argv=None):
     ap.add_argument("--out", default="data/sft")
     ap.add_argument("--block_size", type=int, default=512)
     ap.add_argument("--tokenizer", default="data/tokenizer", help="tokenizer folder (must exist) or gpt2")
-    ap.add_argument("--with_context", action="store_true", help="SQuAD prompts hold the passage before the question")
+    ap.add_argument("--with_context", action="store_true",
+                    help="QA pairs that carry a passage (SQuAD, jsonl 'context') show it before the question")
+    ap.add_argument("--context_mix", type=float, default=1.0,
+                    help="with --with_context: the fraction of those pairs that carry it (the rest closed-book)")
+    ap.add_argument("--seed", type=int, default=1337, help="for where the answer sits in a cut passage")
     ap.add_argument("--val_fraction", type=float, default=0.05, help="share of source articles/dialogues held out")
     ap.add_argument("--pretrain_data", help="a prepared pretraining folder whose tokenizer must match")
-    prepare_sft(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    if not 0 <= args.context_mix <= 1:
+        ap.error("--context_mix must be between 0 and 1")
+    prepare_sft(args)
 
 
 if __name__ == "__main__":

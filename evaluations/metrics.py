@@ -19,7 +19,8 @@ Scoring (all per example in [0, 1]; the scripts report means in percent, as CMRC
   n-gram precisions for n >= 2 are (matches + 1) / (total + 1)), clipped counts and the closest
   reference length over several references. A few lines, so no extra dependency (nltk).
 
-Plumbing: loading QA inputs (generated jsonl or SQuAD-style JSON), batched generation through
+Plumbing: QA inputs come from `data_utils.load_qa` (the one reader the data scripts share, re-exported
+here for the evaluation scripts), batched generation through
 `Run.complete_batch`, atomic result and prediction files, and the small table every script prints.
 """
 import json
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_utils import BadLines, atomic_write, iter_jsonl, write_json
+from data_utils import atomic_write, load_qa, write_json  # noqa: F401 (load_qa: the evaluations' QA reader)
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff"
 # a CJK character, else a run of letters/digits that are not CJK, else any other visible character
@@ -171,55 +172,6 @@ def score_qa(prediction, answers, how="char"):
 
 def mean_percent(rows, keys):
     return {k: 100 * sum(r[k] for r in rows) / max(len(rows), 1) for k in keys}
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def load_qa(path, bad=None):
-    """Questions as dicts {id, question, answers, context}: SQuAD-style JSON or jsonl pairs.
-
-    jsonl lines hold `question` and `answer` (or a list `answers`), optionally `context`; generated
-    pairs share their article's `id`, so ids get a per-article counter (`<article>-<k>`).
-    SQuAD-style JSON (CMRC2018, DRCD, XQuAD) has several gold answers per question.
-    """
-    path = Path(path)
-    bad = bad if bad is not None else BadLines()
-    if not path.is_file():
-        raise FileNotFoundError(f"QA input {path} not found")
-    if path.suffix == ".json":
-        try:
-            return _load_squad(path, json.loads(path.read_text(encoding="utf-8")), bad)
-        except json.JSONDecodeError:
-            pass  # one object per line after all: read it as jsonl below
-    examples, per_article = [], Counter()
-    for lineno, obj in iter_jsonl(path, bad, required=("question",)):
-        answers = obj.get("answers", [obj.get("answer")])
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-            bad.add(f"{path}:{lineno}", "no string answer")
-            continue
-        article = str(obj.get("id", f"{path.name}:{lineno}"))
-        per_article[article] += 1
-        examples.append({"id": f"{article}-{per_article[article] - 1}", "question": obj["question"],
-                         "answers": answers, "context": obj.get("context")})
-    return examples
-
-
-def _load_squad(path, data, bad):
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ValueError(f"{path} is not SQuAD-style JSON (expected an object with a 'data' list)")
-    examples = []
-    for article in data["data"]:
-        for paragraph in article.get("paragraphs", []):
-            for qa in paragraph.get("qas", []):
-                answers = [a.get("text") for a in qa.get("answers", []) if isinstance(a, dict)]
-                answers = [a for a in answers if isinstance(a, str) and a.strip()]
-                if not isinstance(qa.get("question"), str) or not answers:
-                    bad.add(f"{path}:{qa.get('id', '?')}", "no question or no gold answer")
-                    continue
-                examples.append({"id": str(qa.get("id", len(examples))), "question": qa["question"],
-                                 "answers": answers, "context": paragraph.get("context")})
-    return examples
 
 
 # ----------------------------------------------------------------------------- running and writing

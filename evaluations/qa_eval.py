@@ -7,8 +7,8 @@
   XQuAD: several gold answers per question; every metric takes the best over them).
 - Closed-book by default: the prompt is the question alone in the SFT layout
   (`question <|answer|>`), which measures what the model remembers from pretraining. With
-  `--with_context` the passage comes first, `context + "\n" + question`, the layout
-  data/prepare_sft.py trains with under the same flag (reading comprehension).
+  `--with_context` the passage comes first, `tokenizer.passage_qa_prompt` (passage, newline,
+  question), the one layout data/prepare_sft.py and data/prepare_dpo.py use under the same flag.
 - Greedy decoding, batched through `Run.complete_batch`, stopping at <|endoftext|>.
 - Writes `OUT_DIR/eval_qa.json` (`eval_qa_context.json` with context): means in percent, and every
   question's prediction and scores in `pred_qa[_context].jsonl` beside it, to read the failures.
@@ -22,13 +22,11 @@ from inference import load_run, pick_device  # noqa: E402
 from data_utils import BadLines  # noqa: E402
 from evaluations.metrics import (complete_all, default_output, format_table, load_qa, mean_percent,  # noqa: E402
                                  predictions_path, score_qa, write_predictions, write_results)
+from tokenizer import passage_qa_prompt  # noqa: E402
 
 METRICS = ("em", "f1", "subem", "rouge_l", "bleu4")
-
-
-def context_prompt(context, question):
-    """The reading-comprehension layout of data/prepare_sft.py --with_context."""
-    return context.strip() + "\n" + question.strip()
+# the old name of tokenizer.passage_qa_prompt, still imported by tests/test_retrieval.py; the same function
+context_prompt = passage_qa_prompt
 
 
 def main(argv=None):
@@ -54,7 +52,7 @@ def main(argv=None):
         if missing:
             sys.exit(f"error: --with_context, but {missing} questions in {args.input} have no context "
                      "(SQuAD-style JSON, or jsonl lines with a 'context' field, carry one)")
-        prompts = [context_prompt(q["context"], q["question"]) for q in questions]
+        prompts = [passage_qa_prompt(q["context"], q["question"]) for q in questions]
     else:
         prompts = [q["question"].strip() for q in questions]
 

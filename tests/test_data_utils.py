@@ -1,12 +1,17 @@
 """data_utils: the loss mask on hand-built rows, BlockData sampling and resuming, reading and splitting."""
 import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from data_utils import (BadLines, BlockData, article_key, atomic_write, iter_jsonl, loss_mask, split_of,
-                        split_sentences, write_json)
+from data_utils import (BadLines, BlockData, article_key, atomic_write, find_jsonl, iter_jsonl, loss_mask,
+                        parse_jsonl_line, read_lines, remove_stale_temporaries, split_of, split_sentences,
+                        token_dtype, write_json)
 
 
 def padded(ids, tok, block_size=32):
@@ -137,3 +142,65 @@ def test_trimmed_batches_give_the_same_loss_and_gradient(tmp_path, tiny_tokenize
     (full_len, full_loss, full_grad), (trim_len, trim_loss, trim_grad) = results
     assert full_len == 199 and trim_len == 64
     assert trim_loss == pytest.approx(full_loss, rel=1e-6) and torch.allclose(trim_grad, full_grad, atol=1e-7)
+
+
+def test_deep_nesting_and_lone_surrogates_are_malformed_lines_not_crashes():
+    """Regression: json.loads raised RecursionError on a deeply nested line, and a lone surrogate
+    escape ("\\ud800") got through to crash later stages (split_of, writing val.jsonl)."""
+    bad = BadLines()
+    assert parse_jsonl_line(b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "f:1", bad) is None
+    assert parse_jsonl_line(b'{"text": "a\\ud800b"}\n', "f:2", bad) is None
+    assert parse_jsonl_line(b'{"text": "ok", "more": ["\\udfff"]}\n', "f:3", bad) is None
+    assert bad.examples == ["f:1: JSON nested too deeply", "f:2: lone surrogate in a string",
+                            "f:3: lone surrogate in a string"]
+    # a surrogate *pair* is an ordinary character (an emoji), and fine
+    assert parse_jsonl_line(b'{"text": "\\ud83d\\ude00"}', "f:4", bad) == {"text": "\U0001f600"} and bad.count == 3
+    assert split_of("a\ud800b", 0.5) in ("train", "val")  # robust anyway
+
+
+def test_over_long_lines_are_skipped_in_bounded_reads_and_numbered_right(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"text": "one"}\n' + b"x" * 50_000 + b'\n{"text": "three"}\n' + b"y" * 3000)
+    bad = BadLines()
+    lines = list(read_lines(path, bad, max_bytes=1000))
+    assert [n for n, _ in lines] == [1, 2, 3, 4] and lines[1][1] is None and lines[3][1] is None
+    assert lines[2][1] == b'{"text": "three"}\n' and bad.count == 2
+    assert bad.examples[0] == f"{path}:2: line longer than 1000 bytes"
+    assert [(n, o["text"]) for n, o in iter_jsonl(path, BadLines())] == [(1, "one"), (3, "three")]
+
+
+def test_find_jsonl_reports_fifos_symlink_loops_and_folders_and_never_opens_them(tmp_path):
+    """Regression: these were skipped without a word."""
+    (tmp_path / "good.jsonl").write_text('{"text": "x"}\n')
+    os.mkfifo(tmp_path / "pipe.jsonl")  # opening it for reading would block forever
+    os.symlink("loop.jsonl", tmp_path / "loop.jsonl")
+    (tmp_path / "folder.jsonl").mkdir()
+    skipped = BadLines()
+    assert find_jsonl(tmp_path, skipped=skipped) == [tmp_path / "good.jsonl"]
+    assert skipped.count == 3
+    reasons = dict(e.rsplit(": ", 1) for e in skipped.examples)
+    assert reasons == {str(tmp_path / "folder.jsonl"): "folder, not a regular file",
+                       str(tmp_path / "loop.jsonl"): "a symlink loop, not a regular file",
+                       str(tmp_path / "pipe.jsonl"): "a FIFO, not a regular file"}
+    skipped = BadLines()
+    assert find_jsonl(tmp_path / "pipe.jsonl", skipped=skipped) == [] and skipped.count == 1
+
+
+def test_stale_temporaries_of_dead_or_old_runs_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = os.getppid()
+    names = {f".train.bin.tmp{dead.pid}": False, f".val.bin.tmp{live}": True, f".meta.json.tmp{os.getpid()}": True,
+             f".other.bin.tmp{dead.pid}": True, f"train.bin.tmp{dead.pid}": True, ".val.bin.tmp12x": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"partial")
+    old = tmp_path / f".meta.json.tmp{live}"  # a live pid, but a day old: the pid was reused
+    old.write_bytes(b"partial")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    removed = remove_stale_temporaries(tmp_path, ("train.bin", "val.bin", "meta.json"))
+    assert sorted(p.name for p in removed) == sorted([f".train.bin.tmp{dead.pid}", old.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, keep in names.items() if keep)
+
+
+def test_token_dtype_by_vocabulary_size():
+    assert token_dtype(400) == np.uint16 and token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32

@@ -108,3 +108,29 @@ def test_reward_margin_grows_over_a_short_dpo_run_of_train_py(tmp_path, tiny_tok
     assert last["val_dpo_loss"] < first["val_dpo_loss"]
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["kind"] == "dpo" and ckpt["dpo_reference"] == checkpoint_reference(sft / "best.pt")
+
+
+def test_prepare_dpo_splits_by_article_like_sft(tiny_tokenizer, qa_dir, tmp_path):
+    """Regression: pairs were split at random per pair, so on CMRC2018 trial 47 of 48 validation
+    pairs shared a passage with training pairs, and 50 training pairs asked SFT val questions."""
+    from data.prepare_sft import main as prepare_sft_main
+
+    cmrc = qa_dir / "cmrc2018_trial.json"
+    prepare_sft_main(["--input", str(cmrc), "--out", str(tmp_path / "sft"), "--tokenizer",
+                      tiny_tokenizer.identity["path"], "--block_size", "512"])
+    _prepare("--input", cmrc, "--out", tmp_path / "dpo", "--negatives", "other", "--tokenizer",
+             tiny_tokenizer.identity["path"], "--block_size", 4096, "--with_context")
+    pairs = [json.loads(line) for line in open(tmp_path / "dpo" / "pairs.jsonl", encoding="utf-8")]
+    by_split = {s: [p for p in pairs if p["split"] == s] for s in ("train", "val")}
+    assert len(by_split["val"]) > 10 and len(by_split["train"]) > 10 * len(by_split["val"])
+    passages = {s: {p["prompt"].rpartition("\n")[0] for p in ps} for s, ps in by_split.items()}  # prompt = passage \n question
+    assert not passages["train"] & passages["val"], "a passage in both splits"
+    articles = {s: {p.get("article") for p in ps} for s, ps in by_split.items()}
+    assert not articles["train"] & articles["val"], "an article in both splits"
+    sft_val = {json.loads(line)["id"] for line in open(tmp_path / "sft" / "val.jsonl", encoding="utf-8")}
+    dpo_val = {p["id"] for p in by_split["val"]}
+    assert sft_val and not sft_val & {p["id"] for p in by_split["train"]}
+    assert sft_val <= dpo_val | (sft_val - {p["id"] for p in pairs})  # every SFT val question DPO kept is DPO val
+    with pytest.raises(SystemExit):  # DRCD test is held out of every training set
+        _prepare("--input", qa_dir / "drcd_test.zh-hans.json", "--out", tmp_path / "x", "--negatives", "other",
+                 "--tokenizer", tiny_tokenizer.identity["path"], "--block_size", 512)

@@ -129,7 +129,8 @@ def test_load_qa_reads_squad_json_with_several_answers(tmp_path):
     path = tmp_path / "dev.json"
     path.write_text(json.dumps(squad, ensure_ascii=False), encoding="utf-8")
     bad = BadLines()
-    assert m.load_qa(path, bad) == [{"id": "q1", "question": "长江多长？", "answers": ["6300公里", "约6300公里"],
+    assert m.load_qa(path, bad) == [{"id": "q1", "article": "长江", "question": "长江多长？",
+                                     "answers": ["6300公里", "约6300公里"], "answer_start": 5,
                                      "context": "长江全长约6300公里。"}]
     assert bad.count == 1
     path.write_text('{"data": 3}', encoding="utf-8")

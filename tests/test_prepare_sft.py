@@ -97,8 +97,9 @@ def test_squad_with_and_without_context(tmp_path, tiny_tokenizer):
     assert [unpadded(r, tok) for r in rows["val"]] == [
         tok.encode_qa("北京是中华人民共和国的首都。\n北京是哪国的首都？", "中华人民共和国")]
     assert meta["counts"]["dropped"] == {"malformed": 0, "duplicate": 0, "too_long": 1, "no_answer": 1}
-    assert val_pairs == [{"id": "q1", "question": "北京是中华人民共和国的首都。\n北京是哪国的首都？",
-                          "answer": "中华人民共和国", "answers": ["中华人民共和国"]}]
+    # val.jsonl keeps the question and the passage apart, as qa_eval.py --with_context reads them
+    assert val_pairs == [{"id": "q1", "question": "北京是哪国的首都？", "answer": "中华人民共和国",
+                          "answers": ["中华人民共和国"], "context": "北京是中华人民共和国的首都。"}]
 
 
 CHAT = [{"id": "c1", "messages": [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
@@ -196,3 +197,106 @@ def test_folder_input_skips_progress_sidecars_and_empty_answers(tmp_path, tiny_t
     meta, rows, _ = run(tmp_path, tiny_tokenizer, folder)
     c = meta["counts"]
     assert c["examples_kept"] == 2 and c["dropped"]["no_answer"] == 1 and c["dropped"]["malformed"] == 0
+
+
+def test_hostile_lines_are_malformed_not_crashes(tmp_path, tiny_tokenizer):
+    """Regression: a deeply nested line crashed prepare_sft.py (RecursionError) and a lone surrogate
+    crashed it in split_of (UnicodeEncodeError)."""
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes(b'{"question": "q?", "answer": "a"}\n'
+                     b'{"question": ' + b"[" * 3000 + b"]" * 3000 + b', "answer": "a"}\n'
+                     b'{"id": "\\udc80", "question": "q2?", "answer": "b"}\n'
+                     b'{"question": "' + b"x" * 5_000_000 + b'", "answer": "a"}\n')
+    (tmp_path / "deep.json").write_bytes(b'{"data": ' + b"[" * 3000 + b"]" * 3000 + b"}")
+    meta, rows, _ = run(tmp_path, tiny_tokenizer, path, tmp_path / "deep.json")
+    c = meta["counts"]
+    assert c["examples_kept"] == 1 and c["dropped"]["malformed"] == 4
+    assert [e.split(": ", 1)[1] for e in c["bad_lines"]] == [
+        "JSON nested too deeply", "lone surrogate in a string", "line longer than 4194304 bytes",
+        "not a readable JSON file (JSON nested too deeply)"]
+
+
+def test_cut_passage_keeps_the_answer_and_fits_the_block(tiny_tokenizer):
+    import random
+
+    from data.prepare_sft import cut_passage
+
+    tok, rng = tiny_tokenizer, random.Random(0)
+    words = ["北京", "上海", "长江", "黄河", "故宫", "Python", "，", "。", "1991年", "中国"]
+    starts = []
+    for case in range(300):
+        passage = "".join(rng.choice(words) for _ in range(rng.randint(20, 400)))
+        answer_start = rng.randrange(0, len(passage) - 4)
+        answer = passage[answer_start:answer_start + rng.randint(1, 4)]
+        block_size = rng.choice([48, 64, 96, 128])
+        window = cut_passage(tok, passage, answer, answer_start, "问题是什么？", block_size, random.Random(case))
+        assert window is not None and window in passage
+        ids = tok.encode_passage_qa(window, "问题是什么？", answer)
+        assert len(ids) <= block_size
+        offset = passage.index(window) if window != passage else 0
+        assert offset <= answer_start and answer_start + len(answer) <= offset + len(window)  # the answer is inside
+        if window != passage:
+            starts.append((answer_start - offset) / max(len(window) - len(answer), 1))
+    assert len(starts) > 100  # most cases had to be cut
+    assert min(starts) < 0.2 and max(starts) > 0.8  # the answer's place in the cut varies
+    assert cut_passage(tok, "长" * 500, "长" * 400, 0, "问题？", 64, random.Random(0)) is None  # cannot fit
+    assert cut_passage(tok, "长" * 500, "短", None, "问题？", 64, random.Random(0)) is None  # not in the passage
+
+
+SQUAD_LONG = {"data": [{"title": f"文章{i}", "paragraphs": [{
+    "context": "北京是首都。" * (5 + 3 * i) + f"答案{i}在这里。" + "上海是城市。" * (20 - i),
+    "qas": [{"id": f"q{i}", "question": f"第{i}个问题？",
+             "answers": [{"text": f"答案{i}", "answer_start": 6 * (5 + 3 * i)}]}]}]} for i in range(12)]}
+
+
+def test_with_context_cuts_passages_around_the_answer_and_mixes_closed_book(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    path = write(tmp_path / "cmrc.json", SQUAD_LONG)
+    generated = write(tmp_path / "gen.jsonl", lines=[{"id": "g1", "question": "长江多长？", "answer": "6300公里",
+                                                      "context": "长江全长约6300公里，是第一长河。"}])
+    meta, rows, _ = run(tmp_path, tok, path, generated, extra=["--val_fraction", "0", "--with_context"],
+                        block_size=80, out="all")
+    c = meta["counts"]
+    assert c["examples_kept"] == c["with_passage"] == 13 and c["passages_cut"] == 12 and c["dropped"]["too_long"] == 0
+    for row in rows["train"]:
+        content = unpadded(row, tok)
+        prompt, answer = content[:content.index(tok.answer)], tok.decode(answer_tokens(row, tok, meta["special"]))
+        passage, _, question = tok.decode(prompt).rpartition("\n")
+        assert answer in passage and question.endswith("？")
+    assert tok.encode_passage_qa("长江全长约6300公里，是第一长河。", "长江多长？", "6300公里") in \
+        [unpadded(r, tok) for r in rows["train"]]
+    again = run(tmp_path, tok, path, generated, extra=["--val_fraction", "0", "--with_context"], block_size=80,
+                out="again")[1]
+    assert np.array_equal(again["train"], rows["train"])  # seeded: the same cuts every run
+
+    meta, rows, _ = run(tmp_path, tok, path, extra=["--val_fraction", "0", "--with_context", "--context_mix", "0.5"],
+                        block_size=80, out="mix")
+    with_passage = sum(b"\n" in tok.decode(unpadded(r, tok)).encode() for r in rows["train"])
+    assert with_passage == meta["counts"]["with_passage"] and 0 < with_passage < 12 and meta["context_mix"] == 0.5
+
+
+def test_drcd_test_is_never_read_for_training(tmp_path, tiny_tokenizer, capsys):
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    write(folder / "cmrc2018_trial.json", SQUAD)
+    held_out = {"data": [{"title": "测试", "paragraphs": [{"context": "测试段落。", "qas": [
+        {"id": "t1", "question": "留出的问题？", "answers": [{"text": "测试", "answer_start": 0}]}]}]}]}
+    write(folder / "drcd_test.zh-hans.json", held_out)
+    meta, rows, val_pairs = run(tmp_path, tiny_tokenizer, folder, extra=["--val_fraction", "0.5"])
+    assert meta["counts"]["held_out_files"] == 1 and meta["counts"]["read_by_source"] == {"squad": 2}
+    assert "held out of training" in capsys.readouterr().out
+    texts = [tiny_tokenizer.decode(unpadded(r, tiny_tokenizer)) for r in all_rows(rows)]
+    assert texts and not any("留出" in t for t in texts)
+    with pytest.raises(SystemExit, match="no usable example"):  # named explicitly: still not read
+        run(tmp_path, tiny_tokenizer, folder / "drcd_test.zh-hans.json", out="explicit")
+
+
+def test_one_squad_reader_for_training_and_evaluation(tmp_path, tiny_tokenizer, qa_dir):
+    """prepare_sft.py and the evaluations (data_utils.load_qa) read the same questions and answers."""
+    from data_utils import load_qa
+
+    path = qa_dir / "cmrc2018_trial.json"
+    _, _, val_pairs = run(tmp_path, tiny_tokenizer, path, extra=["--val_fraction", "1"], block_size=1024)
+    evaluated = {q["id"]: (q["question"], q["answers"]) for q in load_qa(path)}
+    assert len(val_pairs) > 900
+    assert all(evaluated[p["id"]] == (p["question"], p["answers"]) for p in val_pairs)

@@ -175,3 +175,13 @@ def test_file_sha256_streams(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read the whole file into memory"))
     assert file_sha256(tmp_path / "f.bin") == file_sha256(tmp_path / "f.bin", chunk=1000) == \
         hashlib.sha256(data).hexdigest()
+
+
+def test_passage_qa_layout_is_one_function(tiny_tokenizer):
+    from tokenizer import passage_qa_prompt
+
+    tok = tiny_tokenizer
+    assert passage_qa_prompt(" 北京是首都。\n", " 首都是哪里？ ") == "北京是首都。\n首都是哪里？"
+    assert tok.encode_passage_qa("北京是首都。", "首都是哪里？", "北京") == \
+        tok.encode_qa("北京是首都。\n首都是哪里？", "北京")
+    assert tok.encode_passage_qa("北京是首都。", "首都是哪里？")[-1] == tok.answer
