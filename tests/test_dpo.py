@@ -117,9 +117,9 @@ def test_prepare_dpo_splits_by_article_like_sft(tiny_tokenizer, qa_dir, tmp_path
 
     cmrc = qa_dir / "cmrc2018_trial.json"
     prepare_sft_main(["--input", str(cmrc), "--out", str(tmp_path / "sft"), "--tokenizer",
-                      tiny_tokenizer.identity["path"], "--block_size", "512"])
+                      tiny_tokenizer.identity.path, "--block_size", "512"])
     _prepare("--input", cmrc, "--out", tmp_path / "dpo", "--negatives", "other", "--tokenizer",
-             tiny_tokenizer.identity["path"], "--block_size", 4096, "--with_context")
+             tiny_tokenizer.identity.path, "--block_size", 4096, "--with_context")
     pairs = [json.loads(line) for line in open(tmp_path / "dpo" / "pairs.jsonl", encoding="utf-8")]
     by_split = {s: [p for p in pairs if p["split"] == s] for s in ("train", "val")}
     assert len(by_split["val"]) > 10 and len(by_split["train"]) > 10 * len(by_split["val"])
@@ -133,4 +133,4 @@ def test_prepare_dpo_splits_by_article_like_sft(tiny_tokenizer, qa_dir, tmp_path
     assert sft_val <= dpo_val | (sft_val - {p["id"] for p in pairs})  # every SFT val question DPO kept is DPO val
     with pytest.raises(SystemExit):  # DRCD test is held out of every training set
         _prepare("--input", qa_dir / "drcd_test.zh-hans.json", "--out", tmp_path / "x", "--negatives", "other",
-                 "--tokenizer", tiny_tokenizer.identity["path"], "--block_size", 512)
+                 "--tokenizer", tiny_tokenizer.identity.path, "--block_size", 512)
