@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, GPTConfig, generate
+from engine import generate
+from model import GPT, GPTConfig
 from tokenizer import StreamDecoder, load_tokenizer
 
 MODES = ("text", "qa", "chat")

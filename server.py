@@ -44,7 +44,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from checkpoint import MODES, load_run, pick_device
-from model import generate
+from engine import generate
 from tokenizer import StreamDecoder
 
 log = logging.getLogger("minigpt.server")
