@@ -221,8 +221,13 @@ class Engine:
 
     def add(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
             stop_ids=(), seed=None, logprobs=0, n=1):
-        """Queue a request; return its id (the `request` of its events). Raises ValueError on bad
-        settings. A prompt longer than the window keeps its end."""
+        """Queue a request; return its id (the `request` of its events).
+
+        `ids`: the prompt (a prompt longer than the window keeps its end). Sampling settings as in
+        `generate`; a row stops after a token in `stop_ids` or after `max_new_tokens`. `seed` None
+        draws one from torch's generator. `logprobs` (0..5): how many top alternatives each event
+        carries. `n` (1..4): rows sharing one prefill, row i seeded with seed + i. Raises
+        ValueError on bad settings; nothing is queued then."""
         ids = list(ids)
         if not ids:
             raise ValueError("every prompt needs at least one token")
@@ -426,9 +431,12 @@ class Engine:
         def column(values, dtype):
             return torch.tensor(values, dtype=dtype, device=self.device)
 
-        tokens = sample_tokens(logits, column([r.temperature for r in rows], torch.float32),
-                               column([r.top_k for r in rows], torch.long),
-                               column([r.top_p for r in rows], torch.float32), column(uniform, torch.float32))
+        if all(row.temperature == 0 for row in rows):
+            tokens = logits.argmax(-1)
+        else:
+            tokens = sample_tokens(logits, column([r.temperature for r in rows], torch.float32),
+                                   column([r.top_k for r in rows], torch.long),
+                                   column([r.top_p for r in rows], torch.float32), column(uniform, torch.float32))
         lse = raw.logsumexp(-1)
         chosen = (raw.gather(-1, tokens[:, None])[:, 0] - lse).tolist()
         top = None
