@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from checkpoint import find_checkpoint, load_checkpoint
+from engine import generate
 from lora import model_from_lora_checkpoint
-from model import GPT, GPTConfig, generate
+from model import GPT, GPTConfig
 from tokenizer import StreamDecoder, TokenizerId
 
 MODES = ("text", "qa", "chat")

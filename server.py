@@ -61,8 +61,8 @@ from dataclasses import dataclass
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from engine import generate
 from inference import MODES, load_run, pick_device
-from model import generate
 from tokenizer import StreamDecoder
 
 log = logging.getLogger("minigpt.server")

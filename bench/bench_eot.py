@@ -63,7 +63,7 @@ def prompts(input_path, val_fraction, n):
 
 
 def early_stops(run, texts, max_new_tokens=64, seed=0):
-    from model import generate
+    from engine import generate
 
     ids = [run.tok.encode(t) for t in texts]
     stopped = [False] * len(ids)

@@ -2,6 +2,7 @@
 
     python bench/bench_model.py                  # both parts: ~3 min on a quiet 2-core machine
     python bench/bench_model.py --part train --repeats 7
+    python bench/bench_model.py --part engine --baseline 4e4c31b   # engine.py vs model.py's old generate
 
 - Training: tokens/s of a full step (forward, backward, AdamW step, zero_grad) for the same shapes
   (6 layers, 384 wide, 6 heads, block 256, vocab 32000, batch 8). The transformers model is built
@@ -10,23 +11,30 @@
   construction (`GPT.configure_optimizers`, torch AdamW). Steps alternate between the models, so
   load from other processes on a shared machine hits all of them alike; medians are reported.
 - Generation: 256 new tokens after a 256-token prompt, batch 1, greedy. Ours with the KV cache,
-  ours recomputing the whole context every step (the prefill path on a fresh cache: only the last
-  position goes through lm_head, as nanoGPT's uncached `generate` does), and transformers'
+  ours recomputing the whole context every step (a fresh cache each step: only the last position
+  goes through lm_head, as nanoGPT's uncached `generate` does), and transformers'
   `generate(use_cache=True)` on the same weights — its tokens must equal ours.
+- Engine (`--part engine --baseline REV`): engine.py's `generate` against the `generate` that lived
+  in model.py at git revision REV (loaded with `git show`, run on the same model object), for
+  same-length batches of 1 and 8, greedy and sampled; runs alternate, medians are reported, and
+  the greedy tokens must agree.
 - `--dtype bfloat16` runs every model's training step under the same CPU bf16 autocast, to see
   what the hardware's bf16 support gives (the default compares in float32).
 - Random weights and tokens: speed does not depend on what the model has learnt.
 """
 import argparse
 import statistics
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import GPT, GPTConfig, _prefill, generate  # noqa: E402
+from engine import SlotCache, generate  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 SHAPES = dict(n_layer=6, n_head=6, n_embd=384, vocab_size=32000, dropout=0.0, bias=True)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -111,7 +119,10 @@ def bench_generate(args):
     def recompute():
         context = list(prompt)
         for _ in range(new):
-            context.append(int(_prefill(ours, [context], "cpu")[2].argmax()))
+            cache = SlotCache(ours.config, 1, "cpu", torch.float32)  # fresh: only the last position's logits
+            cache.plan(slice(0, 1), 0, len(context))
+            logits, _ = ours(torch.tensor([context]), cache=cache, pos=torch.arange(len(context)))
+            context.append(int(logits[0, -1].argmax()))
         return context[prompt_len:]
 
     @torch.no_grad()
@@ -144,9 +155,53 @@ def bench_generate(args):
         print(f"| {name} | {t:.2f} | {len(ts)} | {new / t:,.1f} | {t / ours_time:.2f}x |")
 
 
+def baseline_generate(rev):
+    """`generate` as model.py defined it at git revision `rev` (before engine.py existed)."""
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "show", f"{rev}:model.py"], cwd=root, capture_output=True, text=True,
+                            check=True).stdout
+    module = types.ModuleType("baseline_model")
+    exec(compile(source, f"{rev}:model.py", "exec"), module.__dict__)
+    return module.generate
+
+
+def bench_engine(args):
+    prompt_len, new = 256, 128
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=512, **SHAPES)).eval()
+    old_generate = baseline_generate(args.baseline)
+    gen = torch.Generator().manual_seed(1)
+    print(f"\n### engine.generate vs model.generate at {args.baseline} ({new} new tokens after {prompt_len}-token "
+          f"prompts, same length, {torch.get_num_threads()} threads, median of {args.repeats}, alternating)\n")
+    print("| batch | sampling | before s | engine s | before tok/s | engine tok/s | engine / before speed |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in (1, 8):
+        prompts = torch.randint(0, SHAPES["vocab_size"], (batch, prompt_len), generator=gen).tolist()
+        for name, sampling in (("greedy", dict(temperature=0)),
+                               ("T=0.8, top_k=200", dict(temperature=0.8, top_k=200, seed=1))):
+            def run(fn, prompts=prompts, sampling=sampling):
+                return list(fn(ours, prompts, new, **sampling))
+            if sampling["temperature"] == 0:
+                assert run(old_generate) == run(generate), "the engine's greedy tokens differ from before"
+            else:
+                run(old_generate), run(generate)  # warm-up
+            times = {"before": [], "engine": []}
+            for _ in range(args.repeats):
+                for label, fn in (("before", old_generate), ("engine", generate)):
+                    start = time.perf_counter()
+                    run(fn)
+                    times[label].append(time.perf_counter() - start)
+            before, after = statistics.median(times["before"]), statistics.median(times["engine"])
+            tokens = batch * new
+            print(f"| {batch} | {name} | {before:.2f} | {after:.2f} | {tokens / before:,.0f} | {tokens / after:,.0f} | "
+                  f"{before / after:.2f}x |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Benchmark model.py against transformers' GPT-2 on CPU.")
-    ap.add_argument("--part", choices=("train", "generate", "all"), default="all")
+    ap.add_argument("--part", choices=("train", "generate", "engine", "all"), default="all",
+                    help="all = train and generate; engine needs --baseline")
+    ap.add_argument("--baseline", default=None, help="git revision whose model.py generate --part engine compares")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per model (alternating)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -160,6 +215,10 @@ def main(argv=None):
         bench_train(args)
     if args.part in ("generate", "all"):
         bench_generate(args)
+    if args.part == "engine":
+        if not args.baseline:
+            ap.error("--part engine needs --baseline REV (a revision whose model.py still has generate)")
+        bench_engine(args)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktok
 
 from inference import load_run  # noqa: E402
 from conftest import make_run  # noqa: E402  (the test suite's writer of random-weight run directories)
-from model import generate  # noqa: E402
+from engine import generate  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 PROMPTS = ["北京是", "上海是中国最大的城市之一，", "长江", "黄河被称为", "故宫位于北京市中心，是", "Python是一种",
