@@ -628,7 +628,7 @@ def _arena_tab(names, examples):
     with gr.Row():
         ui.left_name = gr.Dropdown(names, value=names[0] if names else None, label="Left model")
         ui.right_name = gr.Dropdown(names, value=names[min(1, len(names) - 1)] if names else None,
-                                    label="Right model")
+                                    label="Right model", elem_id="right_name")
     ui.prompt = gr.Textbox(lines=3, label="Prompt", elem_id="prompt")
     d = SAMPLING_DEFAULTS
     with gr.Row():
@@ -672,7 +672,7 @@ def _board_tab():
 
 def _chat_tab(names):
     ui = SimpleNamespace(history=gr.State([]))
-    ui.model = gr.Dropdown(names, value=names[0] if names else None, label="Model")
+    ui.model = gr.Dropdown(names, value=names[0] if names else None, label="Model", elem_id="chat_model")
     ui.system = gr.Textbox(label="System prompt / persona", placeholder="你是一个乐于助人的助手。")
     ui.chatbot = gr.Chatbot(label="Conversation", height=360, render_markdown=False, elem_id="chatbot", **NO_LATEX)
     ui.message = gr.Textbox(label="Message", lines=2, elem_id="message")

@@ -186,10 +186,11 @@ def test_peers_file_both_forms(tmp_path):
     assert len(load_peers(ROOT / "config" / "peers.json")[0]) == 2
 
 
-@pytest.mark.parametrize("text, message", [("[1, 2]", "expected a JSON object"), ("{oops", "cannot read peers file"),
-                                           ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-                                           ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
-                                           (b'{"a": "\xff"}', "cannot read peers file")])
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "expected a JSON object"), ("{oops", "cannot read peers file"),
+    pytest.param("[" * 100_000 + "]" * 100_000, "nested too deeply", id="deep-list"),
+    pytest.param('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply", id="deep-entry"),
+    pytest.param(b'{"a": "\xff"}', "cannot read peers file", id="not-utf8")])
 def test_peers_file_errors_are_clear(tmp_path, text, message):
     path = tmp_path / "peers.json"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
