@@ -737,9 +737,11 @@ def build_app(arena, examples=()):
 
         def vote(winner, fight):
             try:
+                if not fight:
+                    raise ArenaError("Run two different models first.")
                 said = arena.record_vote(fight, winner)
-            except (ArenaError, AttributeError):  # no battle yet: the state is None
-                return {a.status: "Run two different models first."}
+            except ArenaError as e:
+                return {a.status: str(e)}
             return {**voting(False), **dict(zip(board, board_updates(arena))), a.status: said,
                     a.left_out: gr.Textbox(label=fight.models[0]), a.right_out: gr.Textbox(label=fight.models[1])}
 
