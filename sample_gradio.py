@@ -501,7 +501,7 @@ class Battle:
             raise ArenaError("Run two different models to the end first.")
         self.winner = winner
         left, right = self.models
-        return {"time": _now(), "left": left, "right": right, "winner": winner, "mode": self.mode,
+        return {"schema": 1, "time": _now(), "left": left, "right": right, "winner": winner, "mode": self.mode,
                 "prompt": self.prompt, "blind": self.blind}
 
     def flag_row(self):
