@@ -5,39 +5,56 @@
 Design choices:
 - Two kinds of model, one interface. `LocalModel` is a run directory, loaded on first use and
   cached, generating through `inference.Run.stream` (the one generator of the project).
-  `PeerModel` is another machine's server.py, called through `POST /generate` with streaming.
-  Both yield text pieces and raise `ModelError` with a readable message, so the page treats them
-  alike. A chat with a peer sends the whole conversation as `messages` (and the system prompt), so
-  the peer answers with the earlier turns in view, as a local model does.
+  `PeerModel` is another machine's server.py, called through `POST /generate` with streaming
+  (`peer_stream`). Both yield text pieces and raise `ModelError` with a readable message, so the
+  page treats them alike. A chat with a peer sends the whole conversation as `messages` (and the
+  system prompt), so the peer answers with the earlier turns in view, as a local model does.
+- A peer is another machine, so nothing it does is trusted (`PeerLimits`): a connect timeout
+  (3 s), a read timeout between chunks (10 s) and a deadline for the whole answer (120 s), all
+  flags; at most `max_new_tokens * 16 + 256` characters (a token is far shorter on average), the
+  rest is cut off; an error body is read up to 4 KiB. A watchdog thread shuts the socket down at
+  Stop or at the deadline, so a blocked read returns at once and the connection really closes.
+  Peers files and addresses typed on the page are validated entry by entry: http(s) URLs with a
+  host and a port in 1..65535 and a non-empty printable name; bad entries are reported and skipped.
 - `stream_models` runs each model in its own thread; the threads push their pieces into one
-  queue and the handler yields every panel after each batch of pieces, so each panel moves as its
-  own tokens arrive and a slow or dead peer never holds up the other panel. Peers get a connect
-  timeout (3 s) and a read timeout between chunks (10 s), both flags.
-- Stop sets the run's `threading.Event`: the handler returns at once, and each thread closes its
-  generator (which stops the model) or its HTTP response at its next piece.
+  queue and the handler yields every panel after each batch of pieces (and every 0.5 s while
+  nothing comes), so each panel moves as its own tokens arrive and a slow or dead peer never holds
+  up the other panel. Each `next()` of a handler is short, so Gradio's worker threads are never
+  held by a silent peer; and the queue has no concurrency limit, because the handlers only wait:
+  every stream is bounded in size and time, and four endless peers must not block a fifth user.
+- Stop sets the run's `threading.Event`: the handler returns at once, local generators stop at
+  their next token and peers' sockets are shut down. Each tab of each session has its own switch.
 - tokens/s counts streamed pieces: one per token for local models (a character split across
   tokens counts once) and one per received chunk for peers, which flush after each token.
 - Votes are appended to a jsonl log, one line per vote; ratings are recomputed from the whole log
   in order, so anyone with the log gets the same board. Standard Elo, K=32, start 1000; a tie
   scores 0.5 and so does "both bad" (it says nothing about which model is better); a model
   voted against itself is skipped.
-- Blind mode puts the two chosen models on random sides as "Model A" / "Model B" and reveals the
-  names after the vote.
+- A `Battle` is one run of the Arena tab: blind mode puts the two chosen models on random sides
+  as "Model A" / "Model B" and reveals the names after the vote; a battle takes one vote.
+- The page only wires widgets to `Arena`, `Battle` and the functions above them, which the tests
+  call without a browser. Text from models and peers is shown as text: Textboxes show it as is,
+  Markdown and the Chatbot get it escaped (`markdown_text`, `chat_display`).
 - Offline: no analytics, no share link, system fonts instead of Google Fonts.
 """
 import argparse
 import codecs
 import csv
+import html
 import io
 import json
 import os
 import queue
 import random
+import re
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402  (the environment variable must be set before the import)
@@ -47,27 +64,45 @@ import pandas as pd  # noqa: E402
 from inference import load_run, pick_device  # noqa: E402
 from data_utils import BadLines, iter_jsonl  # noqa: E402
 
+# The arena's sampling defaults, written once: Settings and the sliders read them. Plain values
+# (no gradio), so sample.py and server.py could share them from checkpoint.py next to MODES.
+SAMPLING_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.8, "top_k": 200, "top_p": 1.0}
 ELO_K, ELO_START = 32, 1000.0
 VOTES = {"left": 1.0, "right": 0.0, "tie": 0.5, "both_bad": 0.5}  # the left model's score
 ARENA_MODES = ("text", "qa")
+VOTE_BUTTONS = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both are bad"}
 FLAG_FIELDS = ["time", "mode", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
                "left_model", "left_output", "right_model", "right_output"]
+PEER_CHARS_PER_TOKEN, PEER_MARGIN_CHARS = 16, 256  # a peer's answer: at most max_new_tokens * 16 + 256 chars
+ERROR_BODY_BYTES = 4096  # how much of a peer's error body is read
+PEERS_FILE_BYTES = 1 << 20
+MAX_NAME_CHARS = 64
+HEARTBEAT_S = 0.5  # the longest a streaming handler waits before it yields (and frees its worker thread)
 
 
 class ModelError(Exception):
     """A model could not answer; the message goes into its own panel."""
 
 
+class ArenaError(ValueError):
+    """A request the page cannot carry out (no prompt, no model, a second vote); the message is for the user."""
+
+
 @dataclass
 class Settings:
-    max_new_tokens: int = 128
-    temperature: float = 0.8
-    top_k: int = 200  # 0 turns it off
-    top_p: float = 1.0
+    max_new_tokens: int = SAMPLING_DEFAULTS["max_new_tokens"]
+    temperature: float = SAMPLING_DEFAULTS["temperature"]
+    top_k: int = SAMPLING_DEFAULTS["top_k"]  # 0 turns it off
+    top_p: float = SAMPLING_DEFAULTS["top_p"]
 
     def sampling(self):
         return {"max_new_tokens": int(self.max_new_tokens), "temperature": float(self.temperature),
                 "top_k": int(self.top_k) or None, "top_p": float(self.top_p)}
+
+
+def markdown_text(text):
+    """`text` for a Markdown component, shown as written: HTML and Markdown syntax are escaped."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~$])", r"\\\1", html.escape(str(text), quote=False))
 
 
 # ----------------------------------------------------------------------------- models
@@ -86,79 +121,183 @@ class LocalModel:
                     raise ModelError(f"cannot load {self.out_dir}: {e}") from e
         return self._run
 
-    def stream(self, prompt, mode, settings, system=None):
+    def stream(self, prompt, mode, settings, system=None, stop=None):
+        # Stop is seen by the caller between tokens; closing this generator ends the generation
         yield from self.run().stream(prompt, mode, system=system, **settings.sampling())
 
 
-class PeerModel:
-    def __init__(self, name, url, api_key=None, connect_timeout=3.0, read_timeout=10.0):
-        self.name, self.url, self.api_key = name, peer_url(url), api_key
-        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+@dataclass(frozen=True)
+class PeerLimits:
+    """How long a peer may take, in seconds: to connect, silent mid-answer, and for the whole answer."""
+    connect_timeout: float = 3.0
+    read_timeout: float = 10.0
+    deadline: float = 120.0
 
-    def stream(self, prompt, mode, settings, system=None):
+
+class PeerModel:
+    def __init__(self, name, url, api_key=None, limits=PeerLimits()):
+        self.name, self.url, self.api_key, self.limits = peer_name(name), peer_url(url), api_key, limits
+
+    def stream(self, prompt, mode, settings, system=None, stop=None):
         # a chat is a list of {role, content} messages, which /generate takes as `messages`
         payload = {"prompt" if isinstance(prompt, str) else "messages": prompt, "mode": mode, "stream": True,
                    **settings.sampling()}
         if system:
             payload["system"] = system
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        try:
-            with httpx.stream("POST", f"{self.url}/generate", json=payload, headers=headers,
-                              timeout=self.timeout) as response:
-                if response.status_code != 200:
-                    raise ModelError(f"{self.name}: HTTP {response.status_code}: {_error_of(response.read())}")
-                # strict decoding: a peer sending bytes that are not UTF-8 is broken, say so
-                decoder = codecs.getincrementaldecoder("utf-8")()
-                for chunk in response.iter_bytes():
-                    text = decoder.decode(chunk)
-                    if text:
-                        yield text
-                decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise ModelError(f"{self.name} sent bytes that are not UTF-8 text") from None
-        except httpx.ConnectTimeout:
-            raise ModelError(f"{self.name} at {self.url}: no connection within "
-                             f"{self.timeout.connect:g} s") from None
-        except httpx.ReadTimeout:
-            raise ModelError(f"{self.name} sent nothing for {self.timeout.read:g} s") from None
-        except httpx.HTTPError as e:
-            raise ModelError(f"{self.name} at {self.url}: {type(e).__name__}: {e}") from None
+        max_chars = int(settings.max_new_tokens) * PEER_CHARS_PER_TOKEN + PEER_MARGIN_CHARS
+        yield from peer_stream(self.name, self.url, payload, headers, self.limits, max_chars, stop)
+
+
+def peer_stream(name, url, payload, headers, limits, max_chars, stop=None):
+    """Yield the text a server.py at `url` streams for `payload`, within `limits` and `max_chars`.
+
+    Stop ends it quietly; everything else that goes wrong raises ModelError (after yielding what
+    came in time). The connection is closed whenever the generator ends, however it ends."""
+    stop = stop or threading.Event()
+    deadline = time.monotonic() + limits.deadline
+    finished = threading.Event()
+    timeout = httpx.Timeout(min(limits.read_timeout, limits.deadline), connect=limits.connect_timeout)
+    try:
+        with httpx.stream("POST", f"{url}/generate", json=payload, headers=headers, timeout=timeout) as response:
+            threading.Thread(target=_shut_at_stop_or_deadline, args=(response, stop, deadline, finished),
+                             name=f"watch {name}", daemon=True).start()
+            if response.status_code != 200:
+                raise ModelError(f"{name}: HTTP {response.status_code}: {_error_of(_read_some(response))}")
+            # strict decoding: a peer sending bytes that are not UTF-8 is broken, say so
+            decoder, sent = codecs.getincrementaldecoder("utf-8")(), 0
+            for chunk in response.iter_bytes():
+                text = decoder.decode(chunk)
+                if sent + len(text) > max_chars:
+                    yield text[:max_chars - sent]
+                    raise ModelError(f"{name} sent more than {max_chars} characters for max_new_tokens="
+                                     f"{payload['max_new_tokens']}; the rest was cut off")
+                if time.monotonic() > deadline:
+                    raise ModelError(f"{name} took longer than {limits.deadline:g} s; the rest was cut off")
+                if text:
+                    sent += len(text)
+                    yield text
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ModelError(f"{name} sent bytes that are not UTF-8 text") from None
+    except httpx.HTTPError as e:
+        if stop.is_set():  # the watchdog shut the socket: the user pressed Stop
+            return
+        if time.monotonic() > deadline:
+            raise ModelError(f"{name} took longer than {limits.deadline:g} s; the rest was cut off") from None
+        if isinstance(e, httpx.ConnectTimeout):
+            raise ModelError(f"{name} at {url}: no connection within {limits.connect_timeout:g} s") from None
+        if isinstance(e, httpx.ReadTimeout):
+            raise ModelError(f"{name} sent nothing for {timeout.read:g} s") from None
+        raise ModelError(f"{name} at {url}: {type(e).__name__}: {e}") from None
+    finally:
+        finished.set()
+
+
+def _shut_at_stop_or_deadline(response, stop, deadline, finished):
+    """Shut the peer's socket down at Stop or at the deadline: a read blocked on it returns at once."""
+    while not finished.wait(0.05):
+        if stop.is_set() or time.monotonic() > deadline:
+            try:
+                response.extensions["network_stream"].get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+            except (OSError, KeyError, AttributeError):  # closed meanwhile: nothing left to shut
+                pass
+            return
+
+
+def _read_some(response, limit=ERROR_BODY_BYTES):
+    """At most `limit` bytes of a body: an error body may be endless."""
+    body = b""
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) >= limit:
+            break
+    return body[:limit]
 
 
 def _error_of(body):
     """The message of a server.py error body, or the start of whatever else came."""
     try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
+        return str(json.loads(body)["error"]["message"])[:200]
+    except (ValueError, KeyError, TypeError, RecursionError):
         return body[:200].decode("utf-8", "replace") or "(empty body)"
 
 
+def peer_name(name):
+    """A peer's name, stripped: non-empty, printable, at most 64 characters; ValueError otherwise."""
+    name = name.strip() if isinstance(name, str) else ""
+    if not name:
+        raise ValueError("a peer needs a name")
+    if len(name) > MAX_NAME_CHARS or not name.isprintable():
+        raise ValueError(f"a peer name must be printable text of at most {MAX_NAME_CHARS} characters")
+    return name
+
+
 def peer_url(address):
-    """`host:port` or a URL (with or without a trailing /generate) -> `http://host:port`."""
-    address = address.strip().rstrip("/")
+    """`host:port` or an http(s) URL (with or without a trailing /generate) -> `http://host:port`.
+
+    Anything else (another scheme, no host, a port outside 1..65535) raises ValueError."""
+    address = address.strip() if isinstance(address, str) else ""
     if not address:
         raise ValueError("a peer address is empty")
+    if not address.isprintable() or " " in address:
+        raise ValueError(f"{address!r} is not an address (spaces or control characters)")
     if "://" not in address:
+        # `host:port` gets http://, but `javascript:alert(1)` is a scheme, not a host and a port
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:(?!\d)", address):
+            raise ValueError(f"{address!r}: a peer is an http:// or https:// server.py")
         address = "http://" + address
-    return address.removesuffix("/generate")
-
-
-def load_peers(path, connect_timeout=3.0, read_timeout=10.0):
-    """A peers file: `{"alice": "192.168.1.20:5000", "bob": {"url": "...", "api_key": "..."}}`."""
+    parts = urlsplit(address)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"{address!r}: a peer is an http:// or https:// server.py, not {parts.scheme}://")
+    if not parts.hostname:
+        raise ValueError(f"{address!r} has no host")
     try:
-        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or (parts.netloc.endswith(":") and port is None):
+        raise ValueError(f"{address!r}: the port must be a number from 1 to 65535")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{address!r}: a peer address has no ?query or #fragment")
+    path = parts.path.rstrip("/").removesuffix("/generate").rstrip("/")
+    return f"{parts.scheme.lower()}://{parts.netloc}{path}"
+
+
+def load_peers(path, limits=PeerLimits()):
+    """A peers file `{"alice": "192.168.1.20:5000", "bob": {"url": "...", "api_key": "..."}}` ->
+    (peers, problems). An unreadable file raises ValueError; a bad entry is described in `problems`
+    and skipped, so one typo does not lose the other peers."""
+    try:
+        data = Path(path).read_bytes()
+        if len(data) > PEERS_FILE_BYTES:
+            raise ValueError(f"larger than {PEERS_FILE_BYTES} bytes")
+        entries = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"cannot read peers file {path}: nested too deeply") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read peers file {path}: {e}") from e
     if not isinstance(entries, dict):
         raise ValueError(f"{path}: expected a JSON object of name -> address, got {type(entries).__name__}")
-    peers = []
+    peers, problems = [], []
     for name, entry in entries.items():
-        if isinstance(entry, str):
-            entry = {"url": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
-            raise ValueError(f"{path}: peer {name!r} needs an address string or {{\"url\": ..., \"api_key\": ...}}")
-        peers.append(PeerModel(name, entry["url"], entry.get("api_key"), connect_timeout, read_timeout))
-    return peers
+        try:
+            peers.append(peer_from_entry(name, entry, limits))
+        except ValueError as e:
+            problems.append(f"{path}: peer {name[:MAX_NAME_CHARS]!r} skipped: {e}")
+    return peers, problems
+
+
+def peer_from_entry(name, entry, limits=PeerLimits()):
+    """A PeerModel from one peers-file entry, an address string or {"url": ..., "api_key": ...}."""
+    if isinstance(entry, str):
+        entry = {"url": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("url"), str) or set(entry) - {"url", "api_key"}:
+        raise ValueError('needs an address string or {"url": ..., "api_key": ...}')
+    key = entry.get("api_key")
+    if key is not None and not (isinstance(key, str) and key.isascii() and key.isprintable()):
+        raise ValueError("api_key must be printable ASCII text")
+    return PeerModel(name, entry["url"], key or None, limits)
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -181,14 +320,15 @@ class Panel:
         return self.state in ("waiting", "streaming")
 
     def stats(self):
+        """A Markdown line; the error comes from outside (a peer's body) and is shown as text."""
         elapsed = (self.ended or time.monotonic()) - self.started
         rate = self.pieces / max(elapsed, 1e-9)
         line = f"**{self.state}** · {elapsed:.1f} s · {self.pieces} tokens · {rate:.1f} tokens/s"
-        return line + (f"\n\nerror: {self.error}" if self.error else "")
+        return line + (f"\n\nerror: {markdown_text(self.error)}" if self.error else "")
 
 
 def _pump(index, model, prompt, mode, settings, system, events, stop):
-    pieces = model.stream(prompt, mode, settings, system)
+    pieces = model.stream(prompt, mode, settings, system, stop)
     try:
         for piece in pieces:
             if stop.is_set():
@@ -209,6 +349,7 @@ def stream_models(models, prompt, mode, settings, stop, system=None):
         threading.Thread(target=_pump, args=(i, model, prompt, mode, settings, system, events, stop),
                          name=f"stream {model.name}", daemon=True).start()
     try:
+        waited = 0.0
         while any(p.running for p in panels):
             if stop.is_set():
                 for p in panels:
@@ -218,6 +359,10 @@ def stream_models(models, prompt, mode, settings, stop, system=None):
             try:
                 batch = [events.get(timeout=0.1)]
             except queue.Empty:
+                waited += 0.1
+                if waited >= HEARTBEAT_S:  # nothing came: let the page see the clock move
+                    waited = 0.0
+                    yield panels
                 continue
             while not events.empty():  # one page update per batch, not one per token
                 batch.append(events.get())
@@ -227,6 +372,7 @@ def stream_models(models, prompt, mode, settings, stop, system=None):
                     panel.text, panel.pieces, panel.state = panel.text + piece, panel.pieces + 1, "streaming"
                 else:
                     panel.finish("error" if error else "done", error)
+            waited = 0.0
             yield panels
         yield panels
     finally:
@@ -307,263 +453,345 @@ def load_examples(path):
                 if row.get("mode") in ARENA_MODES and row.get("prompt")]
 
 
-# ----------------------------------------------------------------------------- the page
+# ----------------------------------------------------------------------------- battles, chat and the arena
+
+def _now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Battle:
+    """One run of the Arena tab: the models on each side, what they wrote, and its one vote."""
+    models: list
+    prompt: str
+    mode: str
+    settings: Settings
+    blind: bool = False
+    outputs: list = field(default_factory=list)
+    stopped: bool = False
+    winner: str | None = None
+
+    @classmethod
+    def start(cls, names, prompt, mode, settings, blind=False, rng=random):
+        """A battle of `names` (one or two); a blind pair is put on random sides."""
+        names, blind = list(names), blind and len(names) == 2
+        if blind:
+            rng.shuffle(names)
+        return cls(names, prompt, mode, settings, blind)
+
+    @property
+    def labels(self):
+        return ["Model A", "Model B"] if self.blind else list(self.models)
+
+    def finish(self, panels):
+        self.outputs, self.stopped = [p.text for p in panels], any(p.state == "stopped" for p in panels)
+
+    @property
+    def votable(self):
+        """Two different models that both ran to the end, and no vote yet."""
+        return len(set(self.models)) == 2 and bool(self.outputs) and not self.stopped and self.winner is None
+
+    def vote(self, winner):
+        """The vote's log entry; a battle takes one vote (ArenaError for a second)."""
+        if winner not in VOTES:
+            raise ArenaError(f"unknown vote {winner!r}")
+        if self.winner is not None:
+            raise ArenaError("This battle has its vote already: run a new one.")
+        if not self.votable:
+            raise ArenaError("Run two different models to the end first.")
+        self.winner = winner
+        left, right = self.models
+        return {"schema": 1, "time": _now(), "left": left, "right": right, "winner": winner, "mode": self.mode,
+                "prompt": self.prompt, "blind": self.blind}
+
+    def flag_row(self):
+        names, outputs = self.models + [""], self.outputs + [""]
+        return {"time": _now(), "mode": self.mode, "prompt": self.prompt, **asdict(self.settings),
+                "left_model": names[0], "left_output": outputs[0], "right_model": names[1],
+                "right_output": outputs[1]}
+
 
 class Arena:
     """The models by name, the logs, and the Stop switch of each session's running generation."""
 
-    def __init__(self, models, votes_path, flagged_path, connect_timeout=3.0, read_timeout=10.0):
+    def __init__(self, models, votes_path, flagged_path, limits=PeerLimits()):
         self.models = {}
         for model in models:
-            if model.name in self.models:
-                raise ValueError(f"two models are named {model.name!r}")
-            self.models[model.name] = model
-        self.votes_path, self.flagged_path = Path(votes_path), Path(flagged_path)
-        self.timeouts = (connect_timeout, read_timeout)
-        self.lock = threading.Lock()
+            self.add_model(model)
+        self.votes_path, self.flagged_path, self.limits = Path(votes_path), Path(flagged_path), limits
+        self.lock = threading.Lock()  # held only for quick bookkeeping, never while a model runs
         self.stops = {}
 
-    def add_peer(self, name, address, api_key=None):
-        name = name.strip()
-        if not name:
-            raise ValueError("give the peer a name")
-        peer = PeerModel(name, address, api_key or None, *self.timeouts)
-        with self.lock:
-            if name in self.models:
-                raise ValueError(f"a model named {name!r} exists already")
-            self.models[name] = peer
-        return peer
+    def add_model(self, model):
+        if model.name in self.models:
+            raise ValueError(f"a model named {model.name!r} exists already")
+        self.models[model.name] = model
 
-    def start(self, key):
-        """A fresh Stop switch for the generation `key` = (session, tab) is about to run."""
+    def add_peer(self, name, address, api_key=None):
+        peer = PeerModel(name, address, api_key or None, self.limits)
         with self.lock:
-            self.stops[key] = threading.Event()
-            return self.stops[key]
+            self.add_model(peer)
+        return peer
 
     def stop(self, key):
         with self.lock:
             if key in self.stops:
                 self.stops[key].set()
 
-    def record_vote(self, battle, winner):
-        left, right = battle["models"]
-        vote = {"schema": 1, "time": _now(), "left": left, "right": right, "winner": winner, "mode": battle["mode"],
-                "prompt": battle["prompt"], "blind": battle["blind"]}
+    def stream(self, key, names, prompt, mode, settings, system=None):
+        """stream_models for the tab `key` = (session, tab), with its own Stop switch: one
+        generation per tab, so a new one stops the one before."""
+        models = [self.models[n] for n in names]
         with self.lock:
+            if key in self.stops:
+                self.stops[key].set()
+            self.stops[key] = stop = threading.Event()
+        try:
+            yield from stream_models(models, prompt, mode, settings, stop, system)
+        finally:
+            with self.lock:
+                if self.stops.get(key) is stop:
+                    del self.stops[key]
+
+    def battle(self, names, prompt, mode, settings, blind=False, rng=random):
+        """A Battle to run, or ArenaError saying what is missing."""
+        if not prompt.strip():
+            raise ArenaError("Enter a prompt first.")
+        if not names or any(n not in self.models for n in names):
+            raise ArenaError("Choose a model for each panel.")
+        return Battle.start(names, prompt, mode, settings, blind, rng)
+
+    def run(self, key, battle):
+        """Stream the battle's models, yielding the panels; the battle holds the outputs at the end."""
+        panels = []
+        for panels in self.stream(key, battle.models, battle.prompt, battle.mode, battle.settings):
+            yield panels
+        battle.finish(panels)
+
+    def record_vote(self, battle, winner):
+        """Log the battle's vote (once: the check and the write are one step) and say who was who."""
+        with self.lock:
+            vote = battle.vote(winner)
             append_text(self.votes_path, json.dumps(vote, ensure_ascii=False) + "\n")
+        left, right = (markdown_text(n) for n in battle.models)
+        return f"Vote recorded: {VOTE_BUTTONS[winner]}. Left was **{left}**, right was **{right}**."
 
     def flag(self, battle):
-        names, outputs = battle["models"] + [""], battle["outputs"] + [""]
-        row = {"time": _now(), "mode": battle["mode"], "prompt": battle["prompt"], **battle["settings"],
-               "left_model": names[0], "left_output": outputs[0], "right_model": names[1], "right_output": outputs[1]}
         with self.lock:
-            flag_row(self.flagged_path, row)
+            flag_row(self.flagged_path, battle.flag_row())
+
+    def board(self):
+        """Leaderboard rows and a Markdown note on the log."""
+        votes, bad = load_votes(self.votes_path)
+        note = f"{len(votes)} vote{'' if len(votes) == 1 else 's'} in `{self.votes_path}`"
+        if bad.count:
+            note += f", {bad.count} malformed lines skipped (first: {markdown_text(bad.examples[0])})"
+        return leaderboard(votes), note
+
+    def chat(self, key, model_name, history, text, system, settings):
+        """One chat turn: yield (shown, kept, message box, stats) as the answer streams. `kept` is
+        the history the next turn builds on: a failed turn is not kept (the next turn would see a
+        question with no answer) and its message stays in the box to send again."""
+        if not text.strip() or model_name not in self.models:
+            yield history, history, text, "Type a message and choose a model."
+            return
+        asked = history + [{"role": "user", "content": text}]
+        panel = Panel()
+        for (panel,) in self.stream(key, [model_name], asked, "chat", settings, system.strip() or None):
+            yield asked + [{"role": "assistant", "content": panel.text}], history, "", panel.stats()
+        if panel.text:
+            history = asked + [{"role": "assistant", "content": panel.text}]
+        yield history if panel.text else asked, history, "" if panel.text else text, panel.stats()
 
 
-def _now():
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def chat_display(messages):
+    """Messages for the Chatbot, which renders HTML even with render_markdown=False: escape them."""
+    return [{"role": m["role"], "content": html.escape(m["content"], quote=False)} for m in messages]
 
+
+# ----------------------------------------------------------------------------- the page
 
 SINGLE, DUAL = "Single model", "Dual models"
-VOTE_BUTTONS = {"left": "Left is better", "right": "Right is better", "tie": "Tie", "both_bad": "Both are bad"}
 BOARD_COLUMNS = ["model", "elo", "votes", "wins", "losses", "ties"]
 # System fonts: the default theme would fetch its fonts from Google, and the arena runs offline.
 THEME = gr.themes.Default(font=["system-ui", "Noto Sans CJK SC", "sans-serif"], font_mono=["monospace"])
+NO_LATEX = {"latex_delimiters": []}  # `$$` in a model's text is text, not a formula
+
+
+def _arena_tab(names, examples):
+    ui = SimpleNamespace()
+    with gr.Row():
+        ui.layout = gr.Radio([SINGLE, DUAL], value=DUAL, label="Layout")
+        ui.mode = gr.Radio(list(ARENA_MODES), value="text", label="Mode",
+                           info="text continues a passage; qa answers a question")
+        ui.blind = gr.Checkbox(False, label="Blind: hide model names until the vote")
+    with gr.Row():
+        ui.left_name = gr.Dropdown(names, value=names[0] if names else None, label="Left model")
+        ui.right_name = gr.Dropdown(names, value=names[min(1, len(names) - 1)] if names else None,
+                                    label="Right model", elem_id="right_name")
+    ui.prompt = gr.Textbox(lines=3, label="Prompt", elem_id="prompt")
+    d = SAMPLING_DEFAULTS
+    with gr.Row():
+        ui.sampling = [gr.Slider(1, 1024, value=d["max_new_tokens"], step=1, label="Max New Tokens"),
+                       gr.Slider(0, 2, value=d["temperature"], step=0.05, label="Temperature"),
+                       gr.Slider(0, 500, value=d["top_k"], step=1, label="Top K (0 = off)"),
+                       gr.Slider(0.05, 1, value=d["top_p"], step=0.05, label="Top P")]
+    with gr.Row():
+        ui.run = gr.Button("Run", variant="primary", elem_id="run")
+        ui.stop = gr.Button("Stop", variant="stop", elem_id="stop")
+        ui.clear = gr.Button("Clear")
+        ui.flag = gr.Button("Flag")
+    with gr.Row():
+        with gr.Column():
+            ui.left_out = gr.Textbox(label="Left", lines=10, max_lines=20, interactive=False, elem_id="left_out")
+            ui.left_stats = gr.Markdown(elem_id="left_stats", **NO_LATEX)
+        with gr.Column() as ui.right_column:
+            ui.right_out = gr.Textbox(label="Right", lines=10, max_lines=20, interactive=False, elem_id="right_out")
+            ui.right_stats = gr.Markdown(elem_id="right_stats", **NO_LATEX)
+    with gr.Row() as ui.vote_row:
+        ui.votes = {w: gr.Button(label, interactive=False) for w, label in VOTE_BUTTONS.items()}
+    ui.status = gr.Markdown(elem_id="status", **NO_LATEX)
+    if examples:
+        gr.Examples(list(examples), inputs=[ui.prompt, ui.mode], label="Examples")
+    with gr.Accordion("Add a peer (a server.py on another machine)", open=False):
+        with gr.Row():
+            ui.peer_name = gr.Textbox(label="Name", placeholder="alice")
+            ui.peer_address = gr.Textbox(label="Address", placeholder="192.168.1.20:5000")
+            ui.peer_key = gr.Textbox(label="API key (optional)", type="password")
+        ui.add_peer = gr.Button("Add peer")
+    return ui
+
+
+def _board_tab():
+    gr.Markdown(f"Elo from the whole vote log in order: K={ELO_K}, every model starts at {ELO_START:g}; "
+                "a tie scores ½ and so does *both bad*; votes of a model against itself are skipped.")
+    return SimpleNamespace(table=gr.Dataframe(headers=BOARD_COLUMNS, interactive=False, elem_id="board"),
+                           plot=gr.BarPlot(x="model", y="elo", title="Elo rating", sort="-y"),
+                           note=gr.Markdown(**NO_LATEX))
+
+
+def _chat_tab(names):
+    ui = SimpleNamespace(history=gr.State([]))
+    ui.model = gr.Dropdown(names, value=names[0] if names else None, label="Model", elem_id="chat_model")
+    ui.system = gr.Textbox(label="System prompt / persona", placeholder="你是一个乐于助人的助手。")
+    ui.chatbot = gr.Chatbot(label="Conversation", height=360, render_markdown=False, elem_id="chatbot", **NO_LATEX)
+    ui.message = gr.Textbox(label="Message", lines=2, elem_id="message")
+    with gr.Row():
+        ui.send = gr.Button("Send", variant="primary", elem_id="send")
+        ui.stop = gr.Button("Stop", variant="stop")
+        ui.clear = gr.Button("Clear")
+    ui.stats = gr.Markdown(elem_id="chat_stats", **NO_LATEX)
+    gr.Markdown("Max New Tokens, Temperature, Top K and Top P are the Arena tab's.")
+    return ui
 
 
 def board_updates(arena):
-    votes, bad = load_votes(arena.votes_path)
-    rows = leaderboard(votes)
-    table = pd.DataFrame(rows, columns=BOARD_COLUMNS)
+    rows, note = arena.board()
     elos = [r[1] for r in rows] or [ELO_START]
-    plot = gr.BarPlot(value=table, y_lim=[min(elos) - 50, max(elos) + 50])
-    note = f"{len(votes)} vote{'' if len(votes) == 1 else 's'} in `{arena.votes_path}`"
-    if bad.count:
-        note += f", {bad.count} malformed lines skipped (first: {bad.examples[0]})"
-    return table, plot, note
+    table = pd.DataFrame(rows, columns=BOARD_COLUMNS)
+    return table, gr.BarPlot(value=table, y_lim=[min(elos) - 50, max(elos) + 50]), note
+
+
+def stopper(arena, tab):
+    """The Stop button's handler for `tab` (a function: Gradio passes the request by annotation only)."""
+    def stop(request: gr.Request):
+        arena.stop((request.session_hash, tab))
+    return stop
 
 
 def build_app(arena, examples=()):
+    """The page: widgets wired to Arena and Battle; no logic of its own."""
     names = list(arena.models)
     with gr.Blocks(title="MiniGPT-zh arena") as demo:
         gr.Markdown("# MiniGPT-zh arena")
         battle = gr.State(None)
         with gr.Tab("Arena"):
-            with gr.Row():
-                layout = gr.Radio([SINGLE, DUAL], value=DUAL, label="Layout")
-                mode = gr.Radio(list(ARENA_MODES), value="text", label="Mode",
-                                info="text continues a passage; qa answers a question")
-                blind = gr.Checkbox(False, label="Blind: hide model names until the vote")
-            with gr.Row():
-                left_name = gr.Dropdown(names, value=names[0] if names else None, label="Left model")
-                right_name = gr.Dropdown(names, value=names[min(1, len(names) - 1)] if names else None,
-                                         label="Right model")
-            prompt = gr.Textbox(lines=3, label="Prompt", elem_id="prompt")
-            with gr.Row():
-                max_new = gr.Slider(1, 1024, value=128, step=1, label="Max New Tokens")
-                temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature")
-                top_k = gr.Slider(0, 500, value=200, step=1, label="Top K (0 = off)")
-                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top P")
-            with gr.Row():
-                run_button = gr.Button("Run", variant="primary", elem_id="run")
-                stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                clear_button = gr.Button("Clear")
-                flag_button = gr.Button("Flag")
-            with gr.Row():
-                with gr.Column():
-                    left_out = gr.Textbox(label="Left", lines=10, max_lines=20, interactive=False,
-                                          elem_id="left_out")
-                    left_stats = gr.Markdown(elem_id="left_stats")
-                with gr.Column() as right_column:
-                    right_out = gr.Textbox(label="Right", lines=10, max_lines=20, interactive=False,
-                                           elem_id="right_out")
-                    right_stats = gr.Markdown(elem_id="right_stats")
-            with gr.Row() as vote_row:
-                vote_buttons = {w: gr.Button(label, interactive=False) for w, label in VOTE_BUTTONS.items()}
-            status = gr.Markdown(elem_id="status")
-            if examples:
-                gr.Examples(list(examples), inputs=[prompt, mode], label="Examples")
-            with gr.Accordion("Add a peer (a server.py on another machine)", open=False):
-                with gr.Row():
-                    peer_name = gr.Textbox(label="Name", placeholder="alice")
-                    peer_address = gr.Textbox(label="Address", placeholder="192.168.1.20:5000")
-                    peer_key = gr.Textbox(label="API key (optional)", type="password")
-                add_button = gr.Button("Add peer")
+            a = _arena_tab(names, examples)
         with gr.Tab("Leaderboard") as board_tab:
-            gr.Markdown(f"Elo from the whole vote log in order: K={ELO_K}, every model starts at {ELO_START:g}; "
-                        "a tie scores ½ and so does *both bad*; votes of a model against itself are skipped.")
-            board_table = gr.Dataframe(headers=BOARD_COLUMNS, interactive=False, elem_id="board")
-            board_plot = gr.BarPlot(x="model", y="elo", title="Elo rating", sort="-y")
-            board_note = gr.Markdown()
+            b = _board_tab()
         with gr.Tab("Chat"):
-            chat_history = gr.State([])
-            chat_model = gr.Dropdown(names, value=names[0] if names else None, label="Model")
-            system = gr.Textbox(label="System prompt / persona", placeholder="你是一个乐于助人的助手。")
-            chatbot = gr.Chatbot(label="Conversation", height=360)
-            message = gr.Textbox(label="Message", lines=2)
-            with gr.Row():
-                send_button = gr.Button("Send", variant="primary")
-                chat_stop = gr.Button("Stop", variant="stop")
-                chat_clear = gr.Button("Clear")
-            chat_stats = gr.Markdown()
-            gr.Markdown("Max New Tokens, Temperature, Top K and Top P are the Arena tab's.")
+            c = _chat_tab(names)
+        outputs, board = [a.left_out, a.left_stats, a.right_out, a.right_stats], [b.table, b.plot, b.note]
 
-        outputs = [left_out, left_stats, right_out, right_stats]
+        def voting(enabled):  # made when a handler runs: one made here, inside the Blocks, would be drawn
+            return {button: gr.Button(interactive=enabled) for button in a.votes.values()}
 
-        def voting(enabled):
-            # made when a handler runs: a component made here, inside the Blocks, would be drawn
-            return {b: gr.Button(interactive=enabled) for b in vote_buttons.values()}
-
-        def run(layout_value, blind_value, left, right, prompt_text, mode_value, max_new_tokens, temperature_value,
-                top_k_value, top_p_value, request: gr.Request):
-            names_now = [left, right] if layout_value == DUAL else [left]
-            if not prompt_text.strip():
-                yield {status: "Enter a prompt first."}
+        def run(layout, blind, left, right, prompt, mode, max_new, temperature, top_k, top_p, request: gr.Request):
+            settings = Settings(max_new, temperature, top_k, top_p)
+            try:
+                fight = arena.battle([left, right] if layout == DUAL else [left], prompt, mode, settings, blind)
+            except ArenaError as e:
+                yield {a.status: str(e)}
                 return
-            if any(n not in arena.models for n in names_now):
-                yield {status: "Choose a model for each panel."}
-                return
-            hidden = layout_value == DUAL and blind_value
-            if hidden:
-                random.shuffle(names_now)
-            labels = ["Model A", "Model B"] if hidden else names_now
-            settings = Settings(max_new_tokens, temperature_value, top_k_value, top_p_value)
-            stop = arena.start((request.session_hash, "arena"))
-            yield {battle: None, status: "", left_out: gr.Textbox(value="", label=labels[0]),
-                   right_out: gr.Textbox(value="", label=labels[-1]), **voting(False)}
-            panels = []
-            for panels in stream_models([arena.models[n] for n in names_now], prompt_text, mode_value, settings, stop):
+            yield {battle: None, a.status: "", a.left_out: gr.Textbox(value="", label=fight.labels[0]),
+                   a.right_out: gr.Textbox(value="", label=fight.labels[-1]), **voting(False)}
+            for panels in arena.run((request.session_hash, "arena"), fight):
                 yield dict(zip(outputs, [x for p in panels for x in (p.text, p.stats())]))
-            finished = {"models": names_now, "outputs": [p.text for p in panels], "prompt": prompt_text,
-                        "mode": mode_value, "settings": asdict(settings), "blind": hidden}
-            votable = len(set(names_now)) == 2 and not any(p.state == "stopped" for p in panels)
-            yield {battle: finished, **voting(votable),
-                   status: "Which answer is better?" if votable else ""}
+            yield {battle: fight, **voting(fight.votable), a.status: "Which answer is better?" if fight.votable else ""}
 
-        run_inputs = [layout, blind, left_name, right_name, prompt, mode, max_new, temperature, top_k, top_p]
-        run_outputs = [battle, status, *outputs, *vote_buttons.values()]
-        run_button.click(run, run_inputs, run_outputs)
-        prompt.submit(run, run_inputs, run_outputs)
+        run_io = ([a.layout, a.blind, a.left_name, a.right_name, a.prompt, a.mode, *a.sampling],
+                  [battle, a.status, *outputs, *a.votes.values()])
+        a.run.click(run, *run_io)
+        a.prompt.submit(run, *run_io)
+        a.stop.click(stopper(arena, "arena"), None, None, queue=False)
 
-        def stop_arena(request: gr.Request):
-            arena.stop((request.session_hash, "arena"))
+        def vote(winner, fight):
+            try:
+                if not fight:
+                    raise ArenaError("Run two different models first.")
+                said = arena.record_vote(fight, winner)
+            except ArenaError as e:
+                return {a.status: str(e)}
+            return {**voting(False), **dict(zip(board, board_updates(arena))), a.status: said,
+                    a.left_out: gr.Textbox(label=fight.models[0]), a.right_out: gr.Textbox(label=fight.models[1])}
 
-        stop_button.click(stop_arena, None, None, queue=False)
+        for winner, button in a.votes.items():
+            button.click(lambda fight, w=winner: vote(w, fight), [battle],
+                         [a.status, a.left_out, a.right_out, *board, *a.votes.values()])
+        a.flag.click(lambda fight: arena.flag(fight) or f"Flagged into `{arena.flagged_path}`." if fight
+                     else "Nothing to flag yet: run a prompt first.", [battle], [a.status])
+        a.clear.click(lambda: {a.prompt: "", battle: None, a.status: "", **{o: "" for o in outputs}, **voting(False)},
+                      None, [a.prompt, battle, a.status, *outputs, *a.votes.values()])
+        a.layout.change(lambda value: {a.right_column: gr.Column(visible=value == DUAL),
+                                       a.vote_row: gr.Row(visible=value == DUAL),
+                                       a.left_name: gr.Dropdown(label="Left model" if value == DUAL else "Model"),
+                                       a.right_name: gr.Dropdown(visible=value == DUAL)},
+                        [a.layout], [a.right_column, a.vote_row, a.left_name, a.right_name])
 
-        def vote(winner, finished):
-            if not finished or len(set(finished["models"])) != 2:
-                return {status: "Run two different models first."}
-            arena.record_vote(finished, winner)
-            left, right = finished["models"]
-            table, plot, note = board_updates(arena)
-            return {battle: None, **voting(False), board_table: table, board_plot: plot, board_note: note,
-                    left_out: gr.Textbox(label=left), right_out: gr.Textbox(label=right),
-                    status: f"Vote recorded: {VOTE_BUTTONS[winner]}. Left was **{left}**, right was **{right}**."}
+        dropdowns = [a.left_name, a.right_name, c.model]
 
-        for winner, button in vote_buttons.items():
-            button.click(lambda finished, w=winner: vote(w, finished), [battle],
-                         [battle, status, left_out, right_out, board_table, board_plot, board_note,
-                          *vote_buttons.values()])
-
-        def flag(finished):
-            if not finished:
-                return "Nothing to flag yet: run a prompt first."
-            arena.flag(finished)
-            return f"Flagged into `{arena.flagged_path}`."
-
-        flag_button.click(flag, [battle], [status])
-        clear_button.click(lambda: {prompt: "", battle: None, status: "", **{c: "" for c in outputs}, **voting(False)},
-                           None, [prompt, battle, status, *outputs, *vote_buttons.values()])
-        layout.change(lambda value: {right_column: gr.Column(visible=value == DUAL),
-                                     vote_row: gr.Row(visible=value == DUAL),
-                                     left_name: gr.Dropdown(label="Left model" if value == DUAL else "Model"),
-                                     right_name: gr.Dropdown(visible=value == DUAL)},
-                      [layout], [right_column, vote_row, left_name, right_name])
-
-        dropdowns = [left_name, right_name, chat_model]
-
-        def refresh_choices():
+        def choices():
             return [gr.Dropdown(choices=list(arena.models)) for _ in dropdowns]
 
         def add_peer(name, address, key):
             try:
                 peer = arena.add_peer(name, address, key)
             except ValueError as e:
-                return [*refresh_choices(), f"Could not add the peer: {e}"]
-            return [*refresh_choices(), f"Added **{peer.name}** at {peer.url}."]
+                return [*choices(), f"Could not add the peer: {markdown_text(e)}"]
+            return [*choices(), f"Added **{markdown_text(peer.name)}** at {markdown_text(peer.url)}."]
 
-        add_button.click(add_peer, [peer_name, peer_address, peer_key], [*dropdowns, status])
-        board_tab.select(lambda: board_updates(arena), None, [board_table, board_plot, board_note])
-        demo.load(lambda: [*refresh_choices(), *board_updates(arena)], None,
-                  [*dropdowns, board_table, board_plot, board_note])
+        a.add_peer.click(add_peer, [a.peer_name, a.peer_address, a.peer_key], [*dropdowns, a.status])
+        board_tab.select(lambda: board_updates(arena), None, board)
+        demo.load(lambda: [*choices(), *board_updates(arena)], None, [*dropdowns, *board])
 
-        def chat(text, history, model_name, system_text, max_new_tokens, temperature_value, top_k_value, top_p_value,
-                 request: gr.Request):
-            if not text.strip() or model_name not in arena.models:
-                yield history, history, text, "Type a message and choose a model."
-                return
-            asked = history + [{"role": "user", "content": text}]
-            stop = arena.start((request.session_hash, "chat"))
-            panel = Panel()
-            for (panel,) in stream_models([arena.models[model_name]], asked, "chat",
-                                          Settings(max_new_tokens, temperature_value, top_k_value, top_p_value), stop,
-                                          system=system_text.strip() or None):
-                yield asked + [{"role": "assistant", "content": panel.text}], history, "", panel.stats()
-            if panel.text:  # a failed turn is not kept: the next turn would see a question with no answer
-                history = asked + [{"role": "assistant", "content": panel.text}]
-            yield history if panel.text else asked, history, "" if panel.text else text, panel.stats()
+        def chat(text, history, model, system, max_new, temperature, top_k, top_p, request: gr.Request):
+            settings = Settings(max_new, temperature, top_k, top_p)
+            for shown, kept, box, stats in arena.chat((request.session_hash, "chat"), model, history, text, system,
+                                                      settings):
+                yield chat_display(shown), kept, box, stats
 
-        chat_inputs = [message, chat_history, chat_model, system, max_new, temperature, top_k, top_p]
-        chat_outputs = [chatbot, chat_history, message, chat_stats]
-        send_button.click(chat, chat_inputs, chat_outputs)
-        message.submit(chat, chat_inputs, chat_outputs)
-
-        def stop_chat(request: gr.Request):
-            arena.stop((request.session_hash, "chat"))
-
-        chat_stop.click(stop_chat, None, None, queue=False)
-        chat_clear.click(lambda: ([], [], "", ""), None, chat_outputs)
+        chat_io = ([c.message, c.history, c.model, c.system, *a.sampling], [c.chatbot, c.history, c.message, c.stats])
+        c.send.click(chat, *chat_io)
+        c.message.submit(chat, *chat_io)
+        c.stop.click(stopper(arena, "chat"), None, None, queue=False)
+        c.clear.click(lambda: ([], [], "", ""), None, chat_io[1])
     return demo
+
+
+def make_app(arena, examples=()):
+    """The page with its queue. No concurrency limit: a handler only waits for its model threads,
+    each stream is bounded in size and time, and one user's slow peers must not queue another's."""
+    return build_app(arena, examples).queue(default_concurrency_limit=None)
 
 
 def local_models(out_dirs, device):
@@ -584,26 +812,36 @@ def main(argv=None):
     parser.add_argument("--flagged", default="arena/flagged.csv")
     parser.add_argument("--examples", default=str(Path(__file__).with_name("examples.csv")))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--connect_timeout", type=float, default=3.0)
-    parser.add_argument("--read_timeout", type=float, default=10.0, help="seconds a peer may stay silent mid-answer")
+    parser.add_argument("--connect_timeout", type=float, default=PeerLimits.connect_timeout)
+    parser.add_argument("--read_timeout", type=float, default=PeerLimits.read_timeout,
+                        help="seconds a peer may stay silent mid-answer")
+    parser.add_argument("--deadline", type=float, default=PeerLimits.deadline,
+                        help="seconds a peer may take for a whole answer")
     args = parser.parse_args(argv)
+    limits = PeerLimits(args.connect_timeout, args.read_timeout, args.deadline)
+    if min(vars(limits).values()) <= 0:
+        parser.error("--connect_timeout, --read_timeout and --deadline must be positive")
     out_dirs = args.models if args.models is not None else sorted(
         str(d) for d in Path("out").glob("*") if (d / "best.pt").exists() or (d / "last.pt").exists())
     missing = [d for d in out_dirs if not Path(d).is_dir()]
     if missing:
         parser.error(f"no such run directory: {', '.join(missing)}")
-    models = local_models(out_dirs, pick_device(args.device))
     try:
-        if args.peers:
-            models += load_peers(args.peers, args.connect_timeout, args.read_timeout)
-        arena = Arena(models, args.votes, args.flagged, args.connect_timeout, args.read_timeout)
-    except ValueError as e:  # an unreadable peers file, two models with one name
+        arena = Arena(local_models(out_dirs, pick_device(args.device)), args.votes, args.flagged, limits)
+        peers, problems = load_peers(args.peers, limits) if args.peers else ([], [])
+    except ValueError as e:  # an unreadable peers file
         parser.error(str(e))
-    if not models:
+    for peer in peers:
+        try:
+            arena.add_model(peer)
+        except ValueError as e:
+            problems.append(f"{args.peers}: peer {peer.name!r} skipped: {e}")
+    for problem in problems:
+        print(problem)
+    if not arena.models:
         print("no models yet: pass --models or --peers, or add a peer on the page")
-    demo = build_app(arena, load_examples(args.examples))
-    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=False,
-                                                   theme=THEME, show_error=True)
+    make_app(arena, load_examples(args.examples)).launch(server_name=args.host, server_port=args.port, share=False,
+                                                         theme=THEME, show_error=True)
 
 
 if __name__ == "__main__":
