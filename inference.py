@@ -23,6 +23,8 @@ from model import GPT, GPTConfig
 from tokenizer import StreamDecoder, TokenizerId
 
 MODES = ("text", "qa", "chat")
+# Where every front end starts (sample.py, server.py, the arena); None turns a filter off.
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 200, "top_p": None, "repetition_penalty": 1.0}
 
 
 def pick_device(device="auto"):

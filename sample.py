@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from checkpoint import CheckpointError
-from inference import MODES, load_run, pick_device
+from inference import MODES, SAMPLING_DEFAULTS, load_run, pick_device
 
 
 def optional(kind):
@@ -42,10 +42,11 @@ def parse_args(argv):
     ap.add_argument("--system", default=None, help="system prompt (persona) for chat mode")
     ap.add_argument("--num_samples", type=int, default=1, help="samples per prompt (text and qa)")
     ap.add_argument("--max_new_tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    ap.add_argument("--top_k", type=optional(int), default=200, help="keep the k likeliest tokens; none = off")
-    ap.add_argument("--top_p", type=optional(float), default=None, help="nucleus sampling mass; none = off")
-    ap.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    ap.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"], help="0 = greedy")
+    ap.add_argument("--top_k", type=optional(int), default=SAMPLING_DEFAULTS["top_k"], help="keep the k likeliest tokens; none = off")
+    ap.add_argument("--top_p", type=optional(float), default=SAMPLING_DEFAULTS["top_p"], help="nucleus sampling mass; none = off")
+    ap.add_argument("--repetition_penalty", type=float, default=SAMPLING_DEFAULTS["repetition_penalty"],
+                    help="> 1 discourages repeats")
     ap.add_argument("--seed", type=optional(int), default=1337, help="none = a different sample each run")
     ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     return ap.parse_args(argv)

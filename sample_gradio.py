@@ -61,12 +61,11 @@ import gradio as gr  # noqa: E402  (the environment variable must be set before 
 import httpx  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from inference import load_run, pick_device  # noqa: E402
+from inference import SAMPLING_DEFAULTS, load_run, pick_device  # noqa: E402
 from data_utils import BadLines, iter_jsonl  # noqa: E402
 
-# The arena's sampling defaults, written once: Settings and the sliders read them. Plain values
-# (no gradio), so sample.py and server.py could share them from checkpoint.py next to MODES.
-SAMPLING_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.8, "top_k": 200, "top_p": 1.0}
+# the sliders start at the shared defaults (top_p 1.0 = off, a slider has no "none")
+SLIDER_DEFAULTS = {"max_new_tokens": 128, **{k: SAMPLING_DEFAULTS[k] for k in ("temperature", "top_k")}, "top_p": 1.0}
 ELO_K, ELO_START = 32, 1000.0
 VOTES = {"left": 1.0, "right": 0.0, "tie": 0.5, "both_bad": 0.5}  # the left model's score
 ARENA_MODES = ("text", "qa")
@@ -90,10 +89,10 @@ class ArenaError(ValueError):
 
 @dataclass
 class Settings:
-    max_new_tokens: int = SAMPLING_DEFAULTS["max_new_tokens"]
-    temperature: float = SAMPLING_DEFAULTS["temperature"]
-    top_k: int = SAMPLING_DEFAULTS["top_k"]  # 0 turns it off
-    top_p: float = SAMPLING_DEFAULTS["top_p"]
+    max_new_tokens: int = SLIDER_DEFAULTS["max_new_tokens"]
+    temperature: float = SLIDER_DEFAULTS["temperature"]
+    top_k: int = SLIDER_DEFAULTS["top_k"]  # 0 turns it off
+    top_p: float = SLIDER_DEFAULTS["top_p"]
 
     def sampling(self):
         return {"max_new_tokens": int(self.max_new_tokens), "temperature": float(self.temperature),
@@ -630,7 +629,7 @@ def _arena_tab(names, examples):
         ui.right_name = gr.Dropdown(names, value=names[min(1, len(names) - 1)] if names else None,
                                     label="Right model", elem_id="right_name")
     ui.prompt = gr.Textbox(lines=3, label="Prompt", elem_id="prompt")
-    d = SAMPLING_DEFAULTS
+    d = SLIDER_DEFAULTS
     with gr.Row():
         ui.sampling = [gr.Slider(1, 1024, value=d["max_new_tokens"], step=1, label="Max New Tokens"),
                        gr.Slider(0, 2, value=d["temperature"], step=0.05, label="Temperature"),

@@ -62,7 +62,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from engine import generate
-from inference import MODES, load_run, pick_device
+from inference import MODES, SAMPLING_DEFAULTS, load_run, pick_device
 from tokenizer import StreamDecoder
 
 log = logging.getLogger("minigpt.server")
@@ -285,7 +285,7 @@ def parse_generate(body, limits):
     require(system is None or len(system) <= limits.max_prompt_chars,
             f"'system' is longer than {limits.max_prompt_chars} characters", "system")
     stream = typed(body, "stream", bool, True, "true or false")
-    settings = parse_settings(body, limits, "max_new_tokens", {"temperature": 0.8, "top_k": 200})
+    settings = parse_settings(body, limits, "max_new_tokens", SAMPLING_DEFAULTS)
     return GenerationRequest(prompt, mode, system, "prompt", stream=stream, **settings)
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from inference import load_run
 from conftest import ROOT, make_run
-from sample_gradio import (SAMPLING_DEFAULTS, Arena, ArenaError, Battle, LocalModel, Panel, PeerLimits, PeerModel,
+from sample_gradio import (SLIDER_DEFAULTS, Arena, ArenaError, Battle, LocalModel, Panel, PeerLimits, PeerModel,
                            Settings, chat_display, elo_ratings, leaderboard, load_examples, load_peers, load_votes,
                            local_models, main, make_app, markdown_text, peer_name, peer_url, stream_models)
 
@@ -166,12 +166,15 @@ def test_battle_needs_a_prompt_and_known_models(tmp_path, local):
 
 
 def test_sampling_defaults_are_one_definition():
-    assert Settings().sampling() == {**SAMPLING_DEFAULTS, "top_k": SAMPLING_DEFAULTS["top_k"] or None}
+    from inference import SAMPLING_DEFAULTS
+
+    assert all(SLIDER_DEFAULTS[k] == SAMPLING_DEFAULTS[k] for k in ("temperature", "top_k"))
+    assert Settings().sampling() == {**SLIDER_DEFAULTS, "top_k": SLIDER_DEFAULTS["top_k"] or None}
     demo = make_app(Arena([], "v.jsonl", "f.csv"))
     sliders = {c.label: c.value for c in demo.blocks.values() if type(c).__name__ == "Slider"}
-    assert sliders == {"Max New Tokens": SAMPLING_DEFAULTS["max_new_tokens"],
-                       "Temperature": SAMPLING_DEFAULTS["temperature"],
-                       "Top K (0 = off)": SAMPLING_DEFAULTS["top_k"], "Top P": SAMPLING_DEFAULTS["top_p"]}
+    assert sliders == {"Max New Tokens": SLIDER_DEFAULTS["max_new_tokens"],
+                       "Temperature": SLIDER_DEFAULTS["temperature"],
+                       "Top K (0 = off)": SLIDER_DEFAULTS["top_k"], "Top P": SLIDER_DEFAULTS["top_p"]}
 
 
 # ----------------------------------------------------------------------------- files
