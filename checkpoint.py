@@ -134,9 +134,11 @@ class Run:
 
 def drop_vocab_padding(model, n_vocab):
     """train.py pads the vocabulary to a multiple of 64 (faster matmuls). The padding ids are no
-    tokens, so they are cut off the tied embedding here and generation can never sample them."""
-    weight = torch.nn.Parameter(model.lm_head.weight[:n_vocab].detach().clone())
-    model.lm_head.weight = model.transformer.wte.weight = weight
+    tokens, so they are cut off the embedding and output layer here and generation can never sample them."""
+    head = torch.nn.Parameter(model.lm_head.weight[:n_vocab].detach().clone())
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    model.lm_head.weight = head
+    model.transformer.wte.weight = head if tied else torch.nn.Parameter(model.transformer.wte.weight[:n_vocab].detach().clone())
     model.lm_head.out_features = model.transformer.wte.num_embeddings = model.config.vocab_size = n_vocab
 
 

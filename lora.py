@@ -33,8 +33,9 @@ from checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, tokeni
 from model import GPT, GPTConfig
 from tokenizer import file_sha256
 
-# which nn.Linear modules (by their name's ending) each target family covers
-TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
+# which nn.Linear modules (by their name's ending) each target family covers, in gpt2 and in qwen3
+TARGETS = {"attn": ("attn.c_attn", "attn.c_proj", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"),
+           "mlp": ("mlp.c_fc", "mlp.c_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
 LORA_KEYS = ("lora_A", "lora_B")
 
 
