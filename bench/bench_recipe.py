@@ -14,6 +14,8 @@ Design:
   validation blocks in bits per character (`data_utils.evaluate_blocks`).
 - All recipes train in ONE process, round-robin one step each, and each recipe's clock counts
   only its own steps: load from other processes on a shared machine slows all recipes alike.
+  When the machine is so oversubscribed that wall time is mostly waiting for a core, `--clock cpu
+  --threads 1` counts the process's CPU time instead: the wall time the step would take alone.
 - Each recipe gets the same wall-clock budget of training (`--seconds`). A schedule needs its
   length in advance, so the first `--calibrate` steps of each recipe (trained, and counted in its
   time) measure its step time; its max_iters is then the budget divided by that time.
@@ -72,16 +74,17 @@ class Recipe:
         self.data = BlockData(data_dir, "train", seed)
         self.rng = np.random.default_rng(seed)  # the same draws for every recipe
         self.steps, self.seconds, self.step_times, self.curve = 0, 0.0, [], []
+        self.clock = time.perf_counter
 
     def step(self, rt):
         lr = train.lr_at(self.steps, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        start = time.perf_counter()
+        start = self.clock()
         batches = train.next_batches(self.data, self.cfg, rt, self.rng)
         loss, count, _ = train.train_step(self.model, batches, self.optimizer, self.scaler, self.cfg, rt)
         loss = float(loss / count)  # a host sync, so the step is over when the clock stops
-        elapsed = time.perf_counter() - start
+        elapsed = self.clock() - start
         self.steps += 1
         self.seconds += elapsed
         self.step_times.append(elapsed)
@@ -130,13 +133,16 @@ def plot(results, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Compare training recipes at equal wall-clock time on the CPU preset.")
     ap.add_argument("--data", default="data/processed_recipe", help="a data/prepare.py folder (block 256, 8k tokenizer)")
-    ap.add_argument("--seconds", type=float, default=150, help="training seconds per recipe")
+    ap.add_argument("--seconds", type=float, default=150, help="training seconds per recipe (of --clock)")
     ap.add_argument("--calibrate", type=int, default=6, help="steps per recipe that measure its step time")
     ap.add_argument("--eval_every", type=int, default=20, help="steps between validations")
     ap.add_argument("--val_blocks", type=int, default=96)
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names from RECIPES")
     ap.add_argument("--out", default="bench/recipe_results.json")
     ap.add_argument("--png", default="docs/recipe_bench.png")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="what a recipe's seconds are: wall-clock, or this process's CPU time (with --threads 1, "
+                         "the wall time of a quiet machine; use it when the machine is oversubscribed)")
     ap.add_argument("--batch_size", type=int, default=BASE["batch_size"],
                     help="blocks per step (the CPU preset's 16; fewer gives more steps on a crowded machine)")
     ap.add_argument("--seed", type=int, default=1337)
@@ -153,7 +159,9 @@ def main(argv=None):
     rt = SimpleNamespace(world=1, rank=0, ddp=False, device="cpu", compile=False, ctx=nullcontext())
     BASE["batch_size"] = args.batch_size
     recipes = [Recipe(name, RECIPES[name], meta, args.data, args.seed) for name in args.recipes.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.data}: block {meta['block_size']}, "
+    for r in recipes:
+        r.clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"{args.clock} clock; torch {torch.__version__}, {torch.get_num_threads()} threads; {args.data}: block {meta['block_size']}, "
           f"vocab {meta['vocab_size']}; batch {args.batch_size}; {args.seconds:g} s per recipe")
 
     def evaluate(r):
