@@ -1,17 +1,25 @@
-"""Export a run to the Hugging Face `transformers` format, and import a GPT-2-shaped model back.
+"""Export a run to the Hugging Face `transformers` format, and import such a model back.
 
-    python export.py --out_dir out/sft --to hf exports/sft_hf
-    python export.py --from hf exports/sft_hf --out_dir out/imported --tokenizer data/tokenizer
+    python export.py --run out/sft --to hf exports/sft_hf
+    python export.py --from hf exports/sft_hf --out out/imported --tokenizer data/tokenizer
 
-The export is a folder that `GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained`
+`--run` is always a run directory that is read, `--out` a run directory that is written (the old
+`--out_dir` still works for either: it means the run to export, or the run an import writes).
+
+The export is a folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
 load offline: `config.json` + `model.safetensors`, and `tokenizer.json` + `tokenizer_config.json` +
-`special_tokens_map.json`.
+`special_tokens_map.json`. An `arch=gpt2` run becomes a `GPT2LMHeadModel`, an `arch=qwen3` run a
+`Qwen3ForCausalLM`.
 
 Design choices:
-- The model is GPT-2 shaped on purpose (model.py), so the export is a renaming-free copy: the
-  state-dict names already match `GPT2LMHeadModel`; only the four projection matrices are
-  transposed (GPT-2 stores them as Conv1D, in x out). tanh GELU is GPT-2's "gelu_new", LayerNorm
-  eps is 1e-5, embeddings are tied; a run trained without biases exports zero biases.
+- Both architectures in model.py are the transformers ones computed the same way, so the export is
+  a renaming (`hf_name`, the one weight mapping; bench/bench_model.py uses it too):
+  - gpt2: the state-dict names already match `GPT2LMHeadModel`; only the four projection matrices
+    are transposed (GPT-2 stores them as Conv1D, in x out). tanh GELU is GPT-2's "gelu_new",
+    LayerNorm eps is 1e-5, embeddings are tied; a run trained without biases exports zero biases.
+  - qwen3: `transformer.h.i` -> `model.layers.i`, `attn` -> `self_attn`, ln_1/ln_2 ->
+    input/post_attention_layernorm, wte -> embed_tokens, ln_f -> norm; no transposes. RMSNorm eps
+    1e-6, head_dim = n_embd / n_head, default RoPE with the run's rope_theta, no sliding window.
 - The tokenizer is rebuilt from our tiktoken ranks with the `tokenizers` library as a byte-level
   BPE: the vocabulary is each rank's bytes in GPT-2's byte-to-unicode spelling, id = rank; the
   merges are recovered by replaying BPE on each token's bytes with only lower ranks allowed (the
@@ -25,6 +33,8 @@ Design choices:
   (`inference.model_from_checkpoint` folds the adapter in).
 - Import requires the run's tokenizer in our format (`--tokenizer`), since a run directory keeps a
   tiktoken tokenizer; when the HF folder has a `tokenizer.json`, its vocabulary must agree with it.
+  A model model.py cannot compute exactly (another activation, biases in Qwen3 attention, a head
+  size other than n_embd / n_head, sliding windows, scaled RoPE) is refused with a ValueError.
 """
 import argparse
 import json
@@ -35,9 +45,60 @@ import torch
 from checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from inference import model_from_checkpoint, tokenizer_for
 from model import GPT, GPTConfig
-from tokenizer import _bytes_to_unicode, load_tokenizer
+from tokenizer import load_tokenizer
 
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# our name piece -> Qwen3's, applied in this order (and backwards, reversed, for an import)
+QWEN3_NAMES = (("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
+               (".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
+               (".attn.", ".self_attn."), ("transformer.h.", "model.layers."))
+
+
+def hf_name(name, arch, to_hf=True):
+    """The transformers name of our parameter `name` (or ours of theirs, to_hf=False)."""
+    if arch == "gpt2":
+        return name
+    pairs = QWEN3_NAMES if to_hf else [(theirs, ours) for ours, theirs in reversed(QWEN3_NAMES)]
+    for old, new in pairs:
+        name = name.replace(old, new)
+    return name
+
+
+def _transposed(name, arch):
+    return arch == "gpt2" and name.endswith(GPT2_CONV1D)
+
+
+def hf_state_dict(model, theirs):
+    """Our model's weights as a state dict for the transformers model whose state dict is `theirs`
+    (float32, contiguous). A name with no counterpart is an error, except GPT-2 biases of a run
+    trained without them (exported as zeros)."""
+    arch, ours, state = model.config.arch, model.state_dict(), {}
+    for name in theirs:
+        mine = hf_name(name, arch, to_hf=False)
+        if mine in ours:
+            tensor = ours[mine].t() if _transposed(mine, arch) else ours[mine]
+            state[name] = tensor.float().contiguous()
+        elif arch == "gpt2" and name.endswith(".bias") and not model.config.bias:
+            state[name] = torch.zeros_like(theirs[name])
+        else:
+            raise ValueError(f"the HF model has {name}, which this run does not")
+    return state
+
+
+def load_hf_state_dict(model, theirs):
+    """Put a transformers state dict (`theirs`) into our `model` of the same shape."""
+    arch = model.config.arch
+    model.load_state_dict({name: (theirs[hf_name(name, arch)].t() if _transposed(name, arch)
+                                  else theirs[hf_name(name, arch)]).contiguous() for name in model.state_dict()})
+    return model
+
+
+def byte_spelling():
+    """GPT-2's map from bytes to printable characters, in which byte-level BPE vocabularies are spelled:
+    printable Latin-1 bytes stand for themselves, the others for the characters from U+0100 on."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{b: chr(b) for b in kept}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -60,7 +121,7 @@ def hf_tokenizer(tok):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     ranks = tok.enc._mergeable_ranks
-    spell = _bytes_to_unicode()
+    spell = byte_spelling()
     as_text = lambda b: "".join(spell[x] for x in b)  # noqa: E731
     vocab = {as_text(token): rank for token, rank in ranks.items()}
     merges = []
@@ -100,88 +161,133 @@ def save_hf_tokenizer(tok, folder, max_length):
 # ----------------------------------------------------------------------------- model
 
 
-def export_hf(out_dir, folder, which="best"):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def hf_config(cfg, tok):
+    """The transformers config of our GPTConfig `cfg` (special token ids from `tok`)."""
+    ids = dict(bos_token_id=tok.eot, eos_token_id=tok.eot, pad_token_id=tok.pad)
+    if cfg.arch == "gpt2":
+        from transformers import GPT2Config
 
-    path = find_checkpoint(out_dir, which)
+        return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
+                          layer_norm_epsilon=1e-5, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                          attn_pdrop=cfg.dropout, tie_word_embeddings=True, **ids)
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
+                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                       num_key_value_heads=cfg.n_kv_head, head_dim=cfg.n_embd // cfg.n_head, hidden_act="silu",
+                       max_position_embeddings=cfg.block_size, rms_norm_eps=1e-6,
+                       tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, use_sliding_window=False,
+                       attention_dropout=cfg.dropout,
+                       rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)}, **ids)
+
+
+def hf_model_class(arch):
+    import transformers
+
+    return transformers.GPT2LMHeadModel if arch == "gpt2" else transformers.Qwen3ForCausalLM
+
+
+def export_hf(run_dir, folder, which="best"):
+    path = find_checkpoint(run_dir, which)
     ckpt = load_checkpoint(path)
     # the checkpoint's model as trained, padded vocabulary included (load_run would trim it), so that
     # an imported export fits train.py's data checks again
-    model, tok = model_from_checkpoint(ckpt), tokenizer_for(ckpt, out_dir)
+    model, tok = model_from_checkpoint(ckpt), tokenizer_for(ckpt, run_dir)
     cfg = model.config
-    hf_config = GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-        bos_token_id=tok.eot, eos_token_id=tok.eot, pad_token_id=tok.pad, tie_word_embeddings=True,
-    )
-    hf_model = GPT2LMHeadModel(hf_config)
-    ours = model.state_dict()
-    state = {}
-    for name, tensor in hf_model.state_dict().items():
-        if name in ours:
-            state[name] = (ours[name].t() if name.endswith(CONV1D) else ours[name]).float().contiguous()
-        elif name.endswith(".bias") and not cfg.bias:
-            state[name] = torch.zeros_like(tensor)
-        else:
-            raise ValueError(f"the HF model has {name}, which this run does not")
-    hf_model.load_state_dict(state)
+    hf_model = hf_model_class(cfg.arch)(hf_config(cfg, tok))
+    hf_model.load_state_dict(hf_state_dict(model, hf_model.state_dict()))
     folder = Path(folder)
     hf_model.save_pretrained(folder)
     save_hf_tokenizer(tok, folder, cfg.block_size)
-    print(f"exported {out_dir} ({path}) -> {folder}")
+    print(f"exported {run_dir} ({path}) -> {folder} ({type(hf_model).__name__})")
 
 
-def import_hf(folder, out_dir, tokenizer, kind="pretrain"):
-    """A run directory from a GPT-2-shaped HF model folder and our tokenizer for it."""
-    from transformers import GPT2LMHeadModel
+def model_args_from_hf(c, folder):
+    """Our GPTConfig fields for a transformers config, or a ValueError when model.py cannot compute it exactly."""
+    if c.model_type == "gpt2":
+        if c.activation_function != "gelu_new" or c.n_inner not in (None, 4 * c.n_embd):
+            raise ValueError(f"{folder} is not GPT-2 shaped the way model.py is (activation "
+                             f"{c.activation_function}, n_inner {c.n_inner}); cannot import it")
+        return dict(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                    n_embd=c.n_embd, dropout=float(c.resid_pdrop), bias=True)
+    if c.model_type == "qwen3":
+        rope = c.rope_parameters or {}
+        problems = [what for what, bad in (
+            (f"activation {c.hidden_act}", c.hidden_act != "silu"), ("attention biases", c.attention_bias),
+            (f"head_dim {c.head_dim} != hidden_size / heads", c.head_dim * c.num_attention_heads != c.hidden_size),
+            ("sliding-window attention", c.use_sliding_window),
+            (f"RoPE type {rope.get('rope_type')}", rope.get("rope_type", "default") != "default"),
+            (f"rms_norm_eps {c.rms_norm_eps}", c.rms_norm_eps != 1e-6)) if bad]
+        if problems:
+            raise ValueError(f"{folder} is a Qwen3 model that model.py does not compute exactly ({', '.join(problems)})")
+        return dict(arch="qwen3", block_size=c.max_position_embeddings, vocab_size=c.vocab_size,
+                    n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
+                    n_kv_head=c.num_key_value_heads, rope_theta=float(rope.get("rope_theta", 10000.0)),
+                    tie_embeddings=bool(c.tie_word_embeddings), mlp_hidden=c.intermediate_size,
+                    dropout=float(c.attention_dropout), bias=False)
+    raise ValueError(f"{folder} holds a {c.model_type!r} model; only gpt2 and qwen3 import")
 
-    hf_model = GPT2LMHeadModel.from_pretrained(folder)
-    c = hf_model.config
-    if c.activation_function != "gelu_new" or c.n_inner not in (None, 4 * c.n_embd):
-        raise ValueError(f"{folder} is not GPT-2 shaped the way model.py is (activation {c.activation_function}, "
-                         f"n_inner {c.n_inner}); cannot import it")
+
+def import_hf(folder, run_dir, tokenizer, kind="pretrain"):
+    """A run directory `run_dir` from a GPT-2 or Qwen3 HF model folder and our tokenizer for it."""
+    from transformers import AutoConfig
+
+    args = model_args_from_hf(AutoConfig.from_pretrained(folder), folder)
+    hf_model = hf_model_class(args.get("arch", "gpt2")).from_pretrained(folder)
     tok = load_tokenizer(tokenizer)
-    if c.vocab_size < tok.n_vocab:
-        raise ValueError(f"the model's vocabulary ({c.vocab_size}) is smaller than the tokenizer's ({tok.n_vocab})")
+    if args["vocab_size"] < tok.n_vocab:
+        raise ValueError(f"the model's vocabulary ({args['vocab_size']}) is smaller than the tokenizer's ({tok.n_vocab})")
     hf_vocab = Path(folder) / "tokenizer.json"
     if hf_vocab.exists():
         theirs = json.loads(hf_vocab.read_text(encoding="utf-8"))["model"]["vocab"]
         if theirs != json.loads(hf_tokenizer(tok).to_str())["model"]["vocab"]:
             raise ValueError(f"the vocabulary in {hf_vocab} is not that of the tokenizer {tokenizer}")
-    args = dict(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                n_embd=c.n_embd, dropout=float(c.resid_pdrop), bias=True)
-    model = GPT(GPTConfig(**args))
-    theirs = hf_model.state_dict()
-    model.load_state_dict({name: (theirs[name].t() if name.endswith(CONV1D) else theirs[name]).contiguous()
-                           for name in model.state_dict()})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(out_dir / "tokenizer")
+    model = load_hf_state_dict(GPT(GPTConfig(**args)), hf_model.state_dict())
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(run_dir / "tokenizer")
     ckpt = {"model": model.state_dict(), "model_args": args, "iter_num": 0, "best_val_loss": None,
             "tokenizer": tok.identity.to_json(), "kind": kind, "config": {"imported_from": str(Path(folder).resolve())}}
     for name in ("best.pt", "last.pt"):
-        save_checkpoint(ckpt, out_dir / name)
-    print(f"imported {folder} -> {out_dir}")
+        save_checkpoint(ckpt, run_dir / name)
+    print(f"imported {folder} -> {run_dir}")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     ap = argparse.ArgumentParser(description="Export a run to Hugging Face transformers format, or import one.")
-    ap.add_argument("--out_dir", required=True, help="the run directory to export (or, with --from, to write)")
+    ap.add_argument("--run", help="export: the run directory to read")
+    ap.add_argument("--out", help="import: the run directory to write")
+    ap.add_argument("--out_dir", help="the older spelling: --run for an export, --out for an import")
     ap.add_argument("--to", nargs=2, metavar=("FORMAT", "DIR"), help="export: `--to hf DIR`")
     ap.add_argument("--from", dest="source", nargs=2, metavar=("FORMAT", "DIR"), help="import: `--from hf DIR`")
     ap.add_argument("--tokenizer", help="import: our tokenizer folder (or gpt2) for the model")
     ap.add_argument("--kind", default="pretrain", help="import: the kind recorded in the checkpoint (pretrain/sft)")
     ap.add_argument("--which", default="best", help="export: best or last checkpoint")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if bool(args.to) == bool(args.source):
         ap.error("give exactly one of --to hf DIR and --from hf DIR")
     fmt, folder = args.to or args.source
     if fmt != "hf":
         ap.error(f"the only format is hf, not {fmt!r}")
     if args.to:
-        export_hf(args.out_dir, folder, args.which)
-    elif not args.tokenizer:
-        ap.error("--from needs --tokenizer (the tokenizer folder the model was trained with)")
-    else:
-        import_hf(folder, args.out_dir, args.tokenizer, args.kind)
+        if args.out:
+            ap.error("an export reads --run DIR and writes the --to folder; --out is for imports")
+        run_dir = args.run or args.out_dir
+        if not run_dir:
+            ap.error("an export needs --run DIR (the run directory to export)")
+        export_hf(run_dir, folder, args.which)
+        return
+    if args.run:
+        ap.error("an import writes --out DIR; --run is for exports")
+    run_dir = args.out or args.out_dir
+    if not run_dir or not args.tokenizer:
+        ap.error("--from needs --out DIR (the run to write) and --tokenizer (the tokenizer folder the model was trained with)")
+    try:
+        import_hf(folder, run_dir, args.tokenizer, args.kind)
+    except ValueError as e:
+        raise SystemExit(f"import failed: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

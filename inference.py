@@ -99,10 +99,14 @@ class Run:
 
 def drop_vocab_padding(model, n_vocab):
     """train.py pads the vocabulary to a multiple of 64 (faster matmuls). The padding ids are no
-    tokens, so they are cut off the tied embedding here and generation can never sample them. The
-    loss is unchanged: training leaves them out of the softmax too (GPTConfig.n_vocab)."""
-    weight = torch.nn.Parameter(model.lm_head.weight[:n_vocab].detach().clone())
-    model.lm_head.weight = model.transformer.wte.weight = weight
+    tokens, so they are cut off the embedding and the output layer here (an untied head stays
+    untied) and generation can never sample them. The loss is unchanged: training leaves them out
+    of the softmax too (GPTConfig.n_vocab)."""
+    head = torch.nn.Parameter(model.lm_head.weight[:n_vocab].detach().clone())
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    model.lm_head.weight = head
+    model.transformer.wte.weight = head if tied else torch.nn.Parameter(
+        model.transformer.wte.weight[:n_vocab].detach().clone())
     model.lm_head.out_features = model.transformer.wte.num_embeddings = model.config.vocab_size = n_vocab
     model.config.n_vocab = n_vocab
 

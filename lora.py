@@ -35,8 +35,9 @@ from checkpoint import (CheckpointError, checkpoint_reference, find_checkpoint, 
 from model import GPT, GPTConfig
 from tokenizer import TokenizerId
 
-# which nn.Linear modules (by their name's ending) each target family covers
-TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
+# which nn.Linear modules (by their name's ending) each target family covers, in gpt2 and in qwen3
+TARGETS = {"attn": ("attn.c_attn", "attn.c_proj", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"),
+           "mlp": ("mlp.c_fc", "mlp.c_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
 LORA_KEYS = ("lora_A", "lora_B")
 
 

@@ -90,10 +90,22 @@ n_layer = 12
 n_head = 12
 n_embd = 768
 dropout = 0.0
-bias = True
-# optimizer: AdamW, linear warmup, cosine decay to min_lr at lr_decay_iters
-learning_rate = 6e-4
-min_lr = 6e-5
+bias = True  # gpt2 only
+arch = "gpt2"  # 'gpt2' (GPT-2: learned positions, LayerNorm, GELU) or 'qwen3' (RoPE, RMSNorm, QK-norm, SwiGLU)
+n_kv_head = None  # qwen3: key/value heads for grouped-query attention (None: n_head)
+rope_theta = 10000.0  # qwen3
+tie_embeddings = True  # qwen3: share the token embedding with the output layer (gpt2 always does and ignores
+# the qwen3-only settings, so `--arch=gpt2` alone turns a qwen3 config back into the GPT-2 model)
+# optimizer: 'adamw' for every weight, or 'muon' (torch.optim.Muon) for the blocks' weight matrices
+# with AdamW (learning_rate) for embeddings, output layer and gains; warmup, then the lr_schedule
+optimizer = "adamw"
+learning_rate = 6e-4  # AdamW's
+min_lr = 6e-5  # the end of the schedule; Muon's is min_lr / learning_rate * muon_lr
+muon_lr = 0.02
+muon_momentum = 0.95
+muon_weight_decay = 0.0
+lr_schedule = "cosine"  # 'cosine' (to min_lr at lr_decay_iters) or 'wsd' (warmup, stable, linear decay)
+decay_frac = 0.2  # wsd: the last share of lr_decay_iters spent decaying to min_lr
 warmup_iters = 200
 lr_decay_iters = None  # default: max_iters
 weight_decay = 0.1
@@ -191,7 +203,11 @@ def build_model(cfg, meta, out_dir):
     # the padding ids past the tokenizer's are no tokens: n_vocab keeps them out of the loss's
     # softmax, so the loss is that of the trimmed model inference.load_run hands the evaluations
     model_args = dict(block_size=meta["block_size"], vocab_size=vocab_size, n_vocab=meta["vocab_size"],
-                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                      arch=cfg.arch)
+    if cfg.arch == "qwen3":  # the qwen3-only fields; gpt2 runs record what they always did, plus arch
+        model_args.update(bias=False, n_kv_head=cfg.n_kv_head, rope_theta=cfg.rope_theta,
+                          tie_embeddings=cfg.tie_embeddings)
     ckpt = source = None
     if cfg.init_from == "resume":
         source = out_dir / "last.pt"
@@ -210,7 +226,10 @@ def build_model(cfg, meta, out_dir):
         # the architecture is the checkpoint's; dropout is a training setting (and runs from before
         # n_vocab was recorded get it from the data, whose tokenizer check_compatible matched)
         model_args = {**ckpt["model_args"], "dropout": cfg.dropout, "n_vocab": meta["vocab_size"]}
-    model = GPT(GPTConfig(**model_args))
+    try:
+        model = GPT(GPTConfig(**model_args))
+    except ValueError as e:
+        raise TrainingError(f"model settings: {e}") from None
     if ckpt is not None and "lora" not in ckpt:
         model.load_state_dict(ckpt["model"])
     try:  # LoRA: adapters on the init_from weights, or an adapter run's base + adapter (lora.py)
@@ -270,12 +289,21 @@ def train_step(model, batches, optimizer, scaler, cfg, rt, dpo=None):
 
 
 def lr_at(it, cfg):
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
+    """Linear warmup to learning_rate, then either cosine decay to min_lr at lr_decay_iters
+    (lr_schedule 'cosine', also when cfg has none) or 'wsd': warmup, stable at learning_rate, and a
+    linear decay to min_lr over the last decay_frac of lr_decay_iters. Each param group gets this
+    times its `lr_scale` (Muon's learning rate relative to AdamW's)."""
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= decay_iters:
         return cfg.min_lr
+    if getattr(cfg, "lr_schedule", "cosine") == "wsd":
+        decay_start = max(cfg.warmup_iters, decay_iters - round(cfg.decay_frac * decay_iters))
+        if it < decay_start:
+            return cfg.learning_rate
+        progress = (it - decay_start) / max(1, decay_iters - decay_start)
+        return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
@@ -401,6 +429,11 @@ def main(argv=None):
         cfg = SimpleNamespace(**configure(DEFAULTS, argv))
         if cfg.sampling not in ("random", "sequential"):
             raise TrainingError(f"sampling must be 'random' or 'sequential', not {cfg.sampling!r}")
+        for key, allowed in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
+            if getattr(cfg, key) not in allowed:
+                raise TrainingError(f"{key} must be one of {allowed}, not {getattr(cfg, key)!r}")
+        if not 0 < cfg.decay_frac <= 1:
+            raise TrainingError(f"decay_frac must be in (0, 1], not {cfg.decay_frac}")
         rt = setup_runtime(cfg)
         status = train(cfg, rt, argv)
     except (ConfigError, TrainingError, CheckpointError, FileNotFoundError) as e:
@@ -443,7 +476,8 @@ def train(cfg, rt, argv):
         except (ValueError, FileNotFoundError) as e:  # no init_from, a missing or changed reference
             raise TrainingError(str(e)) from e
     model.to(rt.device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type,
+                                           cfg.optimizer, cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
     iter_num, best_val_loss, elapsed = 0, float("inf"), 0.0
     if cfg.init_from == "resume":
@@ -475,7 +509,8 @@ def train(cfg, rt, argv):
     say(f"data: {cfg.data_dir} ({kind}): {train_data.n_blocks:,} train / {val_data.n_blocks:,} val blocks of "
         f"{meta['block_size']} tokens; vocabulary {meta['vocab_size']:,} (padded to {model_args['vocab_size']:,}), "
         f"tokenizer {tok.identity.short()}")
-    say(f"model: {model_args['n_layer']} layers, {model_args['n_head']} heads, {model_args['n_embd']} wide: "
+    say(f"model: {model_args.get('arch', 'gpt2')}, "
+        f"{model_args['n_layer']} layers, {model_args['n_head']} heads, {model_args['n_embd']} wide: "
         f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M with positions); "
         f"from {cfg.init_from}" + (f" at iteration {iter_num}" if iter_num else ""))
     if adapter:
@@ -486,7 +521,8 @@ def train(cfg, rt, argv):
     say(f"training: {rt.device}, {rt.dtype}, compile {'on' if rt.compile else 'off'}, {rt.world} process(es); "
         f"{tokens_per_iter:,} tokens per step ({cfg.batch_size} x {cfg.gradient_accumulation_steps} x {rt.world} "
         f"blocks); {cfg.max_iters} steps = {cfg.max_iters * blocks_per_iter / train_data.n_blocks:.2f} epochs; "
-        f"lr {cfg.learning_rate:g} -> {cfg.min_lr:g}; out_dir {out_dir}")
+        f"{cfg.optimizer}, lr {cfg.learning_rate:g} -> {cfg.min_lr:g}"
+        + (f" (Muon {cfg.muon_lr:g})" if cfg.optimizer == "muon" else "") + f", {cfg.lr_schedule}; out_dir {out_dir}")
 
     def save(path, with_state=True):
         weights = {"model": raw_model.state_dict()} if adapter is None else adapter_entries(raw_model, adapter)
@@ -547,7 +583,7 @@ def train(cfg, rt, argv):
 
             lr = lr_at(iter_num, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before lr_scale: AdamW alone
             loss_sum, count, grad_norm = train_step(model, next_batches(train_data, cfg, rt, rng, dpo), optimizer,
                                                     scaler, cfg, rt, dpo)
             last_loss = loss_sum / count.clamp(min=1)  # this rank's share; exact once all-reduced below

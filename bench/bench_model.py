@@ -34,14 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import SlotCache, generate  # noqa: E402
+from export import hf_state_dict  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 SHAPES = dict(n_layer=6, n_head=6, n_embd=384, vocab_size=32000, dropout=0.0, bias=True)
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def hf_copy(model, attn_implementation):
-    """transformers' GPT-2 with the same shapes and our weights (its Conv1D weights are transposed)."""
+    """transformers' GPT-2 with the same shapes and our weights (export.py's mapping)."""
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
 
@@ -52,9 +52,7 @@ def hf_copy(model, attn_implementation):
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
                         bos_token_id=None, eos_token_id=None, pad_token_id=0)
     hf = GPT2LMHeadModel._from_config(config, attn_implementation=attn_implementation)
-    ours = {k: (v.t() if k.endswith(CONV1D) else v) for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(ours, strict=False)
-    assert not unexpected and not [k for k in missing if k != "lm_head.weight"], (missing, unexpected)
+    hf.load_state_dict(hf_state_dict(model, hf.state_dict()))
     assert hf.lm_head.weight is hf.transformer.wte.weight
     return hf
 

@@ -15,6 +15,15 @@ n_layer = 4
 n_head = 6
 n_embd = 192
 dropout = 0.0
+# the recipe, chosen by bench/bench_recipe.py (BENCHMARKS.md): the Qwen3 decoder with an untied output
+# layer, Muon for the blocks' matrices (AdamW at learning_rate for the rest), warmup-stable-decay.
+# The GPT-2 recipe: --arch=gpt2 --optimizer=adamw --lr_schedule=cosine
+arch = "qwen3"
+tie_embeddings = False
+optimizer = "muon"
+muon_lr = 0.02
+lr_schedule = "wsd"
+decay_frac = 0.3
 
 batch_size = 16
 gradient_accumulation_steps = 1

@@ -71,3 +71,36 @@ def test_command_line(tmp_path, capsys):
     assert out.read_bytes().startswith(PNG_MAGIC)
     printed = capsys.readouterr().out
     assert "30 train points, 3 eval points, skipped 5 malformed lines" in printed
+
+
+def write_timed_log(run_dir, seconds_per_iter):
+    """A run whose lines carry `time` as train.py writes it; eval lines too, except the last one."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = [{"iter": i, "loss": 5 - i / 100, "lr": 1e-3, "time": i * seconds_per_iter} for i in range(0, 101, 10)]
+    lines += [{"iter": 0, "val_loss": 5.0, "time": 0.0}, {"iter": 50, "val_loss": 4.6, "time": 50 * seconds_per_iter},
+              {"iter": 100, "val_loss": 4.1}]
+    (run_dir / "log.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    return run_dir
+
+
+def test_x_values_against_time_use_each_lines_time():
+    train = [{"iter": 0, "loss": 5.0, "time": 1.0}, {"iter": 10, "loss": 4.0, "time": 21.0}]
+    evals = [{"iter": 0, "val_loss": 5.0, "time": 0.5}, {"iter": 5, "val_loss": 4.5}]
+    x, val_x = visualize.x_values(train, evals, "time")
+    assert x.tolist() == [1.0, 21.0]
+    assert val_x.tolist() == [0.5, 11.0]  # its own time, or interpolated over the train lines
+    assert visualize.x_values([{"iter": 0, "loss": 1.0}], [], "time") is None
+    assert visualize.x_values(train, evals, "iter")[1].tolist() == [0.0, 5.0]
+
+
+def test_plot_against_time_and_a_log_without_time(tmp_path):
+    fast, slow = write_timed_log(tmp_path / "fast", 0.5), write_timed_log(tmp_path / "slow", 2.0)
+    out = tmp_path / "time.png"
+    visualize.main([str(fast), str(slow), "-o", str(out), "--x", "time"])
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    (tmp_path / "untimed").mkdir()
+    (tmp_path / "untimed" / "log.jsonl").write_text('{"iter": 0, "loss": 5.0}\n')
+    with pytest.raises(SystemExit, match="no run's log has a time field"):
+        visualize.main([str(tmp_path / "untimed"), "-o", str(tmp_path / "x.png"), "--x", "time"])
+    with pytest.raises(ValueError, match="x must be"):
+        visualize.plot_runs([fast], tmp_path / "x.png", x="tokens")
