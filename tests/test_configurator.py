@@ -80,7 +80,8 @@ def test_config_file_sees_earlier_settings_and_is_checked(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["train_config.py", "train_config_sft.py", "train_config_cpu.py",
-                                  "train_config_sft_cpu.py"])
+                                  "train_config_sft_cpu.py", "train_config_8gb.py", "train_config_24gb.py",
+                                  "train_config_80gb.py"])
 def test_train_presets_are_valid(name):
     import train
 
@@ -100,3 +101,23 @@ def test_errors_are_typed_and_train_py_turns_them_into_an_exit_status(capsys):
         train.main(["--batch_szie=8"])
     train.main(["--help"])  # prints the settings and returns: no run starts
     assert "learning_rate = 0.0006" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["train_config_8gb.py", "train_config_24gb.py", "train_config_80gb.py"])
+def test_card_presets_state_the_model_they_build(name):
+    """The header of each GPU-card preset states its parameter count: it must be the model's."""
+    import re
+
+    import torch
+
+    import train
+    from model import GPT, GPTConfig
+
+    config = configure(train.DEFAULTS, [str(ROOT / "config" / name)])
+    stated = float(re.search(r"([0-9.]+)M parameters", (ROOT / "config" / name).read_text()).group(1))
+    keys = ("n_layer", "n_head", "n_embd", "arch", "tie_embeddings")
+    with torch.device("meta"):
+        model = GPT(GPTConfig(block_size=512, vocab_size=32000, bias=False, **{k: config[k] for k in keys}))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == stated
+    tokens_per_step = config["batch_size"] * config["gradient_accumulation_steps"] * 511
+    assert tokens_per_step == 65408  # every card trains the same 65k-token steps
