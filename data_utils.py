@@ -413,7 +413,7 @@ def remove_stale_temporaries(folder, names, max_age_s=24 * 3600):
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    pattern = re.compile(r"\.(%s)\.tmp(\d+)" % "|".join(map(re.escape, names)))
+    pattern = re.compile(rf"\.({'|'.join(map(re.escape, names))})\.tmp(\d+)")
     for p in folder.iterdir():
         m = pattern.fullmatch(p.name)
         if not m or int(m.group(2)) == os.getpid():
@@ -551,16 +551,18 @@ class BlockData:
         self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
 
 
-def evaluate_blocks(model, data, indices, tok, batch_size, device, ctx=nullcontext()):
+def evaluate_blocks(model, data, indices, tok, batch_size, device, ctx=None):
     """Masked mean loss, perplexity and bits per character over the given blocks of `data`.
 
     Sums over every masked target (not a mean of batch means), so the numbers do not depend on the
     batch size. bits/char = total nats / ln 2 / characters of the masked targets, each row's masked
     targets decoded with `tok.decode` (special tokens count in the loss but have no characters).
-    Used by training (val_ppl, val_bpc) and evaluations/perplexity.py alike.
+    Used by training (val_ppl, val_bpc) and evaluations/perplexity.py alike. `ctx` is the context
+    each forward runs in, e.g. autocast (None: no context).
     """
     import torch
 
+    ctx = nullcontext() if ctx is None else ctx
     indices = list(indices)
     was_training = model.training
     model.eval()

@@ -108,7 +108,7 @@ def _bpe_parts(ranks, token, max_rank):
     """The pieces BPE ends with on `token`'s bytes when only ranks below `max_rank` may merge."""
     parts = [bytes([b]) for b in token]
     while len(parts) > 1:
-        best = min(((ranks.get(parts[i] + parts[i + 1], max_rank), i) for i in range(len(parts) - 1)))
+        best = min((ranks.get(parts[i] + parts[i + 1], max_rank), i) for i in range(len(parts) - 1))
         if best[0] >= max_rank:
             break
         i = best[1]
@@ -220,7 +220,8 @@ def model_args_from_hf(c, folder):
             (f"RoPE type {rope.get('rope_type')}", rope.get("rope_type", "default") != "default"),
             (f"rms_norm_eps {c.rms_norm_eps}", c.rms_norm_eps != 1e-6)) if bad]
         if problems:
-            raise ValueError(f"{folder} is a Qwen3 model that model.py does not compute exactly ({', '.join(problems)})")
+            raise ValueError(f"{folder} is a Qwen3 model that model.py does not compute exactly "
+                             f"({', '.join(problems)})")
         return dict(arch="qwen3", block_size=c.max_position_embeddings, vocab_size=c.vocab_size,
                     n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
                     n_kv_head=c.num_key_value_heads, rope_theta=float(rope.get("rope_theta", 10000.0)),
@@ -237,7 +238,8 @@ def import_hf(folder, run_dir, tokenizer, kind="pretrain"):
     hf_model = hf_model_class(args.get("arch", "gpt2")).from_pretrained(folder)
     tok = load_tokenizer(tokenizer)
     if args["vocab_size"] < tok.n_vocab:
-        raise ValueError(f"the model's vocabulary ({args['vocab_size']}) is smaller than the tokenizer's ({tok.n_vocab})")
+        raise ValueError(f"the model's vocabulary ({args['vocab_size']}) is smaller than the tokenizer's "
+                         f"({tok.n_vocab})")
     hf_vocab = Path(folder) / "tokenizer.json"
     if hf_vocab.exists():
         theirs = json.loads(hf_vocab.read_text(encoding="utf-8"))["model"]["vocab"]
@@ -282,7 +284,8 @@ def main(argv=None):
         ap.error("an import writes --out DIR; --run is for exports")
     run_dir = args.out or args.out_dir
     if not run_dir or not args.tokenizer:
-        ap.error("--from needs --out DIR (the run to write) and --tokenizer (the tokenizer folder the model was trained with)")
+        ap.error("--from needs --out DIR (the run to write) and --tokenizer "
+                 "(the tokenizer folder the model was trained with)")
     try:
         import_hf(folder, run_dir, args.tokenizer, args.kind)
     except ValueError as e:

@@ -30,8 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (CheckpointError, checkpoint_reference, find_checkpoint, load_checkpoint, load_referenced,
-                        save_checkpoint)
+from checkpoint import (
+    CheckpointError,
+    checkpoint_reference,
+    find_checkpoint,
+    load_checkpoint,
+    load_referenced,
+    save_checkpoint,
+)
 from model import GPT, GPTConfig
 from tokenizer import TokenizerId
 
@@ -144,7 +150,8 @@ def load_adapter_run(model, ckpt):
     """Put an adapter checkpoint's base weights into `model` (a GPT of that shape), then its adapter."""
     base = load_referenced(ckpt["base"], "the base checkpoint of this LoRA adapter", MERGE_HINT)
     if "model" not in base:
-        raise CheckpointError(f"the base {ckpt['base']['path']} is itself a LoRA run: merge it first (python lora.py merge)")
+        raise CheckpointError(f"the base {ckpt['base']['path']} is itself a LoRA run: "
+                              "merge it first (python lora.py merge)")
     model.load_state_dict(base["model"])
     apply_lora(model, **ckpt["lora_config"])
     return load_lora(model, ckpt["lora"])

@@ -277,7 +277,8 @@ def load_tokenizer(spec="data/tokenizer"):
 
 def train_bpe(texts, n_merged_vocab):
     """The `tokenizers` byte-level BPE trained on `texts`, splitting with `PATTERN` (tests compare it with tiktoken)."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Regex, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence([
@@ -298,7 +299,8 @@ def train_tokenizer(texts, folder, vocab_size=DEFAULT_VOCAB_SIZE):
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ranks_text = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+    ranks_text = "".join(f"{base64.b64encode(t).decode()} {r}\n"
+                         for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
     (tmp / "ranks.tiktoken").write_text(ranks_text)
     digest = hashlib.sha256(ranks_text.encode() + PATTERN.encode()).hexdigest()
     specials = {name: [s, len(ranks) + i] for i, (name, s) in enumerate(SPECIAL_TOKENS.items())}

@@ -6,8 +6,9 @@
 Design:
 - Panels: loss against iterations (or, with `--x time`, against the training seconds each line's
   `time` field records, so a faster recipe is seen to be faster), loss against tokens seen (when the
-  log has a `tokens` field), learning rate against the same x as the first panel. Train loss is drawn raw (faint) and EMA-smoothed (solid); val
-  loss as dots joined by a dashed line in the run's colour, so several runs overlay readably.
+  log has a `tokens` field), learning rate against the same x as the first panel. Train loss is
+  drawn raw (faint) and EMA-smoothed (solid); val loss as dots joined by a dashed line in the run's
+  colour, so several runs overlay readably.
 - The EMA is bias-corrected (as TensorBoard's smoothing), so the first points are not dragged
   towards zero.
 - A resumed run may log an iteration twice (it restarts from its last checkpoint); the later line

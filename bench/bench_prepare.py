@@ -101,17 +101,20 @@ def main():
         mb = sum(f.stat().st_size for f in files) / 1e6
         common = ["--input", str(sliced), "--tokenizer", tokenizer, "--block_size", str(args.block_size)]
         commands = {
-            "baseline (1 process)": [sys.executable, "bench/bench_prepare.py", *common, "--baseline_into", f"{tmp}/base"],
+            "baseline (1 process)": [sys.executable, "bench/bench_prepare.py", *common,
+                                     "--baseline_into", f"{tmp}/base"],
             f"prepare.py --workers {args.workers}": [sys.executable, "data/prepare.py", *common, "--out", f"{tmp}/fast",
                                                      "--workers", str(args.workers), "--quiet",
-                                                     "--val_fraction", str(val_fraction), "--min_chars", str(min_chars)],
+                                                     "--val_fraction", str(val_fraction),
+                                                     "--min_chars", str(min_chars)],
         }
         Path(f"{tmp}/base").mkdir()
         runs = {name: [] for name in commands}
         for _ in range(args.repeats):
             for name, cmd in commands.items():
                 runs[name].append(timed(cmd))
-        identical = all((Path(f"{tmp}/base") / f"{s}.bin").read_bytes() == (Path(f"{tmp}/fast") / f"{s}.bin").read_bytes()
+        identical = all((Path(f"{tmp}/base") / f"{s}.bin").read_bytes()
+                        == (Path(f"{tmp}/fast") / f"{s}.bin").read_bytes()
                         for s in ("train", "val"))
         counts = json.loads(Path(f"{tmp}/fast/meta.json").read_text())["counts"]
     print(f"input: {len(files)} files, {mb:.1f} MB, {counts['articles_read']} articles -> "

@@ -65,8 +65,8 @@ class Recipe:
         vocab = math.ceil(meta["vocab_size"] / 64) * 64
         torch.manual_seed(seed)
         model_args = {k: v for k, v in overrides.items() if k in MODEL_KEYS}
-        self.model = GPT(GPTConfig(block_size=meta["block_size"], vocab_size=vocab, bias=model_args.get("arch") != "qwen3",
-                                   **SHAPE, **model_args))
+        self.model = GPT(GPTConfig(block_size=meta["block_size"], vocab_size=vocab,
+                                   bias=model_args.get("arch") != "qwen3", **SHAPE, **model_args))
         c = self.cfg
         self.optimizer = self.model.configure_optimizers(c.weight_decay, c.learning_rate, (c.beta1, c.beta2), "cpu",
                                                          c.optimizer, c.muon_lr, c.muon_momentum, c.muon_weight_decay)
@@ -132,7 +132,8 @@ def plot(results, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Compare training recipes at equal wall-clock time on the CPU preset.")
-    ap.add_argument("--data", default="data/processed_recipe", help="a data/prepare.py folder (block 256, 8k tokenizer)")
+    ap.add_argument("--data", default="data/processed_recipe",
+                    help="a data/prepare.py folder (block 256, 8k tokenizer)")
     ap.add_argument("--seconds", type=float, default=150, help="training seconds per recipe (of --clock)")
     ap.add_argument("--calibrate", type=int, default=6, help="steps per recipe that measure its step time")
     ap.add_argument("--eval_every", type=int, default=20, help="steps between validations")
@@ -161,7 +162,8 @@ def main(argv=None):
     recipes = [Recipe(name, RECIPES[name], meta, args.data, args.seed) for name in args.recipes.split(",")]
     for r in recipes:
         r.clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    print(f"{args.clock} clock; torch {torch.__version__}, {torch.get_num_threads()} threads; {args.data}: block {meta['block_size']}, "
+    print(f"{args.clock} clock; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{args.data}: block {meta['block_size']}, "
           f"vocab {meta['vocab_size']}; batch {args.batch_size}; {args.seconds:g} s per recipe")
 
     def evaluate(r):
@@ -200,7 +202,8 @@ def main(argv=None):
     for r in recipes:
         reach = reach_time(r.curve, target)
         at = bpc_at(r.curve, base_time)
-        print(f"| {r.name} | {r.steps} | {statistics.median(r.step_times):.3f} | {r.seconds:.0f} | {r.curve[-1][2]:.4f} "
+        print(f"| {r.name} | {r.steps} | {statistics.median(r.step_times):.3f} | {r.seconds:.0f} "
+              f"| {r.curve[-1][2]:.4f} "
               f"| {'-' if at is None else f'{at:.4f}'} | {'not reached' if reach is None else f'{reach:.0f}'} "
               f"| {'-' if reach is None else f'{reach / base_time:.2f}'} |")
     print(f"\nwrote {args.out} and {args.png}")

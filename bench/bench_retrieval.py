@@ -45,7 +45,8 @@ def qa_sets(qa_dir):
             for p_index, paragraph in enumerate(article["paragraphs"]):
                 pid = f"qa:{name}:{a_index}:{p_index}"
                 # a title line first, as in the wiki dump, so clean_article treats both alike
-                articles.append({"id": pid, "title": article["title"], "text": article["title"] + "\n\n" + paragraph["context"]})
+                articles.append({"id": pid, "title": article["title"],
+                                 "text": article["title"] + "\n\n" + paragraph["context"]})
                 for qa in paragraph["qas"]:
                     answers = [a["text"] for a in qa["answers"] if a["text"].strip()]
                     if answers:
@@ -164,7 +165,8 @@ def main():
     width = max(map(len, keys))
     print(f"\n{'':<{width}}  " + "  ".join(f"{r['analyzer']:>10}" for r in rows))
     for k in keys[1:]:
-        print(f"{k:<{width}}  " + "  ".join(f"{r[k]:>10.1f}" if isinstance(r[k], float) else f"{r[k]:>10}" for r in rows))
+        print(f"{k:<{width}}  "
+              + "  ".join(f"{r[k]:>10.1f}" if isinstance(r[k], float) else f"{r[k]:>10}" for r in rows))
     if len(rows) == 2:
         a, b = rows
         print(f"\nratios {b['analyzer']}/{a['analyzer']}: build time {b['build_s'] / a['build_s']:.2f}x, "

@@ -74,7 +74,8 @@ def main():
             tok = train_tokenizer(sample_texts(sample, max_chars), folder, args.vocab_size)
             seconds = time.perf_counter() - t0
             ratio, han = measure(tok.encode_batch, texts, han_runs)
-            print(f"{f'ours, {max_chars / 1e6:g}M chars sample':34s} {tok.n_vocab:7d} {ratio:12.2f} {han:16.2f} {seconds:8.0f}")
+            print(f"{f'ours, {max_chars / 1e6:g}M chars sample':34s} {tok.n_vocab:7d} {ratio:12.2f} {han:16.2f} "
+                  f"{seconds:8.0f}")
         for name in ("gpt2", "cl100k_base", "o200k_base"):
             enc = tiktoken.get_encoding(name)
             ratio, han = measure(enc.encode_ordinary_batch, texts, han_runs)

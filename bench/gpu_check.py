@@ -96,7 +96,8 @@ def peak_flops(device):
 
 def check_correctness(device, smoke):
     env = {**os.environ, "GPU_CHECK_DEVICE": device}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(ROOT / "tests" / "test_gpu.py"), "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(ROOT / "tests" / "test_gpu.py"),
+           "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120 if smoke else 600)
     tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr.strip()[-300:]]
     return {"returncode": proc.returncode, "summary": tail[0], "passed": proc.returncode == 0}
@@ -158,11 +159,11 @@ def bench_generate(shape, device, arch):
         g = torch.Generator().manual_seed(batch)
         prompts = torch.randint(0, shape["vocab_size"], (batch, shape["prompt"]), generator=g)
 
-        def ours_run():
+        def ours_run(prompts=prompts):
             return list(generate(ours, prompts.tolist(), new, temperature=0))
 
         @torch.no_grad()
-        def hf_run():
+        def hf_run(prompts=prompts):
             return hf.generate(prompts.to(device), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                use_cache=True, pad_token_id=0)
 
@@ -202,8 +203,8 @@ def bench_server(shape, device, tmp):
     counts, errors = [], []
 
     def client(i):
-        body = {"prompt": f"第{i}个问题：", "max_new_tokens": shape["stream_tokens"], "temperature": 0, "ignore_eos": True,
-                "stream": False}
+        body = {"prompt": f"第{i}个问题：", "max_new_tokens": shape["stream_tokens"], "temperature": 0,
+                "ignore_eos": True, "stream": False}
         try:
             r = requests.post(f"http://127.0.0.1:{port}/generate", json=body, timeout=300)
             r.raise_for_status()
@@ -212,7 +213,7 @@ def bench_server(shape, device, tmp):
             errors.append(repr(e)[:200])
 
     try:
-        for warm in (True, False):
+        for _warm_up in (True, False):  # a warm-up round, then the measured one
             counts.clear()
             threads = [threading.Thread(target=client, args=(i,)) for i in range(shape["streams"])]
             start = time.perf_counter()

@@ -1,5 +1,6 @@
 # Supervised fine-tuning of the CPU pretraining run in a few minutes (2 cores).
-#   python data/prepare_sft.py --input data/qa_generated.jsonl --out data/sft --block_size 256 --pretrain_data data/processed
+#   python data/prepare_sft.py --input data/qa_generated.jsonl --out data/sft --block_size 256 \
+#       --pretrain_data data/processed
 #   python train.py config/train_config_sft_cpu.py
 # The SFT data must use the pretraining run's tokenizer and block size (train.py checks both).
 # QA rows are short, and training drops their all-padding tail columns (exactly), so a step of 32

@@ -43,9 +43,21 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_utils import (MAX_LINE_BYTES, BadLines, article_key, atomic_write, clean_article, count_chars,  # noqa: E402
-                        find_jsonl, parse_jsonl_line, remove_stale_temporaries, split_of, split_sentences,
-                        token_dtype, write_json)
+from data_utils import (  # noqa: E402
+    MAX_LINE_BYTES,
+    BadLines,
+    article_key,
+    atomic_write,
+    clean_article,
+    count_chars,
+    find_jsonl,
+    parse_jsonl_line,
+    remove_stale_temporaries,
+    split_of,
+    split_sentences,
+    token_dtype,
+    write_json,
+)
 from tokenizer import DEFAULT_VOCAB_SIZE, load_tokenizer, sample_texts, train_tokenizer  # noqa: E402
 
 SPLITS = ("train", "val")
@@ -251,7 +263,7 @@ def get_tokenizer(spec, input_path, vocab_size):
     try:
         return load_tokenizer(spec)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
 
 
 def prepare(args):
@@ -321,9 +333,9 @@ def build_meta(tok, args, dtype, counts, bad):
     for split in SPLITS:
         for what in ("articles", "blocks", "tokens", "chars", "eot"):
             summary[f"{what}_{split}"] = counts[f"{what}_{split}"]
-    return {"block_size": args.block_size, "dtype": dtype, "vocab_size": tok.n_vocab, "tokenizer": tok.identity.to_json(), "schema": 1,
-            "special": tok.special, "kind": "pretrain", "pack": args.pack, "val_fraction": args.val_fraction,
-            "counts": summary}
+    return {"block_size": args.block_size, "dtype": dtype, "vocab_size": tok.n_vocab,
+            "tokenizer": tok.identity.to_json(), "schema": 1, "special": tok.special, "kind": "pretrain",
+            "pack": args.pack, "val_fraction": args.val_fraction, "counts": summary}
 
 
 def print_summary(meta, out, bad):

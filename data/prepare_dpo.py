@@ -5,8 +5,8 @@
     python data/prepare_dpo.py --input sft/sft_saves.jsonl --negatives other --tokenizer data/tokenizer
 
 Input: SQuAD-style JSON (CMRC2018 / DRCD dev; DRCD test is held out and refused) or QA jsonl
-(`{"question", "answer", "id"}`, as sft/sft_generate.py writes it), both read by `data_utils.load_qa`, or ready preference
-jsonl (`{"prompt", "chosen", "rejected"}`, used as is). Output in `--out`: `pairs.jsonl` (every
+(`{"question", "answer", "id"}`, as sft/sft_generate.py writes it), both read by `data_utils.load_qa`,
+or ready preference jsonl (`{"prompt", "chosen", "rejected"}`, used as is). Output in `--out`: `pairs.jsonl` (every
 pair kept, with where its negative came from), `train.bin` / `val.bin` and `meta.json` (kind "dpo").
 
 Design choices:
@@ -38,8 +38,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_utils import (BadLines, atomic_write, count_chars, held_out_of_training, iter_jsonl, load_qa,  # noqa: E402
-                        remove_stale_temporaries, split_of, token_dtype, write_json)
+from data_utils import (  # noqa: E402
+    BadLines,
+    atomic_write,
+    count_chars,
+    held_out_of_training,
+    iter_jsonl,
+    load_qa,
+    remove_stale_temporaries,
+    split_of,
+    token_dtype,
+    write_json,
+)
 from evaluations.metrics import complete_all, f1  # noqa: E402
 from tokenizer import load_tokenizer, passage_qa_prompt  # noqa: E402
 
@@ -209,7 +219,8 @@ def main(argv=None):
         "malformed": bad.count, "dropped": dict(counts["dropped"]),
     }
     write_json(out / "meta.json", {"block_size": block_size, "dtype": dtype.name, "vocab_size": tok.n_vocab,
-                                   "tokenizer": tok.identity.to_json(), "schema": 1, "special": tok.special, "kind": "dpo",
+                                   "tokenizer": tok.identity.to_json(), "schema": 1, "special": tok.special,
+                                   "kind": "dpo",
                                    "sft_run": str(Path(args.sft_run).resolve()) if run else None,
                                    "counts": counts})
     bad.report()

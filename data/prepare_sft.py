@@ -50,9 +50,23 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_utils import (BadJSON, BadLines, atomic_write, find_jsonl, held_out_of_training, load_meta,  # noqa: E402
-                        parse_jsonl_line, qa_fields, read_json_file, read_lines, remove_stale_temporaries,
-                        split_of, squad_questions, token_dtype, write_json)
+from data_utils import (  # noqa: E402
+    BadJSON,
+    BadLines,
+    atomic_write,
+    find_jsonl,
+    held_out_of_training,
+    load_meta,
+    parse_jsonl_line,
+    qa_fields,
+    read_json_file,
+    read_lines,
+    remove_stale_temporaries,
+    split_of,
+    squad_questions,
+    token_dtype,
+    write_json,
+)
 
 OUTPUTS = ("train.bin", "val.bin", "val.jsonl", "meta.json")
 from tokenizer import TokenizerId, load_tokenizer  # noqa: E402
@@ -117,7 +131,8 @@ def read_json(path, bad, counts):
             if not q["question"] or not q["answers"]:
                 counts["no_answer"] += 1
                 continue
-            yield qa_record(q["article"], q["question"], q["answers"], "squad", q["context"], q["answer_start"], q["id"])
+            yield qa_record(q["article"], q["question"], q["answers"], "squad", q["context"], q["answer_start"],
+                            q["id"])
         counts["malformed"] += bad.count - before
     elif isinstance(data, list) and all(isinstance(d, dict) and isinstance(d.get("messages"), list) for d in data):
         for index, dialogue in enumerate(data):
@@ -254,7 +269,8 @@ def build_examples(records, tok, args, counts, keys_read):
             answer_start = record["answer_start"]
             if answer_start is None:  # generated pairs: the answer is a span of the passage, or nowhere
                 answer_start = record["context"].find(answer) if answer in record["context"] else None
-            record["passage"] = cut_passage(tok, record["context"], answer, answer_start, question, args.block_size, rng)
+            record["passage"] = cut_passage(tok, record["context"], answer, answer_start, question,
+                                            args.block_size, rng)
             if record["passage"] is None:
                 counts["too_long"] += 1
                 continue
@@ -281,7 +297,7 @@ def prepare_sft(args):
     try:
         tok = load_tokenizer(args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     if args.pretrain_data:
         check_tokenizer(tok, args.pretrain_data)
     dtype = token_dtype(tok.n_vocab)
@@ -326,9 +342,9 @@ def prepare_sft(args):
         "blocks_val": len(rows["val"]), "tokens": counts["tokens"],
         "pad_fraction": round(1 - counts["tokens"] / (n_rows * args.block_size), 4), "bad_lines": bad.examples,
     }
-    meta = {"block_size": args.block_size, "dtype": dtype.name, "vocab_size": tok.n_vocab, "tokenizer": tok.identity.to_json(), "schema": 1,
-            "special": tok.special, "kind": "sft", "with_context": args.with_context,
-            "context_mix": args.context_mix if args.with_context else None,
+    meta = {"block_size": args.block_size, "dtype": dtype.name, "vocab_size": tok.n_vocab,
+            "tokenizer": tok.identity.to_json(), "schema": 1, "special": tok.special, "kind": "sft",
+            "with_context": args.with_context, "context_mix": args.context_mix if args.with_context else None,
             "val_fraction": args.val_fraction, "counts": summary}
     write_json(out / "meta.json", meta)
     bad.report()

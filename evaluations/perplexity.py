@@ -6,8 +6,9 @@
 - The loss is the masked mean over every target of the split (or of its first `--max_blocks`
   blocks), computed by `data_utils.evaluate_blocks`, the same function training uses for val_loss,
   so the numbers here and in log.jsonl agree (on the same blocks, to float rounding: the trimmed
-  model `load_run` gives and training's padded one have the same softmax, GPTConfig.n_vocab). The mask comes from the data's own kind: all tokens
-  but padding for pretraining data, answer spans only for SFT data.
+  model `load_run` gives and training's padded one have the same softmax, GPTConfig.n_vocab).
+  The mask comes from the data's own kind: all tokens but padding for pretraining data, answer
+  spans only for SFT data.
 - Bits per character divides by characters, not tokens, so runs with different tokenizers (or
   gpt2) can be compared; perplexity cannot.
 - Data tokenized with another tokenizer is refused: its ids would mean other strings to the model.

@@ -21,10 +21,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from inference import load_run, pick_device  # noqa: E402
 from data_utils import BadLines, clean_article, find_jsonl, iter_jsonl, split_sentences  # noqa: E402
-from evaluations.metrics import (complete_all, default_output, format_table, load_qa, mean_percent,  # noqa: E402
-                                 predictions_path, rouge_l, write_predictions, write_results)
+from evaluations.metrics import (  # noqa: E402
+    complete_all,
+    default_output,
+    format_table,
+    load_qa,
+    mean_percent,
+    predictions_path,
+    rouge_l,
+    write_predictions,
+    write_results,
+)
+from inference import load_run, pick_device  # noqa: E402
 
 
 def continuation_examples(path, max_examples, ref_chars, bad):

@@ -3,10 +3,12 @@
 Tests that need `../shared/data` skip with a clear reason when it is absent (a user's clone without
 the course data), and everything else runs on CPU in seconds with tiny models.
 """
+import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +54,61 @@ def tiny_tokenizer(tmp_path_factory):
     return train_tokenizer([TINY_TEXT] * 20, folder, vocab_size=400)
 
 
+# ----------------------------------------------------------------------------- tiny data directories
+# in the format data/prepare.py and data/prepare_sft.py produce; shared by test_train.py, test_recipe.py,
+# test_recipe_ddp.py and others
+
+BLOCK = 48
+
+
+def write_data(data_dir, tok, rows, kind, n_val=6, block_size=BLOCK):
+    """train.bin / val.bin / meta.json from token rows (each ends with EOT), padded to block_size."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    blocks = np.full((len(rows), block_size), tok.pad, dtype=np.uint16)
+    for i, row in enumerate(rows):
+        assert len(row) <= block_size
+        blocks[i, :len(row)] = row
+    blocks[n_val:].tofile(data_dir / "train.bin")
+    blocks[:n_val].tofile(data_dir / "val.bin")
+    meta = {"block_size": block_size, "dtype": "uint16", "vocab_size": tok.n_vocab, "tokenizer": tok.identity.to_json(),
+            "special": tok.special, "kind": kind,
+            "counts": {"blocks_train": len(rows) - n_val, "blocks_val": n_val}}
+    (data_dir / "meta.json").write_text(json.dumps(meta))
+    return data_dir
+
+
+def pretrain_rows(tok, n=30, block_size=BLOCK, seed=0):
+    ids = tok.encode(TINY_TEXT * 3)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        start, length = rng.integers(0, 150), rng.integers(block_size // 2, block_size)
+        rows.append(ids[start:start + length] + [tok.eot])
+    return rows
+
+
+def sft_rows(tok, n=30):
+    from data_utils import split_sentences
+
+    sentences = split_sentences(TINY_TEXT)
+    return [tok.encode_qa(f"第{i}句是什么？", sentences[i % len(sentences)]) for i in range(n)]
+
+
+@pytest.fixture
+def pretrain_dir(tmp_path, tiny_tokenizer):
+    return write_data(tmp_path / "pretrain_data", tiny_tokenizer, pretrain_rows(tiny_tokenizer), "pretrain")
+
+
+@pytest.fixture
+def sft_dir(tmp_path, tiny_tokenizer):
+    return write_data(tmp_path / "sft_data", tiny_tokenizer, sft_rows(tiny_tokenizer), "sft")
+
+
 def make_run(out_dir, tok, block_size=64, n_layer=2, n_head=2, n_embd=32, seed=0, kind="sft"):
     """A run directory holding a randomly initialised tiny model, as train.py would write it."""
     import torch
+
     from checkpoint import save_checkpoint
     from model import GPT, GPTConfig
 

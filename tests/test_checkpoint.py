@@ -6,10 +6,9 @@ import sys
 
 import pytest
 import torch
-
-from checkpoint import (SCHEMA, CheckpointError, checkpoint_reference, load_checkpoint, load_referenced,
-                        save_checkpoint)
 from conftest import ROOT
+
+from checkpoint import SCHEMA, CheckpointError, checkpoint_reference, load_checkpoint, load_referenced, save_checkpoint
 
 
 class RunsCode:

@@ -1,8 +1,8 @@
 """configurator.configure: types, unknown keys, config files then flags, and train.py's presets."""
 import pytest
+from conftest import ROOT
 
 from configurator import ConfigError, configure
-from conftest import ROOT
 
 DEFAULTS = {"batch_size": 16, "learning_rate": 6e-4, "compile": "auto", "wandb_log": False,
             "out_dir": "out/pretrain", "max_epochs": None}

@@ -9,9 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from data_utils import (BadLines, BlockData, article_key, atomic_write, find_jsonl, iter_jsonl, loss_mask,
-                        parse_jsonl_line, read_lines, remove_stale_temporaries, split_of, split_sentences,
-                        token_dtype, write_json)
+from data_utils import (
+    BadLines,
+    BlockData,
+    article_key,
+    atomic_write,
+    find_jsonl,
+    iter_jsonl,
+    loss_mask,
+    parse_jsonl_line,
+    read_lines,
+    remove_stale_temporaries,
+    split_of,
+    split_sentences,
+    token_dtype,
+    write_json,
+)
 
 
 def padded(ids, tok, block_size=32):
@@ -68,7 +81,8 @@ def test_block_data_batches_and_sequential_epochs(tmp_path, tiny_tokenizer):
     rng = np.random.default_rng(0)
     random_idx = data.next_indices(100, "random", rng)
     assert random_idx.min() >= 0 and random_idx.max() < 10
-    assert random_idx.tolist() == BlockData(tmp_path, "train").next_indices(100, "random", np.random.default_rng(0)).tolist()
+    again = BlockData(tmp_path, "train").next_indices(100, "random", np.random.default_rng(0))
+    assert random_idx.tolist() == again.tolist()
 
     drawn = np.concatenate([data.next_indices(3, "sequential", rng) for _ in range(4)])  # 12 = an epoch and 2
     assert sorted(drawn[:10].tolist()) == list(range(10))

@@ -13,8 +13,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
 from conftest import ROOT
+
 from data_utils import clean_article
 
 sys.path.insert(0, str(ROOT / "data"))
@@ -23,7 +23,8 @@ import download_wiki as dw  # noqa: E402
 
 class FileServer:
     def __init__(self, body, drop_first=False, ranges=True, linked_etag=None, status=200):
-        self.body, self.drop_first, self.ranges, self.linked_etag, self.status = body, drop_first, ranges, linked_etag, status
+        self.body, self.drop_first, self.ranges = body, drop_first, ranges
+        self.linked_etag, self.status = linked_etag, status
         self.requests = []  # the Range header of each request (None when absent)
         server = self
 
@@ -178,7 +179,8 @@ def test_main_downloads_converts_and_shards(serve, tmp_path, capsys):
 def test_jsonl_sources_keep_their_titles_and_ids(tmp_path):
     src = tmp_path / "src.download"
     src.write_text(json.dumps({"id": 7, "title": "长江", "text": "长江\n\n长江是中国第一长河。"}, ensure_ascii=False)
-                   + "\nnot json\n" + json.dumps({"title": "黄河", "text": "黄河是中国第二长河。"}, ensure_ascii=False) + "\n")
+                   + "\nnot json\n"
+                   + json.dumps({"title": "黄河", "text": "黄河是中国第二长河。"}, ensure_ascii=False) + "\n")
     counts = dw.convert(src, tmp_path / "out")
     assert counts == {"articles": 2, "shards": 1, "skipped": 1}
     articles = [json.loads(line) for line in (tmp_path / "out" / "wiki-00.jsonl").open(encoding="utf-8")]

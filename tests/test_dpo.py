@@ -7,13 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from checkpoint import checkpoint_reference, load_checkpoint
 from conftest import ROOT
-from data_utils import BlockData, load_meta
-from dpo import dpo_loss, pair_rows, sequence_logps
 from test_lora import QA, TINY_TRAIN, trained_sft_run, write_qa
 
+from checkpoint import checkpoint_reference, load_checkpoint
+from data_utils import BlockData, load_meta
+from dpo import dpo_loss, pair_rows, sequence_logps
 
 
 def test_dpo_loss_matches_hand_computation():
@@ -123,7 +122,8 @@ def test_prepare_dpo_splits_by_article_like_sft(tiny_tokenizer, qa_dir, tmp_path
     pairs = [json.loads(line) for line in open(tmp_path / "dpo" / "pairs.jsonl", encoding="utf-8")]
     by_split = {s: [p for p in pairs if p["split"] == s] for s in ("train", "val")}
     assert len(by_split["val"]) > 10 and len(by_split["train"]) > 10 * len(by_split["val"])
-    passages = {s: {p["prompt"].rpartition("\n")[0] for p in ps} for s, ps in by_split.items()}  # prompt = passage \n question
+    # prompt = passage \n question
+    passages = {s: {p["prompt"].rpartition("\n")[0] for p in ps} for s, ps in by_split.items()}
     assert not passages["train"] & passages["val"], "a passage in both splits"
     articles = {s: {p.get("article") for p in ps} for s, ps in by_split.items()}
     assert not articles["train"] & articles["val"], "an article in both splits"

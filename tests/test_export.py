@@ -3,12 +3,12 @@ special tokens at the same ids), a LoRA run exports merged, and export -> import
 arch=gpt2 as GPT2LMHeadModel, for arch=qwen3 (GQA, untied head) as Qwen3ForCausalLM."""
 import pytest
 import torch
+from test_lora import TINY_TRAIN, trained_sft_run
 
 import export
 from checkpoint import load_checkpoint
-from inference import load_run, model_from_checkpoint
 from export import export_hf, hf_tokenizer, import_hf
-from test_lora import TINY_TRAIN, trained_sft_run
+from inference import load_run, model_from_checkpoint
 from tokenizer import load_tokenizer
 
 TEXTS = ["北京是中华人民共和国的首都，位于华北平原北部。", "Python is a programming language created in 1991!",

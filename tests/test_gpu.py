@@ -82,8 +82,10 @@ def test_resume_is_exact_on_the_device(device, tmp_path, tiny_tokenizer):
     up to bf16's reproducibility; a tolerance of 1e-3 on the loss keeps it meaningful."""
     import json
 
+    from conftest import pretrain_rows, write_data
+    from test_train import TINY_MODEL
+
     import train
-    from test_train import TINY_MODEL, pretrain_rows, write_data
 
     data = write_data(tmp_path / "data", tiny_tokenizer, pretrain_rows(tiny_tokenizer), "pretrain")
     flags = [f for f in TINY_MODEL if not f.startswith(("--device", "--compile"))]

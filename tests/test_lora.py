@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, make_run
 
 from checkpoint import checkpoint_reference, load_checkpoint, save_checkpoint
-from conftest import ROOT, make_run
 from inference import load_run, model_from_checkpoint
 from lora import LoRALinear, adapter_entries, apply_lora, lora_state_dict, merge_lora, merge_run, setup_training
 

@@ -8,15 +8,17 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
-from data.prepare import article_sentences, main as prepare_main
+
+from data.prepare import article_sentences
+from data.prepare import main as prepare_main
 from data_utils import clean_article, split_of
 
 
 def article(i, n_sentences=6):
     """A wiki-style line: title, blank line, paragraphs of sentences of varied length."""
-    sentences = [f"第{i}座城市的第{k}条河流{'很长' * (k % 4)}，流经{'北方平原' * (1 + (i + k) % 3)}。" for k in range(n_sentences)]
+    sentences = [f"第{i}座城市的第{k}条河流{'很长' * (k % 4)}，流经{'北方平原' * (1 + (i + k) % 3)}。"
+                 for k in range(n_sentences)]
     body = "".join(sentences[: n_sentences // 2]) + "\n" + "".join(sentences[n_sentences // 2:])
     return {"id": str(1000 + i), "title": f"城市{i}", "text": f"城市{i}\n\n{body}"}
 
@@ -32,7 +34,8 @@ def run(tmp_path, tok, input_path, *extra, out="out"):
                   "--quiet", *extra])
     out = tmp_path / out
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    rows = {s: np.fromfile(out / f"{s}.bin", dtype=meta["dtype"]).reshape(-1, meta["block_size"]) for s in ("train", "val")}
+    rows = {s: np.fromfile(out / f"{s}.bin", dtype=meta["dtype"]).reshape(-1, meta["block_size"])
+            for s in ("train", "val")}
     return meta, rows
 
 
@@ -103,7 +106,8 @@ def test_pack_shares_rows_and_cuts_padding(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
     objs = [article(i, n_sentences=2) for i in range(40)]
     path = write_jsonl(tmp_path / "in.jsonl", objs)
-    plain_meta, _ = run(tmp_path, tok, path, "--block_size", "256", "--val_fraction", "0", "--min_chars", "1", out="plain")
+    plain_meta, _ = run(tmp_path, tok, path, "--block_size", "256", "--val_fraction", "0", "--min_chars", "1",
+                        out="plain")
     meta, rows = run(tmp_path, tok, path, "--block_size", "256", "--val_fraction", "0", "--min_chars", "1", "--pack")
     assert meta["counts"]["pad_fraction"] < plain_meta["counts"]["pad_fraction"]
     assert meta["counts"]["blocks_train"] < len(objs)
@@ -127,6 +131,7 @@ def test_eot_only_where_an_article_ends(tmp_path, tiny_tokenizer, pack):
     assert documents(rows["train"], tok) == [clean_article(o["text"]) for o in objs]
     # a row cut inside an article ends in PAD, which the pretraining loss mask never counts
     import torch
+
     from data_utils import loss_mask
     y = torch.from_numpy(rows["train"][:, 1:].astype(np.int64))
     assert not loss_mask(y, tok.special, "pretrain")[y == tok.pad].any()
@@ -225,7 +230,8 @@ def test_meta_fields(tmp_path, tiny_tokenizer):
     meta, rows = run(tmp_path, tiny_tokenizer, write_jsonl(tmp_path / "in.jsonl", [article(i) for i in range(50)]),
                      "--val_fraction", "0.2", "--block_size", "64")
     assert meta["block_size"] == 64 and meta["dtype"] == "uint16" and meta["kind"] == "pretrain"
-    assert meta["vocab_size"] == tiny_tokenizer.n_vocab and meta["tokenizer"] == tiny_tokenizer.identity.to_json() and meta["schema"] == 1
+    assert meta["vocab_size"] == tiny_tokenizer.n_vocab and meta["tokenizer"] == tiny_tokenizer.identity.to_json()
+    assert meta["schema"] == 1
     assert meta["special"] == tiny_tokenizer.special
     c = meta["counts"]
     for key in ("articles_read", "articles_kept", "dropped", "blocks_train", "blocks_val", "tokens", "chars",

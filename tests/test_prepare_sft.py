@@ -67,7 +67,8 @@ def test_qa_jsonl_layout_and_dedup(tmp_path, tiny_tokenizer):
 def test_pairs_of_one_article_share_a_split_and_val_jsonl(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
     pairs = [{"id": f"art{i // 3}", "question": f"第{i}个问题？", "answer": f"答案{i}"} for i in range(300)]
-    meta, rows, val_pairs = run(tmp_path, tok, write(tmp_path / "qa.jsonl", lines=pairs), extra=["--val_fraction", "0.2"])
+    meta, rows, val_pairs = run(tmp_path, tok, write(tmp_path / "qa.jsonl", lines=pairs),
+                                extra=["--val_fraction", "0.2"])
     expected_val = [p for p in pairs if split_of(p["id"], 0.2) == "val"]
     assert 0 < len(expected_val) < 150 and len(expected_val) % 3 == 0
     assert [(p["id"], p["question"], p["answer"]) for p in val_pairs] == \
@@ -149,7 +150,8 @@ def test_exchange_longer_than_a_row_is_dropped_and_counted(tmp_path, tiny_tokeni
 
 
 def test_tokenizer_must_match_the_pretraining_data(tmp_path, tiny_tokenizer):
-    wiki = write(tmp_path / "wiki.jsonl", lines=[{"id": str(i), "text": f"标题\n\n{'北京是首都。' * 20}"} for i in range(5)])
+    wiki = write(tmp_path / "wiki.jsonl",
+                 lines=[{"id": str(i), "text": f"标题\n\n{'北京是首都。' * 20}"} for i in range(5)])
     prepare_main(["--input", str(wiki), "--out", str(tmp_path / "pre"), "--tokenizer", tiny_tokenizer.identity.path,
                   "--quiet", "--val_fraction", "0"])
     qa = write(tmp_path / "qa.jsonl", lines=PAIRS)
@@ -170,7 +172,8 @@ def test_bad_input_is_counted_and_nothing_usable_fails(tmp_path, tiny_tokenizer)
     meta, rows, _ = run(tmp_path, tiny_tokenizer, path, tmp_path / "odd.json")
     c = meta["counts"]
     assert c["examples_kept"] == 1 and c["dropped"]["malformed"] == 4 and c["dropped"]["too_long"] == 1
-    assert [e.split(": ")[0] for e in c["bad_lines"]] == [f"{path}:2", f"{path}:3", f"{path}:4", f"{tmp_path}/odd.json:0"]
+    assert [e.split(": ")[0] for e in c["bad_lines"]] == [f"{path}:2", f"{path}:3", f"{path}:4",
+                                                          f"{tmp_path}/odd.json:0"]
     with pytest.raises(SystemExit, match="no usable example"):
         run(tmp_path, tiny_tokenizer, tmp_path / "odd.json", out="empty")
     assert not (tmp_path / "empty" / "train.bin").exists()

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_train import load, read_log, run
 
 import train
 from lora import apply_lora, merge_lora
 from model import GPT, GPTConfig
-from test_train import load, pretrain_dir, read_log, run, sft_dir  # noqa: F401 (fixtures)
 
 VOCAB, BLOCK = 101, 32
 QWEN = dict(arch="qwen3", block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, bias=False)

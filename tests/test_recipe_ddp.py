@@ -13,9 +13,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
-from test_train import TINY_MODEL, load, run, sft_dir, train_lines  # noqa: F401 (sft_dir is a fixture)
+from test_train import TINY_MODEL, load, run, train_lines
 
 RECIPE = ["--arch=qwen3", "--n_head=2", "--n_kv_head=1", "--optimizer=muon", "--muon_lr=0.05", "--lr_schedule=wsd"]
 

@@ -22,7 +22,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, need_shared
 
 sys.path.insert(0, str(ROOT / "sft"))
@@ -168,9 +167,11 @@ def assert_valid_and_unique(output, articles_path):
 
 # ----------------------------------------------------------------------------- end-to-end with the server
 
-PRONOUN_PAIRS = [{"question": "它发源于哪里？", "answer": "青石山脉的北坡"}, {"question": "该河流全长多少？", "answer": "约480公里"},
+PRONOUN_PAIRS = [{"question": "它发源于哪里？", "answer": "青石山脉的北坡"},
+                 {"question": "该河流全长多少？", "answer": "约480公里"},
                  {"question": "这条河注入哪里？", "answer": "白鹭湖"}]
-UNSUPPORTED = [{"question": "河流己的长度？", "answer": "火星上的奥林帕斯山"}, {"question": "河流己的源头？", "answer": "南极冰盖下的湖泊群"},
+UNSUPPORTED = [{"question": "河流己的长度？", "answer": "火星上的奥林帕斯山"},
+               {"question": "河流己的源头？", "answer": "南极冰盖下的湖泊群"},
                {"question": "河流己的物产？", "answer": "黄金与钻石矿藏"}]
 
 
@@ -387,7 +388,8 @@ def test_extract_json_objects_tolerates_wrapping():
 
 
 def test_validate_rules():
-    article = gen.Article("x", "长江", "长江是中国最长的河流，全长约6300公里，发源于青藏高原的唐古拉山脉，最后注入东海。")
+    article = gen.Article("x", "长江",
+                          "长江是中国最长的河流，全长约6300公里，发源于青藏高原的唐古拉山脉，最后注入东海。")
     limits = gen.Limits(1, 2, 15, 20, 0.6)
     candidates = [{"question": "长江有多长？", "answer": "全长约6300公里"},
                   {"question": "长江有多长 ?", "answer": "约6300公里"},  # same question once punctuation is ignored
@@ -429,8 +431,10 @@ def test_extractive_rules_on_a_written_article():
                      {"question": "东富山站位于哪里？", "answer": "富山市北部"},
                      {"question": "东富山站什么时候开业？", "answer": "1908年"},
                      {"question": "东富山站由谁兴建？", "answer": "日本国有铁道"}]
-    person = gen.extract_candidates(gen.Article("2", "张三 (演员)", "张三（1950年－2010年），中国男演员。张三出生于上海。"))
-    assert person == [{"question": "张三是谁？", "answer": "中国男演员。"}, {"question": "张三出生于哪里？", "answer": "上海"}]
+    person = gen.extract_candidates(gen.Article("2", "张三 (演员)",
+                                                "张三（1950年－2010年），中国男演员。张三出生于上海。"))
+    assert person == [{"question": "张三是谁？", "answer": "中国男演员。"},
+                      {"question": "张三出生于哪里？", "answer": "上海"}]
 
 
 def test_extractive_backend_on_shared_wiki_slice(tmp_path, capsys):
@@ -492,7 +496,8 @@ def test_library_errors_are_typed_and_main_turns_them_into_exit_codes(tmp_path, 
 
 
 def test_passage_holds_the_answer_in_whole_sentences():
-    text = "甲河是一条河流。甲河长约480公里。\n甲河发源于青石山脉的北坡，流经三座城市。甲河最后注入白鹭湖。甲河流域盛产稻米。"
+    text = ("甲河是一条河流。甲河长约480公里。\n"
+            "甲河发源于青石山脉的北坡，流经三座城市。甲河最后注入白鹭湖。甲河流域盛产稻米。")
     context = gen.passage("青石山脉的北坡", text, 30)
     assert "青石山脉的北坡" in context and len(context) <= 30 and context in text
     assert context.startswith("甲河") and context.endswith("。")  # whole sentences

@@ -7,11 +7,20 @@ from pathlib import Path
 
 import pytest
 import tiktoken
-
 from conftest import SHARED
+
 from data_utils import clean_article, iter_jsonl
-from tokenizer import (PATTERN, StreamDecoder, TokenizerId, _bytes_to_unicode, file_sha256, load_tokenizer,
-                       ranks_from_hf, train_bpe, train_tokenizer)
+from tokenizer import (
+    PATTERN,
+    StreamDecoder,
+    TokenizerId,
+    _bytes_to_unicode,
+    file_sha256,
+    load_tokenizer,
+    ranks_from_hf,
+    train_bpe,
+    train_tokenizer,
+)
 
 MIXED = [
     "北京是中华人民共和国的首都。",

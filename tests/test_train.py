@@ -1,9 +1,10 @@
 """train.py on tiny data and tiny models: losses, exact resume, checkpoints, stops, DDP, pretrain -> SFT.
 
-The data directories are written here in the format data/prepare.py and data/prepare_sft.py
-produce (rows of `[tokens..., EOT, PAD...]` plus meta.json), from the `tiny_tokenizer` fixture, so
-these tests do not depend on the preparation scripts. Runs go through `train.main(argv)` in this
-process, except where a real process boundary is the point (Ctrl-C, torchrun).
+The data directories are written (by conftest.py's `write_data`) in the format data/prepare.py and
+data/prepare_sft.py produce (rows of `[tokens..., EOT, PAD...]` plus meta.json), from the
+`tiny_tokenizer` fixture, so these tests do not depend on the preparation scripts. Runs go through
+`train.main(argv)` in this process, except where a real process boundary is the point (Ctrl-C,
+torchrun).
 """
 import importlib.util
 import json
@@ -19,59 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import BLOCK, ROOT, TINY_TEXT, sft_rows, write_data
 
 import train
+from data_utils import BlockData
 from inference import load_run
-from conftest import ROOT, TINY_TEXT
-from data_utils import BlockData, split_sentences
 from model import GPT, GPTConfig
 
-BLOCK = 48
 TINY_MODEL = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=4", "--gradient_accumulation_steps=1",
               "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--learning_rate=1e-2", "--min_lr=1e-3",
               "--device=cpu", "--compile=False"]
-
-
-def write_data(data_dir, tok, rows, kind, n_val=6, block_size=BLOCK):
-    """train.bin / val.bin / meta.json from token rows (each ends with EOT), padded to block_size."""
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    blocks = np.full((len(rows), block_size), tok.pad, dtype=np.uint16)
-    for i, row in enumerate(rows):
-        assert len(row) <= block_size
-        blocks[i, :len(row)] = row
-    blocks[n_val:].tofile(data_dir / "train.bin")
-    blocks[:n_val].tofile(data_dir / "val.bin")
-    meta = {"block_size": block_size, "dtype": "uint16", "vocab_size": tok.n_vocab, "tokenizer": tok.identity.to_json(),
-            "special": tok.special, "kind": kind,
-            "counts": {"blocks_train": len(rows) - n_val, "blocks_val": n_val}}
-    (data_dir / "meta.json").write_text(json.dumps(meta))
-    return data_dir
-
-
-def pretrain_rows(tok, n=30, block_size=BLOCK, seed=0):
-    ids = tok.encode(TINY_TEXT * 3)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        start, length = rng.integers(0, 150), rng.integers(block_size // 2, block_size)
-        rows.append(ids[start:start + length] + [tok.eot])
-    return rows
-
-
-def sft_rows(tok, n=30):
-    sentences = split_sentences(TINY_TEXT)
-    return [tok.encode_qa(f"第{i}句是什么？", sentences[i % len(sentences)]) for i in range(n)]
-
-
-@pytest.fixture
-def pretrain_dir(tmp_path, tiny_tokenizer):
-    return write_data(tmp_path / "pretrain_data", tiny_tokenizer, pretrain_rows(tiny_tokenizer), "pretrain")
-
-
-@pytest.fixture
-def sft_dir(tmp_path, tiny_tokenizer):
-    return write_data(tmp_path / "sft_data", tiny_tokenizer, sft_rows(tiny_tokenizer), "sft")
 
 
 def run(data_dir, out_dir, *flags):
