@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tiktoken
+from tiktoken_ext.openai_public import gpt2 as tiktoken_gpt2
 
 PATTERN = (
     r"\p{Han}+"
@@ -244,16 +245,17 @@ def load_tokenizer(spec="data/tokenizer"):
         shared_cache = Path(__file__).resolve().parent.parent / "shared" / "tiktoken_cache"
         if shared_cache.is_dir():
             os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(shared_cache))
-        base = tiktoken.get_encoding("gpt2")
-        special = {"eot": base.eot_token}
+        # tiktoken's own public constructor of the encoding (its plugin module), not the private
+        # attributes of an Encoding: GPT-2's pattern and ranks plus our special tokens after them
+        base = tiktoken_gpt2()
+        n_base = base["explicit_n_vocab"]
+        special = {"eot": base["special_tokens"]["<|endoftext|>"]}
         extra = {}
         for i, name in enumerate(n for n in SPECIAL_TOKENS if n != "eot"):
-            special[name] = base.n_vocab + i
-            extra[SPECIAL_TOKENS[name]] = base.n_vocab + i
-        enc = tiktoken.Encoding(
-            "gpt2-minigpt", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
-            special_tokens={**base._special_tokens, **extra},
-        )
+            special[name] = n_base + i
+            extra[SPECIAL_TOKENS[name]] = n_base + i
+        enc = tiktoken.Encoding("gpt2-minigpt", pat_str=base["pat_str"], mergeable_ranks=base["mergeable_ranks"],
+                                special_tokens={**base["special_tokens"], **extra})
         return Tokenizer(enc, special, TokenizerId())
     folder = Path(spec)
     config_path, ranks_path = folder / "tokenizer.json", folder / "ranks.tiktoken"
