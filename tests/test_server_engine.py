@@ -6,7 +6,6 @@ ends alone.
 Expected texts come from `Run.complete` / `engine.generate` on a second copy of the same tiny run
 (greedy or seeded, so they must match exactly). Torch runs single-threaded (see test_server.py).
 """
-import http.client
 import json
 import threading
 import time
@@ -18,18 +17,13 @@ import requests
 import torch
 from conftest import make_run
 from prometheus_client.parser import text_string_to_metric_families
+from test_retrieval import ARTICLES
+from test_server import LONG, health, open_stream, wait_until  # helpers only, no tests
 
 from engine import generate
 from inference import load_run
 from retrieval import Index, build_index
 from server import Batcher, Job, Scheduler, create_app, make_server, token_text
-
-LONG = 20000
-ARTICLES = [
-    {"id": "1", "title": "长江", "text": "长江\n\n长江是中国第一长河，全长约6300公里。长江发源于青藏高原。"},
-    {"id": "2", "title": "黄河", "text": "黄河\n\n黄河是中国第二长河，被称为中华民族的母亲河。黄河流经九个省区。"},
-    {"id": "3", "title": "故宫", "text": "故宫\n\n故宫位于北京市中心，是明清两代的皇家宫殿。故宫又称紫禁城。"},
-]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,27 +72,6 @@ def serving(run, clients=16, **options):
 def server(run_dir, index):
     with serving(load_run(run_dir), max_batch=8, queue=16, max_new_tokens_cap=LONG, index=index) as (url, _, _):
         yield url
-
-
-def health(url):
-    return requests.get(f"{url}/health", timeout=5).json()["queue"]
-
-
-def wait_until(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def open_stream(port, body):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("POST", "/generate", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200
-    return conn, response
 
 
 def concurrently(work, n, timeout=120):

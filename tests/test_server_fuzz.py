@@ -4,7 +4,8 @@ The server is the real waitress server from `make_server` on an ephemeral port w
 model and an API key. The hostile requests are built up front from a seeded random generator (the
 same set on every run) across the classes an attacker on the LAN can reach: JSON nested too
 deep, lone surrogates, wrong types, extreme numbers, huge or odd strings within the 1 MB limit,
-bad and oversized headers, wrong methods and paths, unknown fields, truncated bodies, bad auth.
+bad and oversized headers, wrong methods and paths, unknown fields, truncated bodies, bad auth,
+across every POST route (/tokenize and /detokenize too) and the n, logprobs and rag fields.
 They are sent as raw bytes over sockets (so malformed HTTP really goes out) by four threads while
 a fifth sends legitimate greedy requests. Asserted: no 5xx and no traceback or file path in any
 answer, the legitimate answers equal the ones taken before the fuzz, no row failed in the worker,
