@@ -86,7 +86,7 @@ from werkzeug.exceptions import HTTPException
 
 from engine import MAX_LOGPROBS, MAX_N, Engine, generate
 from inference import MODES, SAMPLING_DEFAULTS, load_run, pick_device
-from retrieval import rag_prompt
+from retrieval import Index, IndexFolderError, rag_prompt
 from tokenizer import StreamDecoder
 
 log = logging.getLogger("minigpt.server")
@@ -1176,11 +1176,12 @@ def main():
     ap.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     ap.add_argument("--name", default=None, help="model name shown to clients (default: the run directory's name)")
     ap.add_argument("--cors", action="store_true", help="allow browser pages from any origin to call the API")
-    ap.add_argument("--max_batch", type=int, default=16, help="requests generated together in one batch")
+    ap.add_argument("--max_batch", type=int, default=16,
+                    help="rows generated together (the continuous scheduler queues the rest)")
     ap.add_argument("--queue", type=int, default=64, help="requests that may wait; more get 503")
     ap.add_argument("--max_new_tokens_cap", type=int, default=1024)
     ap.add_argument("--batch_wait_ms", type=float, default=5,
-                    help="how long the worker waits for more arrivals before starting a batch")
+                    help="--scheduler static only: how long it waits for more arrivals before starting a batch")
     ap.add_argument("--scheduler", choices=("continuous", "static"), default="continuous",
                     help="continuous: requests join and leave the running batch every step; static: the "
                          "previous batcher (a batch runs until its longest row ends), kept for comparison")
@@ -1192,11 +1193,8 @@ def main():
 
     try:
         run = load_run(args.out_dir, device=pick_device(args.device))
-        index = None
-        if args.rag:
-            from retrieval import Index
-            index = Index(args.rag)
-    except (FileNotFoundError, ValueError, OSError) as e:  # retrieval's IndexFolderError is an OSError too
+        index = Index(args.rag) if args.rag else None
+    except (FileNotFoundError, ValueError, IndexFolderError) as e:
         raise SystemExit(f"error: {e}") from None
     app = create_app(run, name=args.name, api_key=args.api_key, cors=args.cors, max_batch=args.max_batch,
                      queue=args.queue, max_new_tokens_cap=args.max_new_tokens_cap, gather_ms=args.batch_wait_ms,
