@@ -1,38 +1,59 @@
 """Serve a trained run to peers on the LAN: a streaming `/generate` API and OpenAI-compatible routes.
 
-    python server.py --out_dir out/sft [--host 127.0.0.1] [--port 5000] [--api_key KEY] [--cors]
+    python server.py --out_dir out/sft [--host 127.0.0.1] [--port 5000] [--api_key KEY] [--cors] [--rag INDEX]
+
+Routes: `POST /generate`, `/v1/chat/completions`, `/v1/completions`, `/tokenize`, `/detokenize`;
+`GET /health`, `/v1/models`, `/metrics` (Prometheus text).
 
 Design choices:
 - Layers. `create_app` only wires Flask routes to a `Service`, which does what the routes do
   without HTTP: `parse_json_body` reads a body, `parse_generate` / `parse_openai` turn it into a
-  typed `GenerationRequest` (every field checked, errors name the field), the service queues a
-  `Job`, and `OpenAIReply` with `ChatApi` / `CompletionsApi` shapes the answer (`sse` frames a
-  stream). Tests call each of these directly.
-- One model, one owner. A single background thread (`Batcher`) owns the model; HTTP handler
-  threads never touch it. Handlers tokenize and validate, put a `Job` on a bounded queue and read
-  text pieces back from the job's own queue, so streams cannot cross.
-- Dynamic batching. The worker takes the first waiting job, keeps collecting while jobs arrive
-  less than `gather_ms` apart (at most 10 * gather_ms), and runs up to `max_batch` jobs together
-  through `model.generate` (the project's one generator) with per-row sampling settings. Stop
-  tokens and per-row token budgets are applied here, row by row, so jobs of different modes share
-  a batch; the batch ends when every row is finished or cancelled, and new arrivals form the next
-  batch (simple, but a long request holds late arrivals back until its batch ends).
-- One row never fails the others. If generation raises, the unfinished rows are retried in
-  halves, each resuming from the tokens it already sent (prompt + output so far), until a row
-  that fails even alone is found; only that row ends with finish_reason "error".
+  typed `GenerationRequest` (every field checked, errors name the field), the service queues its
+  `Job`s (one per choice) and `OpenAIReply` with `ChatApi` / `CompletionsApi` shapes the answer
+  (`sse` frames a stream). Tests call each of these directly.
+- One model, one owner. A single background thread owns the model; HTTP handler threads never
+  touch it. Handlers tokenize and validate, put a request on a bounded queue and read text pieces
+  back from each job's own queue, so streams cannot cross.
+- Continuous batching (`Scheduler`, the default). The worker drives one `engine.Engine`: at every
+  step it drops cancelled requests, adds waiting ones while fewer than `max_batch` rows are in the
+  engine, and runs one engine step (a decode step for every running row, then prefill of new
+  prompts in chunks of `prefill_chunk` tokens). A request joins the running batch at the next
+  step and leaves it the step it finishes, so a short request arriving while a long one runs
+  finishes first. `--scheduler static` keeps the previous `Batcher` (a batch of requests that
+  arrived within `gather_ms` runs through `engine.generate` until its longest row ends), for
+  bench/bench_server.py's comparison; it serves n=1 without logprobs.
+- Reproducible. Every row has its own positions, window and random generator (engine.py), seeded
+  by the request's `seed` (random when absent; choice i of `n` uses seed + i): a seeded request
+  gives the same text alone or in any batch, and a greedy one its solo text, also after its
+  window slides.
+- One request never fails the others. The engine validates a request when it is added (a refusal
+  ends that request alone with finish_reason "error"). If a step raises, every live request is
+  tried alone for one step in a scratch engine; those that fail alone end with "error", the others
+  resume in a fresh engine from the tokens they already sent (greedy rows exactly; a sampled row
+  restarts its generator, and n > 1 rows that already sent text cannot resume and end too).
+- OpenAI fields: `n` (1..4, rows sharing one prefill; a stream sends the choices one after the
+  other, each with its index), `logprobs`/`top_logprobs` on chat and `logprobs: N` on completions
+  (0..5; log-softmax of the raw logits, as the engine reports them; streamed chunks carry the
+  entries of their tokens), `stop` lists, `seed`, usage. Other unsupported fields are refused (a
+  400 naming the field) rather than ignored.
+- RAG (`--rag INDEX`, a retrieval.py index): `/generate` with `mode: "rag"` (and `rag_k`, default 3,
+  at most 10), or `"rag": true | {"k": K}` on chat completions (the last message is the question),
+  retrieves passages and answers from retrieval.rag_prompt's passage + question prompt. The
+  articles used come back as `sources` ([{title, article_id}]): a field of the JSON answer, the
+  `X-Sources` header of a streamed /generate (percent-encoded UTF-8 JSON), a field of the first SSE
+  event. Without an index these requests are a 400.
 - Nothing from outside is trusted: bodies are UTF-8 JSON of at most 1 MB nested at most 64 levels
   (checked on the raw text before parsing, so no recursion error is reachable), strings with lone
-  surrogates are refused, every number has a range, unsupported OpenAI fields are refused rather
-  than ignored, and no error message echoes text that cannot be encoded.
-- Determinism. Greedy (temperature 0) rows equal their single-request output while prompt +
-  output fit in the model's window (`generate` keeps rows independent; once a window slides, it
-  slides for the whole batch). Sampled rows share one random generator per batch (seeded by the
-  first row that brings a `seed`), so with batching a sampled output depends on its batch mates:
-  `seed` is reproducible only for a request served alone.
+  surrogates are refused, every number has a range, /tokenize takes at most 100k characters and
+  /detokenize 100k token ids of this vocabulary, and no error message echoes text that cannot be
+  encoded.
+- Observable: `/metrics` (prometheus-client, one registry per app) counts finished streams by
+  status and generated tokens, gauges queue depth and running rows, and has histograms of time to
+  first token and of the time between tokens; `/health` has the same counts as JSON.
 - A full queue answers 503 with Retry-After instead of letting latency grow without bound.
 - A client that goes away stops costing compute: a failed write closes the response iterator, and
-  a handler waiting for tokens polls waitress's `client_disconnected`; either marks the job
-  cancelled and the worker drops its row at the next step (and skips it if it was still queued).
+  a handler waiting for tokens polls waitress's `client_disconnected`; either marks its jobs
+  cancelled and the worker drops the request (freeing its slots) before the next step.
 - Every error is JSON `{"error": {"message", "type", "field"?}}`: validation names the offending
   field, unknown routes/methods keep their 404/405, and a catch-all turns anything unexpected into
   a 500 without a traceback (the traceback goes to the server log only).
@@ -57,12 +78,15 @@ import time
 import uuid
 from collections import namedtuple
 from dataclasses import dataclass
+from urllib.parse import quote
 
+import torch
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from engine import generate
+from engine import MAX_LOGPROBS, MAX_N, Engine, generate
 from inference import MODES, SAMPLING_DEFAULTS, load_run, pick_device
+from retrieval import Index, IndexFolderError, rag_prompt
 from tokenizer import StreamDecoder
 
 log = logging.getLogger("minigpt.server")
@@ -80,6 +104,9 @@ CONNECTION_LIMIT = 1000  # open connections waitress accepts (its default, 100, 
 CHANNEL_TIMEOUT_S = 30  # a connection silent this long, with no response pending, is closed
 POLL_S = 0.2  # how often a waiting handler checks whether its client is still there
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
+RAG_K, MAX_RAG_K = 3, 10  # passages retrieved per question: default and most
+MAX_TOKENIZE_CHARS = 100_000  # /tokenize input
+MAX_DETOKENIZE_TOKENS = 100_000  # /detokenize input
 
 
 class ApiError(Exception):
@@ -215,6 +242,9 @@ class GenerationRequest:
     ignore_eos: bool
     stream: bool
     include_usage: bool = False
+    n: int = 1  # choices sharing one prefill (OpenAI routes)
+    logprobs: object = None  # None = off, else how many top alternatives each token carries (0..5)
+    rag_k: int = 0  # passages retrieved for the question (0 = no retrieval)
 
 
 def parse_settings(body, limits, max_tokens_name, defaults):
@@ -276,7 +306,9 @@ def read_messages(body, limits):
 def parse_generate(body, limits):
     """A `POST /generate` body as a GenerationRequest."""
     mode = typed(body, "mode", str, "text", "a string")
-    require(mode in MODES, f"'mode' must be one of {', '.join(MODES)}", "mode")
+    require(mode in MODES + ("rag",), f"'mode' must be one of {', '.join(MODES + ('rag',))}", "mode")
+    rag_k = typed(body, "rag_k", int, RAG_K, "an integer")
+    require(rag_k is not None and 1 <= rag_k <= MAX_RAG_K, f"'rag_k' must be between 1 and {MAX_RAG_K}", "rag_k")
     if mode == "chat" and "messages" in body:  # a whole conversation (the arena's chat with a peer)
         prompt = read_messages(body, limits)
     else:
@@ -286,14 +318,15 @@ def parse_generate(body, limits):
             f"'system' is longer than {limits.max_prompt_chars} characters", "system")
     stream = typed(body, "stream", bool, True, "true or false")
     settings = parse_settings(body, limits, "max_new_tokens", SAMPLING_DEFAULTS)
+    if mode == "rag":  # the question is answered from retrieved passages, in the qa layout
+        return GenerationRequest(prompt, "qa", None, "prompt", stream=stream, rag_k=rag_k, **settings)
     return GenerationRequest(prompt, mode, system, "prompt", stream=stream, **settings)
 
 
 # OpenAI fields this server cannot honour; a value other than "off" is refused rather than ignored
-UNSUPPORTED = ("logprobs", "top_logprobs", "best_of", "echo", "suffix", "logit_bias", "response_format", "tools",
-               "tool_choice", "functions", "function_call")
-OFF_VALUES = {"best_of": (1,), "top_logprobs": (0,), "response_format": ({"type": "text"},),
-              "tool_choice": ("none", "auto")}
+UNSUPPORTED = ("best_of", "echo", "suffix", "logit_bias", "response_format", "tools", "tool_choice", "functions",
+               "function_call")
+OFF_VALUES = {"best_of": (1,), "response_format": ({"type": "text"},), "tool_choice": ("none", "auto")}
 
 
 def is_off(name, value):
@@ -305,17 +338,42 @@ def is_off(name, value):
 def parse_openai(body, api, limits):
     """A `/v1/chat/completions` or `/v1/completions` body (per `api`) as a GenerationRequest."""
     n = typed(body, "n", int, 1, "an integer")
-    require(n == 1, "only n=1 is supported", "n")
+    require(n is not None and 1 <= n <= MAX_N, f"'n' must be between 1 and {MAX_N}", "n")
     for name in UNSUPPORTED:
         require(is_off(name, body.get(name)), f"'{name}' is not supported by this server", name)
     stream = typed(body, "stream", bool, False, "true or false")
     stream_options = typed(body, "stream_options", dict, {}, "an object") or {}
     settings = parse_settings(body, limits, api.max_tokens_field(body), {"temperature": 1.0})
-    return GenerationRequest(api.read_prompt(body, limits), api.mode, None, api.prompt_field, stream=stream,
-                             include_usage=stream_options.get("include_usage") is True, **settings)
+    prompt, mode, rag_k = api.read_prompt(body, limits), api.mode, 0
+    rag = body.get("rag", False)
+    if rag is not False and rag is not None:  # an extension: answer the last user message from the index
+        k = rag.get("k", RAG_K) if isinstance(rag, dict) else RAG_K
+        require((rag is True or (isinstance(rag, dict) and set(rag) <= {"k"})) and isinstance(k, int)
+                and not isinstance(k, bool) and 1 <= k <= MAX_RAG_K,
+                f"'rag' must be true, false or {{\"k\": 1..{MAX_RAG_K}}}", "rag")
+        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        require(isinstance(prompt, str) or prompt[-1]["role"] == "user",
+                "with 'rag' the last message must be the user's question", "messages")
+        prompt, mode, rag_k = question, "qa", k
+    return GenerationRequest(prompt, mode, None, api.prompt_field, stream=stream, n=n,
+                             include_usage=stream_options.get("include_usage") is True,
+                             logprobs=api.read_logprobs(body), rag_k=rag_k, **settings)
+
+
+def read_count(body, name, description):
+    value = typed(body, name, int, None, description)
+    require(value is None or 0 <= value <= MAX_LOGPROBS, f"'{name}' must be between 0 and {MAX_LOGPROBS}", name)
+    return value
 
 
 # ----------------------------------------------------------------------------- OpenAI answers
+
+def token_text(tok, token):
+    """(text, UTF-8 bytes) of one token; a token that is part of a character shows U+FFFD, its bytes
+    stay exact (OpenAI's `bytes` field exists for this)."""
+    raw = tok.decode_bytes([token])
+    return raw.decode("utf-8", "replace"), list(raw)
+
 
 class CompletionsApi:
     """`/v1/completions`: a prompt string continued as text."""
@@ -330,11 +388,20 @@ class CompletionsApi:
     def read_prompt(self, body, limits):
         return read_text(body, "prompt", limits)
 
-    def whole_choice(self, text, finish):
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    def read_logprobs(self, body):
+        return read_count(body, "logprobs", "an integer or null")
 
-    def chunk_choice(self, delta, finish):
-        return self.whole_choice(delta, finish)
+    def logprobs(self, tok, entries):
+        texts = [token_text(tok, token)[0] for token, _, _ in entries]
+        return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{token_text(tok, t)[0]: v for t, v in top or ()} for _, _, top in entries],
+                "text_offset": list(itertools.accumulate((len(t) for t in texts[:-1]), initial=0)) if texts else []}
+
+    def whole_choice(self, index, text, finish, logprobs=None):
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def chunk_choice(self, index, delta, finish, logprobs=None):
+        return self.whole_choice(index, delta, finish, logprobs)
 
     def delta(self, piece):
         return piece
@@ -353,12 +420,26 @@ class ChatApi:
     def read_prompt(self, body, limits):
         return read_messages(body, limits)
 
-    def whole_choice(self, text, finish):
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+    def read_logprobs(self, body):
+        wanted = typed(body, "logprobs", bool, False, "true or false")
+        top = read_count(body, "top_logprobs", "an integer or null")
+        require(top is None or wanted or top == 0, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (top or 0) if wanted else None
+
+    def logprobs(self, tok, entries):
+        def item(token, logprob):
+            text, raw = token_text(tok, token)
+            return {"token": text, "logprob": logprob, "bytes": raw}
+
+        return {"content": [item(token, lp) | {"top_logprobs": [item(t, v) for t, v in top or ()]}
+                            for token, lp, top in entries]}
+
+    def whole_choice(self, index, text, finish, logprobs=None):
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish}
 
-    def chunk_choice(self, delta, finish):
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk_choice(self, index, delta, finish, logprobs=None):
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def delta(self, piece):
         return {"content": piece}
@@ -369,32 +450,56 @@ GENERATION_FAILED = {"message": "generation failed", "type": "server_error"}
 
 
 class OpenAIReply:
-    """The OpenAI-shaped answer to one job: a whole completion, or the events of a stream."""
+    """The OpenAI-shaped answer to one request (its jobs are the n choices): a whole completion, or
+    the events of a stream. `sources` (RAG) rides on the completion, or on a stream's first event."""
 
-    def __init__(self, api, model_name, job, include_usage=False):
-        self.api, self.job, self.include_usage = api, job, include_usage
+    def __init__(self, api, model_name, jobs, include_usage=False, tok=None, sources=None):
+        self.api, self.jobs, self.include_usage, self.tok = api, list(jobs), include_usage, tok
+        self.sources = sources
         self.head = {"id": f"{api.id_prefix}-{uuid.uuid4().hex[:24]}", "object": api.object,
                      "created": int(time.time()), "model": model_name}
 
     def usage(self):
-        prompt, completion = len(self.job.ids), self.job.tokens
+        prompt, completion = len(self.jobs[0].ids), sum(job.tokens for job in self.jobs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def whole(self, text):
-        return {**self.head, "choices": [self.api.whole_choice(text, self.job.reason)], "usage": self.usage()}
+    def logprobs(self, job, entries):
+        return None if job.logprobs is None else self.api.logprobs(self.tok, entries)
 
-    def chunk(self, delta, finish=None):
-        event = {**self.head, "object": self.api.chunk_object, "choices": [self.api.chunk_choice(delta, finish)]}
+    def new_logprobs(self, job, sent, upto):
+        new, sent[0] = job.entries[sent[0]:upto], max(sent[0], upto)
+        return self.logprobs(job, new)
+
+    def whole(self, texts):
+        choices = [self.api.whole_choice(i, text, job.reason, self.logprobs(job, job.entries[:job.tokens]))
+                   for i, (job, text) in enumerate(zip(self.jobs, texts))]
+        extra = {} if self.sources is None else {"sources": self.sources}
+        return {**self.head, "choices": choices, "usage": self.usage(), **extra}
+
+    def chunk(self, index, delta, finish=None, logprobs=None):
+        choice = self.api.chunk_choice(index, delta, finish, logprobs)
+        event = {**self.head, "object": self.api.chunk_object, "choices": [choice]}
         return event | ({"usage": None} if self.include_usage else {})
 
-    def events(self, pieces):
-        yield from (self.chunk(delta) for delta in self.api.opening)
-        for piece in pieces:
-            yield self.chunk(self.api.delta(piece))
-        if self.job.reason == "error":
-            yield {"error": GENERATION_FAILED}
-        else:
-            yield self.chunk(self.api.closing, self.job.reason)
+    def events(self, streams):
+        """Events for the choices' piece streams, one choice after the other (they are generated
+        together; a later choice's text waits in its job's queue)."""
+        first = True
+        for index, (job, pieces) in enumerate(zip(self.jobs, streams)):
+            sent = [0]  # entries already sent: each chunk carries those of the tokens that came since
+            chunks = (self.chunk(index, delta) for delta in self.api.opening)
+            texts = (self.chunk(index, self.api.delta(piece), logprobs=self.new_logprobs(job, sent, len(job.entries)))
+                     for piece in pieces)
+            for event in itertools.chain(chunks, texts):
+                if first and self.sources is not None:
+                    event["sources"] = self.sources
+                first = False
+                yield event
+            if job.reason == "error":
+                yield {"error": GENERATION_FAILED}
+                return
+            rest = self.new_logprobs(job, sent, job.tokens) if job.tokens > sent[0] else None
+            yield self.chunk(index, self.api.closing, job.reason, rest)
         if self.include_usage:
             yield {**self.head, "object": self.api.chunk_object, "choices": [], "usage": self.usage()}
 
@@ -432,18 +537,22 @@ class StopCutter:
         return text
 
 
-# ----------------------------------------------------------------------------- the batching worker
+# ----------------------------------------------------------------------------- the workers
 
 class Job:
-    """One request as the worker sees it; the worker writes text pieces to `out`, then None."""
+    """One output stream (one choice) as the worker sees it; the worker writes text pieces to `out`,
+    then None. A request with n choices is n Jobs sharing one `group` (one engine request)."""
 
-    def __init__(self, ids, max_new_tokens, sampling, stop_ids, seed):
+    def __init__(self, ids, max_new_tokens, sampling, stop_ids, seed, logprobs=None):
         self.ids, self.max_new_tokens, self.sampling = ids, max_new_tokens, sampling
-        self.stop_ids, self.seed = frozenset(stop_ids), seed
+        self.stop_ids, self.seed, self.logprobs = frozenset(stop_ids), seed, logprobs
         self.out = queue.Queue()  # unbounded: the worker never waits for a slow reader
         self.cancelled = threading.Event()
         self.tokens, self.finish_reason, self.started = 0, None, time.monotonic()
         self.generated, self.decoder = [], None  # the worker's: ids sent so far, its StreamDecoder
+        self.entries = []  # (token, logprob, [(token, logprob)] or None) per token, when logprobs were asked
+        self.last_token_at = None  # the worker's: when the previous token came (latency metrics)
+        self.group = [self]
         self.stop_string_hit = False  # set by the reading handler, never by the worker
 
     @property
@@ -476,28 +585,59 @@ class Job:
             self.cancelled.set()  # a no-op for a finished row; drops a running or queued one
 
 
-class Batcher:
-    """Owns the model: collects waiting jobs into batches and runs them through `generate`."""
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (several apps in one process)."""
 
-    def __init__(self, run, max_batch=16, queue_size=64, gather_ms=5):
-        self.run, self.max_batch, self.gather_s = run, max_batch, gather_ms / 1000
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("minigpt_requests", "Finished output streams by status", ["status"],
+                                registry=self.registry)
+        self.tokens = Counter("minigpt_generated_tokens", "Tokens generated", registry=self.registry)
+        self.queue_depth = Gauge("minigpt_queue_depth", "Requests waiting for the worker", registry=self.registry)
+        self.running = Gauge("minigpt_running_rows", "Rows being generated", registry=self.registry)
+        self.ttft = Histogram("minigpt_time_to_first_token_seconds", "From submission to the first token",
+                              buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=self.registry)
+        self.token_latency = Histogram("minigpt_token_latency_seconds", "Between two tokens of one stream",
+                                       buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
+                                       registry=self.registry)
+
+    def exposition(self):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class Worker:
+    """What both workers share: the bounded queue of requests (lists of Jobs), stats, delivery."""
+
+    def __init__(self, run, max_batch, queue_size):
+        self.run, self.max_batch = run, max_batch
         self.waiting = queue.Queue(maxsize=queue_size)
-        self.active = 0  # rows of the running batch still generating (read by /health)
+        self.active = 0  # rows being generated (read by /health and /metrics)
         self.stats = dict(requests=0, rejected=0, batches=0, largest_batch=0, cancelled=0, tokens=0, failed=0)
+        self.metrics = Metrics()
+        self.metrics.queue_depth.set_function(self.waiting.qsize)
+        self.metrics.running.set_function(lambda: self.active)
         self.lock = threading.Lock()
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="generator", daemon=True)
-        self.thread.start()
 
     def count(self, key, n=1):
         with self.lock:
             self.stats[key] += n
 
-    def submit(self, job):
+    def submit(self, jobs):
+        """Queue one request: a Job, or the Jobs of its n choices (continuous worker only)."""
+        jobs = [jobs] if isinstance(jobs, Job) else list(jobs)
+        for job in jobs:
+            job.group = jobs
         try:
-            self.waiting.put_nowait(job)
+            self.waiting.put_nowait(jobs)
         except queue.Full:
             self.count("rejected")
+            self.metrics.requests.labels("rejected").inc()
             raise ApiError(503, "the server is busy (request queue full); retry shortly",
                            error_type="server_busy") from None
         self.count("requests")
@@ -508,9 +648,184 @@ class Batcher:
         self.thread.join(timeout=5)
         while True:
             try:
-                self._abandon([self.waiting.get_nowait()])
+                self._abandon(self.waiting.get_nowait())
             except queue.Empty:
                 return
+
+    def _cancelled(self, job):
+        """A job dropped because its reader stopped: its client left, or a stop string ended it."""
+        self.count("cancelled")
+        self.metrics.requests.labels("stop" if job.stop_string_hit else "cancelled").inc()
+
+    def _abandon(self, jobs):
+        for job in jobs:
+            if job.finish_reason is None:
+                self.count("failed")
+                self.metrics.requests.labels("error").inc()
+                job.finish_reason = "error"
+                job.out.put(None)
+
+    def _deliver(self, job, token, reason, entry=None):
+        """Hand one token to its job as text; `reason` ends the job ("stop" or "length")."""
+        now = time.monotonic()
+        if job.last_token_at is None:
+            self.metrics.ttft.observe(now - job.started)
+        else:
+            self.metrics.token_latency.observe(now - job.last_token_at)
+        job.last_token_at = now
+        job.decoder = job.decoder or StreamDecoder(self.run.tok)
+        job.tokens += 1
+        job.generated.append(token)
+        if entry is not None:
+            job.entries.append(entry)
+        piece = job.decoder.push(token) + (job.decoder.flush() if reason else "")
+        if piece:
+            job.out.put(piece)
+        if reason:
+            job.finish_reason = reason
+            self.metrics.requests.labels(reason).inc()
+            job.out.put(None)
+
+
+class Scheduler(Worker):
+    """The continuous worker: one thread drives one `engine.Engine` (iteration-level scheduling).
+
+    Each loop: drop cancelled requests, add waiting ones while fewer than `max_batch` rows are in
+    the engine, run one `engine.step()`, hand its tokens to their jobs. A request's rows leave the
+    batch the step they finish; a new one starts at the next step (its prompt prefilled in chunks
+    of `prefill_chunk` tokens, so a long prompt does not stall running streams).
+    """
+
+    def __init__(self, run, max_batch=16, queue_size=64, prefill_chunk=64):
+        super().__init__(run, max_batch, queue_size)
+        self.prefill_chunk = prefill_chunk
+        self.engine = Engine(run.model, max_batch, prefill_chunk)
+        self.requests = {}  # engine request id -> its jobs
+        self.thread.start()
+
+    def _loop(self):
+        while not self.closed.is_set():
+            try:
+                self._admit(block=not self.requests)
+                self._drop_cancelled()
+                if self.requests:
+                    self._step()
+            except Exception:  # a fault of the worker itself: no client is left waiting
+                log.exception("the worker failed")
+                self._abandon([job for jobs in self.requests.values() for job in jobs])
+                self._reset()
+        self._abandon([job for jobs in self.requests.values() for job in jobs])
+
+    def _rows(self):
+        return sum(len(jobs) for jobs in self.requests.values())
+
+    def _admit(self, block):
+        while self._rows() < self.max_batch:
+            try:
+                jobs = self.waiting.get(timeout=POLL_S) if block else self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if all(j.cancelled.is_set() for j in jobs):  # its client left while it waited
+                for job in jobs:
+                    self._cancelled(job)
+                continue
+            self._add(self.engine, jobs)
+
+    def _add(self, engine, jobs):
+        """Add a request (resuming from what its jobs already sent); a request the engine refuses
+        ends alone with "error"."""
+        first = jobs[0]
+        try:
+            request = engine.add(first.ids + first.generated, first.max_new_tokens - first.tokens,
+                                 stop_ids=first.stop_ids, seed=first.seed, logprobs=first.logprobs or 0, n=len(jobs),
+                                 **first.sampling)
+        except (ValueError, TypeError) as e:
+            log.warning("the engine refused a request: %s", e)
+            self._abandon(jobs)
+            return None
+        if engine is self.engine:
+            self.requests[request] = jobs
+        return request
+
+    def _drop_cancelled(self):
+        for rid, jobs in list(self.requests.items()):
+            if all(j.cancelled.is_set() or j.finish_reason for j in jobs):
+                self.engine.cancel(rid)
+                del self.requests[rid]
+                for job in jobs:
+                    if job.finish_reason is None:
+                        self._cancelled(job)
+        self.active = self.engine.running()
+
+    def _step(self):
+        try:
+            events = self.engine.step()
+        except Exception:
+            log.exception("a generation step failed for %d requests", len(self.requests))
+            self._isolate()
+            return
+        self.active = self.engine.running()
+        with self.lock:
+            self.stats["batches"] += 1
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], self.active)
+            self.stats["tokens"] += len(events)
+        self.metrics.tokens.inc(len(events))
+        for event in events:
+            jobs = self.requests.get(event.request)
+            if jobs is None:
+                continue
+            job = jobs[event.index]
+            try:
+                self._deliver(job, event.token, event.finish_reason, (event.token, event.logprob, event.top_logprobs)
+                              if job.logprobs else None)
+            except Exception:  # this row's own fault (its text): end it alone
+                log.exception("a row failed while its text was decoded")
+                self._abandon([job])
+                job.cancelled.set()
+            if all(j.finish_reason for j in jobs):
+                self.requests.pop(event.request, None)
+
+    def _reset(self):
+        self.engine = Engine(self.run.model, self.max_batch, self.prefill_chunk)
+        self.requests, self.active = {}, 0
+
+    def _isolate(self):
+        """After a failed step: try each live request alone for one step in a scratch engine; one
+        that fails alone ends with "error", the others resume (from the tokens they already sent)
+        in a fresh engine. Greedy rows resume exactly; a sampled row redraws from its seed."""
+        live = [jobs for jobs in self.requests.values() if any(j.finish_reason is None for j in jobs)]
+        self._reset()
+        culprits = []
+        for jobs in live:
+            scratch = Engine(self.run.model, len(jobs), self.prefill_chunk)
+            try:
+                if self._add(scratch, jobs) is not None:
+                    while scratch.has_work() and not scratch.step():
+                        pass
+            except Exception:
+                log.exception("a request fails alone: it ends with an error")
+                culprits.append(jobs)
+        if not culprits:  # no request fails alone: the fault is not one request's, so end them all
+            culprits = live
+        for jobs in live:
+            # n > 1 rows that already sent tokens cannot resume as one request (their texts differ)
+            if jobs in culprits or (len(jobs) > 1 and any(j.generated for j in jobs)):
+                self._abandon(jobs)
+            elif jobs[0].finish_reason is None:
+                self._add(self.engine, jobs)
+
+
+class Batcher(Worker):
+    """The static worker (`--scheduler static`, kept for bench/bench_server.py's comparison):
+    waits `gather_ms` for a burst of requests, then runs up to `max_batch` of them through
+    `engine.generate` until the longest ends; late arrivals wait for the next batch. One row
+    (n=1) per request; logprobs are not recorded."""
+
+    def __init__(self, run, max_batch=16, queue_size=64, gather_ms=5):
+        super().__init__(run, max_batch, queue_size)
+        self.gather_s = gather_ms / 1000
+        self.thread.start()
 
     def _loop(self):
         while not self.closed.is_set():
@@ -518,7 +833,7 @@ class Batcher:
                 first = self.waiting.get(timeout=POLL_S)
             except queue.Empty:
                 continue
-            batch = self._collect(first)
+            batch = [jobs[0] for jobs in self._collect(first)]
             try:
                 self._run(batch)
             except Exception:  # a fault of the worker itself: no client is left waiting
@@ -527,16 +842,9 @@ class Batcher:
             finally:
                 self.active = 0
 
-    def _abandon(self, jobs):
-        for job in jobs:
-            if job.finish_reason is None:
-                self.count("failed")
-                job.finish_reason = "error"
-                job.out.put(None)
-
     def _collect(self, first):
-        """The first job plus those arriving until `gather_s` passes without one (a burst of clients
-        lands in one batch), bounded by 10 * gather_s so a steady trickle cannot stall the batch."""
+        """The first request plus those arriving until `gather_s` passes without one (a burst of
+        clients lands in one batch), bounded by 10 * gather_s so a steady trickle cannot stall it."""
         batch, now = [first], time.monotonic()
         deadline, last_call = now + self.gather_s, now + 10 * self.gather_s
         while len(batch) < self.max_batch:
@@ -549,7 +857,9 @@ class Batcher:
 
     def _run(self, batch):
         jobs = [j for j in batch if not j.cancelled.is_set()]
-        self.count("cancelled", len(batch) - len(jobs))
+        for job in batch:
+            if job.cancelled.is_set():
+                self._cancelled(job)
         if not jobs:
             return
         with self.lock:
@@ -576,15 +886,14 @@ class Batcher:
 
     def _generate(self, jobs):
         per_row = {key: [j.sampling[key] for j in jobs] for key in SAMPLING_KEYS}
-        seed = next((j.seed for j in jobs if j.seed is not None), None)
-        for job in jobs:
-            job.decoder = job.decoder or StreamDecoder(self.run.tok)
+        # each row its own seed (a request without one gets a random one), so rows never share draws
+        seeds = [j.seed if j.seed is not None else int(torch.randint(0, 2**62, (1,))) for j in jobs]
         done = [False] * len(jobs)
         self.active = len(jobs)
         # a row resumes from what it already sent; stop tokens are per row (modes differ), so
         # generate gets none and rows are ended here
         steps = generate(self.run.model, [j.ids + j.generated for j in jobs],
-                         max(j.max_new_tokens - j.tokens for j in jobs), stop_ids=(), seed=seed, **per_row)
+                         max(j.max_new_tokens - j.tokens for j in jobs), stop_ids=(), seed=seeds, **per_row)
         try:
             for step in steps:
                 delivered = 0
@@ -593,16 +902,19 @@ class Batcher:
                         continue
                     if job.cancelled.is_set():
                         done[i] = True
-                        self.count("cancelled")
+                        self._cancelled(job)
                         continue
                     try:
-                        self._deliver(job, token)
+                        reason = ("stop" if token in job.stop_ids else
+                                  "length" if job.tokens + 1 >= job.max_new_tokens else None)
+                        self._deliver(job, token, reason)
                     except Exception:  # this row's own fault (its text): end it alone
                         log.exception("a row failed while its text was decoded")
                         self._abandon([job])
                     delivered += 1
                     done[i] = job.finish_reason is not None
                 self.count("tokens", delivered)
+                self.metrics.tokens.inc(delivered)
                 self.active = done.count(False)
                 if self.active == 0:
                     break
@@ -611,18 +923,6 @@ class Batcher:
                     break
         finally:
             steps.close()
-
-    @staticmethod
-    def _deliver(job, token):
-        job.tokens += 1
-        job.generated.append(token)
-        reason = "stop" if token in job.stop_ids else "length" if job.tokens >= job.max_new_tokens else None
-        piece = job.decoder.push(token) + (job.decoder.flush() if reason else "")
-        if piece:
-            job.out.put(piece)
-        if reason:
-            job.finish_reason = reason
-            job.out.put(None)
 
 
 # ----------------------------------------------------------------------------- what the routes do
@@ -633,7 +933,7 @@ def public_info(run, name):
     return {**info, "name": name or run.info["name"]}
 
 
-Stream = namedtuple("Stream", "chunks content_type job")  # a streamed answer; the job ends with it
+Stream = namedtuple("Stream", "chunks content_type jobs headers")  # a streamed answer; its jobs end with it
 
 
 def started(pieces, job):
@@ -645,73 +945,124 @@ def started(pieces, job):
     return itertools.chain(() if first is None else (first,), pieces)
 
 
-class Service:
-    """The routes' work without HTTP: read a request, queue its job, shape the answer."""
+def make_worker(run, scheduler="continuous", max_batch=16, queue_size=64, gather_ms=5, prefill_chunk=64):
+    if scheduler == "continuous":
+        return Scheduler(run, max_batch, queue_size, prefill_chunk)
+    if scheduler == "static":
+        return Batcher(run, max_batch, queue_size, gather_ms)
+    raise ValueError(f"scheduler must be continuous or static, not {scheduler!r}")
 
-    def __init__(self, run, name=None, max_batch=16, queue_size=64, max_new_tokens_cap=1024, gather_ms=5):
-        self.run, self.info = run, public_info(run, name)
+
+class Service:
+    """The routes' work without HTTP: read a request, queue its jobs, shape the answer."""
+
+    def __init__(self, run, name=None, max_batch=16, queue_size=64, max_new_tokens_cap=1024, gather_ms=5,
+                 scheduler="continuous", index=None):
+        self.run, self.info, self.index = run, public_info(run, name), index
         self.max_batch, self.queue_size = max_batch, queue_size
         self.limits = Limits(run.info["block_size"], run.model.config.vocab_size, max_new_tokens_cap)
-        self.batcher = Batcher(run, max_batch, queue_size, gather_ms)
+        self.worker = make_worker(run, scheduler, max_batch, queue_size, gather_ms)
+        self.static = scheduler == "static"
 
     def health(self):
-        b = self.batcher
-        queue_state = {"waiting": b.waiting.qsize(), "active": b.active, "max_batch": self.max_batch,
-                       "queue_size": self.queue_size, **b.stats}
+        w = self.worker
+        queue_state = {"waiting": w.waiting.qsize(), "active": w.active, "max_batch": self.max_batch,
+                       "queue_size": self.queue_size, **w.stats}
         return {"status": "ok", "model": self.info, "queue": queue_state}
 
     def models(self):
         card = {"id": self.info["name"], "object": "model", "created": 0, "owned_by": "minigpt-zh", **self.info}
         return {"object": "list", "data": [card]}
 
+    def prompt(self, req):
+        """(prompt ids, sources): sources name the retrieved articles in RAG mode, else None."""
+        if not req.rag_k:
+            return self.run.prompt_ids(req.prompt, req.mode, req.system), None
+        require(self.index is not None, "this server has no retrieval index (start it with --rag INDEX)",
+                "rag" if req.prompt_field == "messages" else "mode")
+        try:
+            hits = self.index.search(req.prompt, req.rag_k)
+            # the answer may slide the window, so the passages leave room for a short answer only
+            room = min(req.max_new_tokens, self.limits.block_size // 4)
+            ids, sources = rag_prompt(self.run.tok, req.prompt, hits, self.limits.block_size, room)
+        except ValueError as e:  # a question too long to search or to fit (PromptTooLong)
+            raise ApiError(400, str(e), req.prompt_field) from None
+        return ids, [{"title": s["title"], "article_id": s["article_id"]} for s in sources]
+
     def submit(self, req):
-        ids = self.run.prompt_ids(req.prompt, req.mode, req.system)
+        """Queue a request: (its jobs, one per choice; sources or None)."""
+        ids, sources = self.prompt(req)
         block_size = self.limits.block_size
         require(len(ids) > 0, "the prompt is empty", req.prompt_field)
         require(len(ids) < block_size, f"the prompt is {len(ids)} tokens; this model reads at most {block_size - 1}",
                 req.prompt_field)
+        if self.static:
+            require(req.n == 1, "this server runs --scheduler static: only n=1", "n")
+            require(req.logprobs is None, "this server runs --scheduler static: no logprobs", "logprobs")
         stop_ids = () if req.ignore_eos else self.run.tok.stop_ids(req.mode)
-        job = Job(ids, req.max_new_tokens, req.sampling, stop_ids, req.seed)
-        self.batcher.submit(job)
-        return job
+        jobs = [Job(ids, req.max_new_tokens, req.sampling, stop_ids, req.seed, req.logprobs) for _ in range(req.n)]
+        self.worker.submit(jobs)
+        return jobs, sources
 
     def generate(self, body, client_gone):
-        """`POST /generate`: a Stream of plain text, or {"text", "tokens", "seconds", "finish_reason"}."""
+        """`POST /generate`: a Stream of plain text (RAG: sources in the X-Sources header), or
+        {"text", "tokens", "seconds", "finish_reason", "sources"?}."""
         req = parse_generate(body, self.limits)
-        job = self.submit(req)
+        jobs, sources = self.submit(req)
+        job = jobs[0]
         pieces = started(job.pieces(req.stops, client_gone), job)
         if req.stream:
-            return Stream(pieces, "text/plain; charset=utf-8", job)
+            headers = {} if sources is None else {"X-Sources": quote(json.dumps(sources, ensure_ascii=False))}
+            return Stream(pieces, "text/plain; charset=utf-8", jobs, headers)
         text = "".join(pieces)
         if job.reason == "error":
             raise ApiError(500, GENERATION_FAILED["message"], error_type="server_error")
         return {"text": text, "tokens": job.tokens, "seconds": round(time.monotonic() - job.started, 4),
-                "finish_reason": job.reason}
+                "finish_reason": job.reason, **({} if sources is None else {"sources": sources})}
 
     def openai(self, api, body, client_gone):
         """An OpenAI route (`api` is CHAT or COMPLETIONS): a Stream of server-sent events, or a completion."""
         req = parse_openai(body, api, self.limits)
-        job = self.submit(req)
-        pieces = started(job.pieces(req.stops, client_gone), job)
-        reply = OpenAIReply(api, self.info["name"], job, req.include_usage)
+        jobs, sources = self.submit(req)
+        streams = [job.pieces(req.stops, client_gone) for job in jobs]
+        streams[0] = started(streams[0], jobs[0])
+        reply = OpenAIReply(api, self.info["name"], jobs, req.include_usage, self.run.tok, sources)
         if req.stream:
-            return Stream(sse(reply.events(pieces)), "text/event-stream; charset=utf-8", job)
-        text = "".join(pieces)
-        if job.reason == "error":
+            return Stream(sse(reply.events(streams)), "text/event-stream; charset=utf-8", jobs, {})
+        texts = ["".join(pieces) for pieces in streams]
+        if any(job.reason == "error" for job in jobs):
             raise ApiError(500, GENERATION_FAILED["message"], error_type="server_error")
-        return reply.whole(text)
+        return reply.whole(texts)
+
+    def tokenize(self, body):
+        """`POST /tokenize`: {"text"} -> {"tokens", "count"} (plain text: no prompt layout)."""
+        text = typed(body, "text", str, None, "a string")
+        require(text is not None, "'text' is required", "text")
+        require(len(text) <= MAX_TOKENIZE_CHARS, f"'text' is longer than {MAX_TOKENIZE_CHARS} characters", "text")
+        tokens = self.run.tok.encode(text)
+        return {"tokens": tokens, "count": len(tokens)}
+
+    def detokenize(self, body):
+        """`POST /detokenize`: {"tokens"} -> {"text"} (special tokens are dropped)."""
+        tokens, vocab = body.get("tokens"), self.limits.vocab_size
+        require(isinstance(tokens, list) and len(tokens) <= MAX_DETOKENIZE_TOKENS,
+                f"'tokens' must be a list of at most {MAX_DETOKENIZE_TOKENS} token ids", "tokens")
+        require(all(type(t) is int and 0 <= t < vocab for t in tokens),
+                f"'tokens' must hold integers in [0, {vocab})", "tokens")
+        return {"text": self.run.tok.decode(tokens)}
 
 
 # ----------------------------------------------------------------------------- the Flask app
 
 def create_app(run, name=None, api_key=None, cors=False, max_batch=16, queue=64, max_new_tokens_cap=1024,
-               gather_ms=5):
+               gather_ms=5, scheduler="continuous", index=None):
     """The WSGI app serving `run` (an inference.Run): Flask wiring around a `Service`
-    (`app.extensions["service"]`; its worker is `app.extensions["batcher"]`)."""
+    (`app.extensions["service"]`; its worker is `app.extensions["batcher"]`). `index`: a
+    retrieval.Index for RAG requests, or None."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    service = Service(run, name, max_batch, queue, max_new_tokens_cap, gather_ms)
-    app.extensions.update(service=service, batcher=service.batcher)
+    service = Service(run, name, max_batch, queue, max_new_tokens_cap, gather_ms, scheduler, index)
+    app.extensions.update(service=service, batcher=service.worker)
     expected_auth = f"Bearer {api_key}".encode() if api_key else None
 
     @app.before_request
@@ -729,6 +1080,7 @@ def create_app(run, name=None, api_key=None, cors=False, max_batch=16, queue=64,
             response.headers["Access-Control-Allow-Origin"] = "*"
             response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Expose-Headers"] = "X-Sources"
         return response
 
     @app.errorhandler(ApiError)
@@ -746,19 +1098,30 @@ def create_app(run, name=None, api_key=None, cors=False, max_batch=16, queue=64,
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(500, "internal server error", error_type="server_error")
 
+    def body():
+        return parse_json_body(request.get_data(cache=False))
+
     def answer(work, *args):
         """Run `work` on the request's JSON body; a Stream becomes a streamed response."""
         client_gone = request.environ.get("waitress.client_disconnected", lambda: False)
-        result = work(*args, parse_json_body(request.get_data(cache=False)), client_gone)
+        result = work(*args, body(), client_gone)
         if not isinstance(result, Stream):
             return json_response(result)
-        response = Response(result.chunks, content_type=result.content_type, headers={"Cache-Control": "no-cache"})
-        # however the response ends (done, write failed, never iterated), the job stops with it
-        response.call_on_close(result.job.cancelled.set)
+        response = Response(result.chunks, content_type=result.content_type,
+                            headers={"Cache-Control": "no-cache", **result.headers})
+        # however the response ends (done, write failed, never iterated), its jobs stop with it
+        response.call_on_close(lambda: [job.cancelled.set() for job in result.jobs])
         return response
+
+    def metrics():
+        data, content_type = service.worker.metrics.exposition()
+        return Response(data, content_type=content_type)
 
     app.get("/health")(lambda: json_response(service.health()))
     app.get("/v1/models", endpoint="models")(lambda: json_response(service.models()))
+    app.get("/metrics", endpoint="metrics")(metrics)
+    app.post("/tokenize", endpoint="tokenize")(lambda: json_response(service.tokenize(body())))
+    app.post("/detokenize", endpoint="detokenize")(lambda: json_response(service.detokenize(body())))
     app.post("/generate", endpoint="generate")(lambda: answer(service.generate))
     app.post("/v1/chat/completions", endpoint="chat_completions")(lambda: answer(service.openai, CHAT))
     app.post("/v1/completions", endpoint="completions")(lambda: answer(service.openai, COMPLETIONS))
@@ -813,21 +1176,29 @@ def main():
     ap.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     ap.add_argument("--name", default=None, help="model name shown to clients (default: the run directory's name)")
     ap.add_argument("--cors", action="store_true", help="allow browser pages from any origin to call the API")
-    ap.add_argument("--max_batch", type=int, default=16, help="requests generated together in one batch")
+    ap.add_argument("--max_batch", type=int, default=16,
+                    help="rows generated together (the continuous scheduler queues the rest)")
     ap.add_argument("--queue", type=int, default=64, help="requests that may wait; more get 503")
     ap.add_argument("--max_new_tokens_cap", type=int, default=1024)
     ap.add_argument("--batch_wait_ms", type=float, default=5,
-                    help="how long the worker waits for more arrivals before starting a batch")
+                    help="--scheduler static only: how long it waits for more arrivals before starting a batch")
+    ap.add_argument("--scheduler", choices=("continuous", "static"), default="continuous",
+                    help="continuous: requests join and leave the running batch every step; static: the "
+                         "previous batcher (a batch runs until its longest row ends), kept for comparison")
+    ap.add_argument("--rag", default=None, metavar="INDEX",
+                    help="a retrieval index folder (retrieval.py): enables mode 'rag' and the chat 'rag' field")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
         run = load_run(args.out_dir, device=pick_device(args.device))
-    except (FileNotFoundError, ValueError) as e:
+        index = Index(args.rag) if args.rag else None
+    except (FileNotFoundError, ValueError, IndexFolderError) as e:
         raise SystemExit(f"error: {e}") from None
     app = create_app(run, name=args.name, api_key=args.api_key, cors=args.cors, max_batch=args.max_batch,
-                     queue=args.queue, max_new_tokens_cap=args.max_new_tokens_cap, gather_ms=args.batch_wait_ms)
+                     queue=args.queue, max_new_tokens_cap=args.max_new_tokens_cap, gather_ms=args.batch_wait_ms,
+                     scheduler=args.scheduler, index=index)
     server = make_server(app, args.host, args.port, clients=args.max_batch + args.queue + 4)
     info = public_info(run, args.name)
     print(f"model {info['name']}: {info['params']:,} params, {info['n_layer']} layers, block {info['block_size']}, "

@@ -298,7 +298,8 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": ["hi"]}, "messages[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 5}, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": 1}, "stream_options"),
     ("/v1/completions", {"prompt": ["a"]}, "prompt"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
@@ -314,9 +315,23 @@ BAD_INPUTS = [
     ("/generate", {"prompt": "a", "system": "x" * 600}, "system"),
     ("/generate", b'{"prompt": "a", "top_k": ' + b"9" * 5000 + b"}", None),  # Python's int digit limit
     ("/generate", b"\xff\xfe{}", None),  # not UTF-8
-    # unsupported OpenAI fields are refused, not silently ignored
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 6},
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "rag": True}, "rag"),  # no index
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "rag": {"k": 11}}, "rag"),
+    ("/generate", {"prompt": "a", "mode": "rag"}, "mode"),  # this server has no index
+    ("/generate", {"prompt": "a", "mode": "rag", "rag_k": 0}, "rag_k"),
+    ("/tokenize", {"text": 5}, "text"),
+    ("/tokenize", {"text": "长" * 100_001}, "text"),
+    ("/detokenize", {"tokens": [1, -1]}, "tokens"),
+    ("/detokenize", {"tokens": [10**6]}, "tokens"),
+    ("/detokenize", {"tokens": [1.0]}, "tokens"),
+    ("/detokenize", {"tokens": [True]}, "tokens"),
+    ("/detokenize", {"tokens": "1 2"}, "tokens"),
+    ("/detokenize", {"tokens": [1] * 100_001}, "tokens"),
+    # unsupported OpenAI fields are refused, not silently ignored
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
@@ -325,8 +340,8 @@ BAD_INPUTS = [
                               "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 100}},
      "logit_bias"),
-    ("/v1/completions", {"prompt": "a", "logprobs": 2}, "logprobs"),
-    ("/v1/completions", {"prompt": "a", "n": 3}, "n"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "logprobs": True}, "logprobs"),
     ("/v1/completions", {"prompt": "a", "echo": True}, "echo"),
     ("/v1/completions", {"prompt": "a", "suffix": "end"}, "suffix"),
     ("/v1/completions", {"prompt": "a", "best_of": 2}, "best_of"),
@@ -502,8 +517,9 @@ def test_one_extreme_request_does_not_fail_its_batch_mates(server, reference):
 
 
 def test_a_row_that_fails_in_generate_ends_alone(run_dir, reference):
-    """A row that makes `generate` raise (here: settings no route lets through) ends with "error";
-    its batch mates resume and finish with exactly the text they would have had alone."""
+    """The static worker (`--scheduler static`): a row that makes `generate` raise (here: settings no
+    route lets through) ends with "error"; its batch mates resume and finish with exactly the text
+    they would have had alone. (The continuous worker's counterpart is in test_server_engine.py.)"""
     prompts = [f"{city}是" for city in ("北京", "上海", "长江", "黄河", "故宫", "Python", "中国", "首都")]
     expected = [reference.complete(p, "text", max_new_tokens=10, temperature=0) for p in prompts]
     greedy = {"temperature": 0.0, "top_k": None, "top_p": None, "repetition_penalty": 1.0}
@@ -606,10 +622,17 @@ def test_parse_openai_reads_each_api_and_refuses_unsupported_fields():
     assert (chat.mode, chat.max_new_tokens, chat.stream, chat.include_usage) == ("chat", 7, True, True)
     text = parse_openai({"prompt": "hi", "max_tokens": 5}, COMPLETIONS, LIMITS)
     assert (text.mode, text.prompt, text.prompt_field, text.stream) == ("text", "hi", "prompt", False)
-    for field, value in (("logprobs", True), ("tools", [{}]), ("echo", True), ("n", 2)):
+    for field, value in (("logprobs", True), ("tools", [{}]), ("echo", True), ("n", 5)):
         with pytest.raises(ApiError) as e:
             parse_openai({"prompt": "hi", field: value}, COMPLETIONS, LIMITS)
         assert e.value.field == field
+    # once refused, now served: n, logprobs (completions: a count; chat: a flag + top_logprobs), rag
+    text = parse_openai({"prompt": "hi", "n": 4, "logprobs": 0}, COMPLETIONS, LIMITS)
+    assert (text.n, text.logprobs) == (4, 0)
+    chat = parse_openai({"messages": [{"role": "user", "content": "长江？"}], "logprobs": True, "top_logprobs": 5,
+                         "rag": {"k": 2}}, CHAT, LIMITS)
+    assert (chat.logprobs, chat.rag_k, chat.prompt, chat.mode) == (5, 2, "长江？", "qa")
+    assert parse_openai({"messages": [{"role": "user", "content": "x"}]}, CHAT, LIMITS).logprobs is None
 
 
 def finished_job(ids, text_tokens, reason):
@@ -620,27 +643,27 @@ def finished_job(ids, text_tokens, reason):
 
 def test_openai_reply_shapes_chat_and_completions():
     job = finished_job([1, 2, 3], 2, "length")
-    chat = OpenAIReply(CHAT, "m", job).whole("你好")
+    chat = OpenAIReply(CHAT, "m", [job]).whole(["你好"])
     assert chat["object"] == "chat.completion" and chat["id"].startswith("chatcmpl-") and chat["model"] == "m"
     assert chat["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "你好"}, "logprobs": None,
                                 "finish_reason": "length"}]
     assert chat["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    text = OpenAIReply(COMPLETIONS, "m", job).whole("abc")
+    text = OpenAIReply(COMPLETIONS, "m", [job]).whole(["abc"])
     assert text["object"] == "text_completion" and text["id"].startswith("cmpl-")
     assert text["choices"] == [{"index": 0, "text": "abc", "logprobs": None, "finish_reason": "length"}]
 
 
 def test_openai_stream_events_and_sse_framing():
     job = finished_job([1], 2, "stop")
-    events = list(OpenAIReply(CHAT, "m", job, include_usage=True).events(iter(["你", "好"])))
+    events = list(OpenAIReply(CHAT, "m", [job], include_usage=True).events([iter(["你", "好"])]))
     deltas = [e["choices"][0]["delta"] for e in events[:-1]]
     assert deltas == [{"role": "assistant", "content": ""}, {"content": "你"}, {"content": "好"}, {}]
     assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-2]["usage"] is None
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
     assert {e["object"] for e in events} == {"chat.completion.chunk"}
-    text_events = list(OpenAIReply(COMPLETIONS, "m", job).events(iter(["ab"])))
+    text_events = list(OpenAIReply(COMPLETIONS, "m", [job]).events([iter(["ab"])]))
     assert [e["choices"][0]["text"] for e in text_events] == ["ab", ""] and "usage" not in text_events[0]
-    failed = list(OpenAIReply(COMPLETIONS, "m", finished_job([1], 0, "error")).events(iter([])))
+    failed = list(OpenAIReply(COMPLETIONS, "m", [finished_job([1], 0, "error")]).events([iter([])]))
     assert failed == [{"error": {"message": "generation failed", "type": "server_error"}}]
     framed = list(sse(iter([{"a": "长"}, {"b": 1}])))
     assert framed == ['data: {"a": "长"}\n\n', 'data: {"b": 1}\n\n', "data: [DONE]\n\n"]

@@ -4,7 +4,8 @@ The server is the real waitress server from `make_server` on an ephemeral port w
 model and an API key. The hostile requests are built up front from a seeded random generator (the
 same set on every run) across the classes an attacker on the LAN can reach: JSON nested too
 deep, lone surrogates, wrong types, extreme numbers, huge or odd strings within the 1 MB limit,
-bad and oversized headers, wrong methods and paths, unknown fields, truncated bodies, bad auth.
+bad and oversized headers, wrong methods and paths, unknown fields, truncated bodies, bad auth,
+across every POST route (/tokenize and /detokenize too) and the n, logprobs and rag fields.
 They are sent as raw bytes over sockets (so malformed HTTP really goes out) by four threads while
 a fifth sends legitimate greedy requests. Asserted: no 5xx and no traceback or file path in any
 answer, the legitimate answers equal the ones taken before the fuzz, no row failed in the worker,
@@ -38,13 +39,18 @@ LEGIT = [("/generate", {"prompt": "北京是", "max_new_tokens": 8, "temperature
          ("/generate", {"prompt": "长江", "mode": "qa", "max_new_tokens": 8, "temperature": 0, "stream": False}),
          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 8,
                                    "temperature": 0}),
-         ("/v1/completions", {"prompt": "黄河是", "max_tokens": 8, "temperature": 0})]
-POST_ROUTES = ["/generate", "/v1/chat/completions", "/v1/completions"]
+         ("/v1/completions", {"prompt": "黄河是", "max_tokens": 8, "temperature": 0}),
+         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "长江"}], "max_tokens": 8,
+                                   "temperature": 0, "n": 2, "logprobs": True, "top_logprobs": 2}),
+         ("/v1/completions", {"prompt": "故宫", "max_tokens": 8, "temperature": 0, "logprobs": 3, "stop": ["。"]})]
+POST_ROUTES = ["/generate", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]
 FIELDS = ["prompt", "messages", "mode", "system", "stream", "max_new_tokens", "max_tokens", "max_completion_tokens",
           "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "ignore_eos", "n", "stream_options",
-          "logprobs", "tools", "response_format", "logit_bias", "echo", "suffix", "best_of"]
+          "logprobs", "top_logprobs", "rag", "rag_k", "text", "tokens", "tools", "response_format", "logit_bias",
+          "echo", "suffix", "best_of"]
 ODD_VALUES = [None, True, False, 0, -1, 1, 1.5, -0.0, "", "x", [], {}, [1, 2], {"a": 1}, [[]], "长江" * 3,
-              [{"role": "user"}], [{"role": "user", "content": None}], {"include_usage": "yes"}]
+              [{"role": "user"}], [{"role": "user", "content": None}], {"include_usage": "yes"}, {"k": 3},
+              [0, 1, 2], [-1], [2**40]]
 EXTREME_NUMBERS = ["1e308", "-1e308", "1e-300", "5e-324", "1e-46", str(2**63), str(2**64), str(-2**63), "1e999",
                    "NaN", "Infinity", "-Infinity", "9" * 4000, "9" * 5000, "-0", "0.0000001", "1E+2", "123456789.0"]
 ODD_TEXT = ["<|endoftext|>", "<|end|><|assistant|>", "\u0000", "\u202e\u202d", "e\u0301" * 50, "😀" * 30, "\ufeff",
@@ -58,6 +64,10 @@ def json_text(value):
 def valid_body(rng, path):
     if path == "/v1/chat/completions":
         return {"messages": [{"role": "user", "content": rng.choice(["你好", "长江", "a"])}], "max_tokens": 4}
+    if path == "/tokenize":
+        return {"text": rng.choice(["北京", "上海是", "a"])}
+    if path == "/detokenize":
+        return {"tokens": rng.choice([[1, 2, 3], [], [100]])}
     budget = "max_new_tokens" if path == "/generate" else "max_tokens"
     return {"prompt": rng.choice(["北京", "上海是", "a"]), budget: 4}
 
@@ -108,7 +118,8 @@ def extreme_number(rng):
     path = rng.choice(POST_ROUTES)
     body = json_text(valid_body(rng, path))
     field = rng.choice(["temperature", "top_k", "top_p", "repetition_penalty", "seed", "max_new_tokens",
-                        "max_tokens", "n", "best_of", "max_completion_tokens"])
+                        "max_tokens", "n", "best_of", "max_completion_tokens", "logprobs", "top_logprobs", "rag_k",
+                        "tokens"])
     number = rng.choice(EXTREME_NUMBERS)
     return request_bytes("POST", path, (f'{{"{field}": {number}, ' + body[1:]).encode()), False
 
@@ -161,7 +172,7 @@ def bad_header(rng):
 
 def wrong_method(rng):
     method = rng.choice(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "FOO", "CONNECT"])
-    path = rng.choice(POST_ROUTES + ["/health", "/v1/models", "/", "/v1", "/v1/chat", "/generate/",
+    path = rng.choice(POST_ROUTES + ["/health", "/v1/models", "/metrics", "/", "/v1", "/v1/chat", "/generate/",
                                      "/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/" + "a" * 5000,
                                      "/generate?x=1&prompt=2", "/health?" + "&" * 1000, "//generate", "/GENERATE"])
     method = "POST" if path not in POST_ROUTES and rng.random() < 0.5 else method
