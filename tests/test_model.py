@@ -11,14 +11,7 @@ from model import GPT, GPTConfig
 VOCAB, BLOCK = 101, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared 2-core machine every op of a
-    2-thread pool waits for a descheduled peer (measured: 15 s instead of 0.2 s for 96 steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")

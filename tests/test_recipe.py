@@ -18,12 +18,7 @@ VOCAB, BLOCK = 101, 32
 QWEN = dict(arch="qwen3", block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, bias=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def qwen(seed=0, **kw):

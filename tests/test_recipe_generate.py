@@ -13,12 +13,7 @@ VOCAB, BLOCK = 101, 32
 PROMPTS = [[5, 17, 3, 44, 9, 12, 80], [60, 2], [33, 34, 35, 36]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module", params=[2, 1], ids=["mha", "gqa"])
