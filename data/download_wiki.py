@@ -36,7 +36,8 @@ from urllib.parse import urlparse
 import httpx
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script (python data/download_wiki.py): the modules live in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import BadLines, atomic_write, iter_jsonl  # noqa: E402
 from tokenizer import file_sha256  # noqa: E402
 

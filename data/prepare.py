@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script (python data/prepare.py): the modules live in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import (  # noqa: E402
     MAX_LINE_BYTES,
     BadLines,

@@ -49,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script (python data/prepare_sft.py): the modules live in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import (  # noqa: E402
     BadJSON,
     BadLines,

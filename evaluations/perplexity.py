@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script (python evaluations/perplexity.py): the modules live in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import BlockData, evaluate_blocks  # noqa: E402
 from evaluations.metrics import default_output, format_table, write_results  # noqa: E402
 from inference import load_run, pick_device  # noqa: E402

@@ -65,7 +65,8 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script (python sft/sft_generate.py): the modules live in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import BadLines, clean_article, find_jsonl, iter_jsonl, split_sentences  # noqa: E402
 
 DEFAULT_PROMPT = Path(__file__).with_name("prompt_zh.txt")
