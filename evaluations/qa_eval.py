@@ -25,8 +25,6 @@ from evaluations.metrics import (complete_all, default_output, format_table, loa
 from tokenizer import passage_qa_prompt  # noqa: E402
 
 METRICS = ("em", "f1", "subem", "rouge_l", "bleu4")
-# the old name of tokenizer.passage_qa_prompt, still imported by tests/test_retrieval.py; the same function
-context_prompt = passage_qa_prompt
 
 
 def main(argv=None):
