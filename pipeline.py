@@ -18,7 +18,9 @@ Design:
   remember and to read. A BM25 index (retrieval.py) is built over the corpus plus the DRCD test
   paragraphs (`squad_passages`: almost none of DRCD's articles are in the wiki dump, so a wiki-only
   index could not find their passages; DRCD test is never trained on). Both checkpoints answer
-  the held-out generated questions and a DRCD test sample three ways (`reading_evals`): closed-book
+  the held-out generated questions that carry their passage (`with_passage`: the context_mix
+  coin's share of data/sft/val.jsonl, the same questions asked all three ways) and a DRCD test
+  sample three ways (`reading_evals`): closed-book
   (`qa`, `drcd`), with the gold passage (`*_context`) and with retrieved passages (`*_rag`, which
   also scores recall@1/@5). The report's "Reading" table puts them side by side.
 - Corpus order: --corpus; data/wiki/ when it holds jsonl; ../shared/data/zhwiki; else download a
@@ -114,6 +116,21 @@ def squad_passages(path, out_path):
     return len(seen)
 
 
+def with_passage(src, out_path):
+    """The QA jsonl lines of `src` that carry a passage (`context`), into `out_path`; returns how many.
+    prepare_sft.py --context_mix shows the passage to a share of the pairs only, and the three ways
+    of asking must be scored on the same questions."""
+    kept = 0
+    tmp = Path(out_path).with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for _, obj in iter_jsonl(src, required=("question",)):
+            if isinstance(obj.get("context"), str) and obj["context"].strip():
+                f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                kept += 1
+    tmp.replace(out_path)
+    return kept
+
+
 def reading_evals(run_dir, question_sets, index, rag_k=3):
     """(stage, command) of the closed-book, with-passage and RAG evaluations of one run.
     question_sets: {name: (QA file, max questions)}; results go to RUN/eval_<name>[_context|_rag].json."""
@@ -171,7 +188,9 @@ def main(argv=None):
     run("sft", train_cmd(sft_cfg, "out/sft", ["--data_dir=data/sft", "--init_from=out/pretrain"]))
 
     # the index: the corpus, plus DRCD test's paragraphs so that its questions can find them
-    question_sets = {"qa": ("data/sft/val.jsonl", args.eval_questions)}
+    held_out = ROOT / "data" / "held_out_with_passage.jsonl"
+    print(f"{with_passage(ROOT / 'data' / 'sft' / 'val.jsonl', held_out)} held-out pairs carry their passage -> {held_out}")
+    question_sets = {"qa": (held_out, args.eval_questions)}
     index_inputs = [corpus]
     drcd = ROOT.parent / "shared" / "data" / "qa" / "drcd_test.zh-hans.json"
     if args.drcd_questions > 0 and drcd.is_file():
