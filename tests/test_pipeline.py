@@ -56,10 +56,11 @@ def test_reading_stages_write_what_the_report_tables(tmp_path, tiny_run):
                                 for a, q, ans in zip(WIKI_ARTICLES[:2], ["长江多长？", "黄河被称为什么？"],
                                                      ["约6300公里", "中华民族的母亲河"])), encoding="utf-8")
 
-    stages = pipeline.reading_evals(tiny_run, {"qa": (held_out, 2), "drcd": (drcd, 3)}, tmp_path / "index", rag_k=2)
+    stages = pipeline.reading_evals(tiny_run, {"qa": (held_out, 2, 4), "drcd": (drcd, 3, 4)}, tmp_path / "index", rag_k=2)
     assert [name for name, _ in stages] == [f"eval_{s}{w}_run" for s in ("qa", "drcd") for w in ("", "_context", "_rag")]
     for name, cmd in stages:
-        pipeline.run(name, [*cmd, "--max_new_tokens", "4", "--device", "cpu"], state_dir=tmp_path / "state")
+        assert cmd[cmd.index("--max_new_tokens") + 1] == 4
+        pipeline.run(name, [*cmd, "--device", "cpu"], state_dir=tmp_path / "state")
     assert len(list((tmp_path / "state").glob("*.done"))) == 6  # a re-run would skip them all
     drcd_rag = json.loads((tiny_run / "eval_drcd_rag.json").read_text())
     assert drcd_rag["metrics"]["recall_at_1"] == 100.0  # every DRCD answer is in its indexed paragraph
