@@ -135,8 +135,8 @@ def markdown(runs, columns, images):
     if reading:
         ways = [w for _, w in READING_WAYS]
         lines += ["", "## Reading: closed-book, with the passage, with retrieved passages (RAG)", "",
-                  "EM / F1 in percent; recall@k: percent of questions with a gold answer inside one of the "
-                  "top-k retrieved passages; index: what the RAG passages were retrieved from.", "",
+                  ("EM / F1 in percent; recall@k: percent of questions with a gold answer inside one of the "
+                   "top-k retrieved passages; index: what the RAG passages were retrieved from."), "",
                   "| run | questions | " + " | ".join(f"{w} {m}" for w in ways for m in ("EM", "F1"))
                   + " | recall@1 | recall@5 | index |", "|---|---|" + "---|" * 9]
         lines += ["| " + " | ".join(row) + " |" for row in reading]

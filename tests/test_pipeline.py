@@ -4,9 +4,9 @@ evaluated closed-book, with the passage and with RAG through the stage commands 
 import json
 
 import pytest
+from conftest import WIKI_ARTICLES
 
 import pipeline
-from conftest import WIKI_ARTICLES
 from evaluations import report
 from retrieval import Index, build_index
 
