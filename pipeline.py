@@ -1,4 +1,5 @@
-"""The main job, one command: corpus -> tokenizer -> data -> pretrain -> QA pairs -> SFT -> index -> evaluations -> report.
+"""The main job, one command: corpus -> tokenizer -> data -> pretrain -> QA pairs -> SFT -> index -> evaluations
+-> report.
 
     python pipeline.py [--corpus DIR] [--base_url URL --model NAME] [--preset auto|cpu|gpu] [--context_mix 0.5]
 
@@ -190,7 +191,8 @@ def main(argv=None):
 
     # the index: the corpus, plus DRCD test's paragraphs so that its questions can find them
     held_out = ROOT / "data" / "held_out_with_passage.jsonl"
-    print(f"{with_passage(ROOT / 'data' / 'sft' / 'val.jsonl', held_out)} held-out pairs carry their passage -> {held_out}")
+    kept = with_passage(ROOT / "data" / "sft" / "val.jsonl", held_out)
+    print(f"{kept} held-out pairs carry their passage -> {held_out}")
     question_sets = {"qa": (held_out, args.eval_questions, 64)}
     index_inputs = [corpus]
     drcd = ROOT.parent / "shared" / "data" / "qa" / "drcd_test.zh-hans.json"
@@ -216,7 +218,8 @@ def main(argv=None):
 
     print(f"\nreport: {ROOT / 'report' / 'report.md'}")
     print("try the model:   python sample.py --out_dir=out/sft --mode=qa --start=\"长江是什么？\"")
-    print("let it read:     python sample.py --out_dir=out/sft --mode=rag --rag data/index --start=\"长江全长多少公里？\"")
+    print("let it read:     python sample.py --out_dir=out/sft --mode=rag --rag data/index "
+          "--start=\"长江全长多少公里？\"")
     print("serve it:        python server.py --out_dir out/sft   (add --host 0.0.0.0 --api_key KEY for your LAN)")
     print("compare models:  python sample_gradio.py --models out/pretrain out/sft")
 

@@ -361,7 +361,8 @@ class Panel:
         lines = ["**Passages read:**", ""]
         for i, source in enumerate(self.sources, 1):
             cut = " (cut to fit the window)" if source["cut"] else ""
-            lines.append(f"{i}\\. **{markdown_text(source['title'] or 'untitled')}**{cut}: {markdown_text(source['text'])}")
+            title = markdown_text(source["title"] or "untitled")
+            lines.append(f"{i}\\. **{title}**{cut}: {markdown_text(source['text'])}")
             lines.append("")
         return "\n".join(lines).rstrip()
 

@@ -45,7 +45,8 @@ def retrieve_all(run, index, questions, k, max_new_tokens):
         rows.append(ids)
         ranked.append(hits)
         gold = {"answers": q["answers"]}
-        fields.append({"sources": [{"title": s["title"], "article_id": s["article_id"], "cut": s["cut"]} for s in sources],
+        read = [{"title": s["title"], "article_id": s["article_id"], "cut": s["cut"]} for s in sources]
+        fields.append({"sources": read,
                        "retrieved": [h["title"] for h in hits],
                        "hit_rank": next((r for r, h in enumerate(hits, 1) if is_hit(h, gold)), None)})
     golds = [q["answers"] for q in questions]

@@ -147,7 +147,8 @@ def test_qa_eval_closed_book_on_jsonl_and_context_required(tmp_path, tiny_run):
 
 def test_qa_eval_rag_scores_recall_at_k_and_answers_from_retrieved_passages(tmp_path, tiny_run, tiny_index):
     # gold answers: 1) in the top passage, 2) only in a lower-ranked passage, 3) in no passage at all
-    questions = [("紫禁城是什么？", "皇家宫殿"), ("长江发源于唐古拉山脉，那么黄河被称为什么？", "母亲河"), ("长江多长？", "八千公里")]
+    questions = [("紫禁城是什么？", "皇家宫殿"), ("长江发源于唐古拉山脉，那么黄河被称为什么？", "母亲河"),
+                 ("长江多长？", "八千公里")]
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps({"question": q, "answer": a, "id": str(i)}, ensure_ascii=False) + "\n"
                             for i, (q, a) in enumerate(questions)), encoding="utf-8")

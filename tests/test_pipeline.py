@@ -56,8 +56,10 @@ def test_reading_stages_write_what_the_report_tables(tmp_path, tiny_run):
                                 for a, q, ans in zip(WIKI_ARTICLES[:2], ["长江多长？", "黄河被称为什么？"],
                                                      ["约6300公里", "中华民族的母亲河"])), encoding="utf-8")
 
-    stages = pipeline.reading_evals(tiny_run, {"qa": (held_out, 2, 4), "drcd": (drcd, 3, 4)}, tmp_path / "index", rag_k=2)
-    assert [name for name, _ in stages] == [f"eval_{s}{w}_run" for s in ("qa", "drcd") for w in ("", "_context", "_rag")]
+    ways = ("", "_context", "_rag")
+    stages = pipeline.reading_evals(tiny_run, {"qa": (held_out, 2, 4), "drcd": (drcd, 3, 4)}, tmp_path / "index",
+                                    rag_k=2)
+    assert [name for name, _ in stages] == [f"eval_{s}{w}_run" for s in ("qa", "drcd") for w in ways]
     for name, cmd in stages:
         assert cmd[cmd.index("--max_new_tokens") + 1] == 4
         pipeline.run(name, [*cmd, "--device", "cpu"], state_dir=tmp_path / "state")
@@ -73,7 +75,7 @@ def test_reading_stages_write_what_the_report_tables(tmp_path, tiny_run):
     rows = {line.split(" | ")[1]: line.split(" | ") for line in table[2:]}
     assert set(rows) == {"qa", "drcd"}
     for name, cells in rows.items():
-        measured = [json.loads((tiny_run / f"eval_{name}{w}.json").read_text())["metrics"] for w in ("", "_context", "_rag")]
+        measured = [json.loads((tiny_run / f"eval_{name}{w}.json").read_text())["metrics"] for w in ways]
         assert cells[2:8] == [report._cell(m[k]) for m in measured for k in ("em", "f1")]
         assert cells[8:10] == [report._cell(measured[2]["recall_at_1"]), report._cell(measured[2]["recall_at_5"])]
     assert rows["drcd"][10] == "`wiki`, `drcd_passages.jsonl` |"

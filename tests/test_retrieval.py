@@ -3,9 +3,9 @@ import json
 import random
 
 import pytest
+from conftest import WIKI_ARTICLES
 
 import retrieval
-from conftest import WIKI_ARTICLES
 from retrieval import Index, PromptTooLong, analyze, build_index, chunk_passages, rag_prompt, recall_at_k
 
 ARTICLES = WIKI_ARTICLES
