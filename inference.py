@@ -10,7 +10,12 @@
 - `Run.stream()` turns a prompt in one of the three modes (text, qa, chat) into streamed text.
   sample.py, server.py, sample_gradio.py and the evaluations all go through it, so they agree on
   prompt layouts and decoding.
-- Dependencies run one way: checkpoint.py (the format) <- lora.py <- this module <- front ends.
+- RAG is one path for every front end: `Run.rag_prompt_ids(question, index, k, max_new_tokens)`
+  searches a retrieval.py index and packs the hits before the question (`retrieval.rag_prompt`,
+  the passage + question layout of SFT --with_context), returning the ids and the sources; the ids
+  then go to `stream_ids` / `complete_ids` in "qa" mode (the answer stops where a qa answer does).
+- Dependencies run one way: checkpoint.py (the format) <- lora.py <- this module <- front ends;
+  retrieval.py <- this module (retrieval never imports it).
 """
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from checkpoint import find_checkpoint, load_checkpoint
 from engine import generate
 from lora import model_from_lora_checkpoint
 from model import GPT, GPTConfig
+from retrieval import rag_prompt
 from tokenizer import StreamDecoder, TokenizerId
 
 MODES = ("text", "qa", "chat")
@@ -71,9 +77,19 @@ class Run:
             return self.tok.encode_chat(messages)
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
 
+    def rag_prompt_ids(self, question, index, k=3, max_new_tokens=128):
+        """(ids, sources): the top `k` passages of `index` (a retrieval.Index) for the question,
+        packed before it so that prompt + `max_new_tokens` fit the window; generate from the ids
+        in "qa" mode. retrieval.PromptTooLong when the question alone does not fit."""
+        hits = index.search(question, k)
+        return rag_prompt(self.tok, question, hits, self.model.config.block_size, max_new_tokens)
+
     def stream(self, prompt, mode="text", system=None, max_new_tokens=128, **sampling):
         """Yield pieces of generated text as tokens arrive (never a split character)."""
-        ids = self.prompt_ids(prompt, mode, system)
+        yield from self.stream_ids(self.prompt_ids(prompt, mode, system), mode, max_new_tokens, **sampling)
+
+    def stream_ids(self, ids, mode="qa", max_new_tokens=128, **sampling):
+        """`stream` from prompt ids made already (a RAG prompt); `mode` picks the stop tokens."""
         decoder = StreamDecoder(self.tok)
         for (token,) in generate(self.model, [ids], max_new_tokens, stop_ids=self.tok.stop_ids(mode), **sampling):
             piece = decoder.push(token)
@@ -88,7 +104,10 @@ class Run:
 
     def complete_batch(self, prompts, mode="text", system=None, max_new_tokens=128, **sampling):
         """Whole completions for many prompts at once (batched generation; evaluations use it)."""
-        rows = [self.prompt_ids(p, mode, system) for p in prompts]
+        return self.complete_ids([self.prompt_ids(p, mode, system) for p in prompts], mode, max_new_tokens, **sampling)
+
+    def complete_ids(self, rows, mode="qa", max_new_tokens=128, **sampling):
+        """`complete_batch` from prompt ids made already (RAG prompts)."""
         out = [[] for _ in rows]
         for step in generate(self.model, rows, max_new_tokens, stop_ids=self.tok.stop_ids(mode), **sampling):
             for i, t in enumerate(step):

@@ -1,6 +1,7 @@
-"""The main job, one command: corpus -> tokenizer -> data -> pretrain -> QA pairs -> SFT -> evaluations -> report.
+"""The main job, one command: corpus -> tokenizer -> data -> pretrain -> QA pairs -> SFT -> index -> evaluations
+-> report.
 
-    python pipeline.py [--corpus DIR] [--base_url URL --model NAME] [--preset auto|cpu|gpu]
+    python pipeline.py [--corpus DIR] [--base_url URL --model NAME] [--preset auto|cpu|gpu] [--context_mix 0.5]
 
 Design:
 - Each stage is the project's own command line (printed before it runs), so the pipeline is also
@@ -13,6 +14,16 @@ Design:
   article with the same hash (`split_of`) and a larger fraction (5% vs 1%), so its validation
   pairs ask about articles the model read in pretraining but never saw questions about. Both
   checkpoints are scored on those pairs.
+- Reading: the SFT set mixes closed-book pairs with pairs shown their passage
+  (`prepare_sft.py --with_context --context_mix F`, F = `--context_mix`), so one model learns to
+  remember and to read. A BM25 index (retrieval.py) is built over the corpus plus the DRCD test
+  paragraphs (`squad_passages`: almost none of DRCD's articles are in the wiki dump, so a wiki-only
+  index could not find their passages; DRCD test is never trained on). Both checkpoints answer
+  the held-out generated questions that carry their passage (`with_passage`: the context_mix
+  coin's share of data/sft/val.jsonl, the same questions asked all three ways) and a DRCD test
+  sample three ways (`reading_evals`): closed-book
+  (`qa`, `drcd`), with the gold passage (`*_context`) and with retrieved passages (`*_rag`, which
+  also scores recall@1/@5). The report's "Reading" table puts them side by side.
 - Corpus order: --corpus; data/wiki/ when it holds jsonl; ../shared/data/zhwiki; else download a
   public subset with data/download_wiki.py.
 - Presets: with no GPU the CPU configs (about 11 minutes of pretraining on 2 cores, with an 8k-token
@@ -28,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from data_utils import article_key, find_jsonl, iter_jsonl, split_of
+from data_utils import BadLines, article_key, find_jsonl, iter_jsonl, read_json_file, split_of, squad_questions
 
 ROOT = Path(__file__).resolve().parent
 PY = sys.executable
@@ -86,6 +97,55 @@ def pretrain_articles(corpus, val_fraction, out_path):
     return out_path
 
 
+def squad_passages(path, out_path):
+    """The distinct paragraphs of SQuAD-style JSON (DRCD test) as wiki-like jsonl articles, one per
+    paragraph ({id, title, text}; the text starts with a title line, as a wiki article does), for
+    retrieval.py to index beside the corpus. Returns the number written; malformed parts are skipped
+    and reported."""
+    bad, seen = BadLines(), {}
+    data = read_json_file(path)
+    for q in squad_questions(path, data, bad):
+        if q["context"] and q["context"] not in seen:
+            seen[q["context"]] = q["article"]
+    bad.report()
+    tmp = Path(out_path).with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, (context, title) in enumerate(seen.items()):
+            article = {"id": f"{Path(path).stem}:{i}", "title": title, "text": f"{title}\n\n{context}"}
+            f.write(json.dumps(article, ensure_ascii=False) + "\n")
+    tmp.replace(out_path)
+    return len(seen)
+
+
+def with_passage(src, out_path):
+    """The QA jsonl lines of `src` that carry a passage (`context`), into `out_path`; returns how many.
+    prepare_sft.py --context_mix shows the passage to a share of the pairs only, and the three ways
+    of asking must be scored on the same questions."""
+    kept = 0
+    tmp = Path(out_path).with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for _, obj in iter_jsonl(src, required=("question",)):
+            if isinstance(obj.get("context"), str) and obj["context"].strip():
+                f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                kept += 1
+    tmp.replace(out_path)
+    return kept
+
+
+def reading_evals(run_dir, question_sets, index, rag_k=3):
+    """(stage, command) of the closed-book, with-passage and RAG evaluations of one run.
+    question_sets: {name: (QA file, max questions, max new tokens)}; results go to
+    RUN/eval_<name>[_context|_rag].json."""
+    stages = []
+    for name, (path, n, max_new_tokens) in question_sets.items():
+        common = ["--out_dir", run_dir, "--input", path, "--max_examples", n, "--max_new_tokens", max_new_tokens]
+        for suffix, extra in (("", []), ("_context", ["--with_context"]),
+                              ("_rag", ["--rag", index, "--rag_k", rag_k])):
+            stages.append((f"eval_{name}{suffix}_{Path(run_dir).name}",
+                           [PY, "evaluations/qa_eval.py", *common, *extra, "--name", name + suffix]))
+    return stages
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", help="folder of wiki jsonl (default: data/wiki, then ../shared/data/zhwiki, then download)")
@@ -95,6 +155,10 @@ def main(argv=None):
     ap.add_argument("--api_key", default=None)
     ap.add_argument("--qa_articles", type=int, default=40000, help="articles sent to QA generation")
     ap.add_argument("--eval_questions", type=int, default=300, help="held-out questions scored per model")
+    ap.add_argument("--drcd_questions", type=int, default=300, help="DRCD test questions scored per model (0: none)")
+    ap.add_argument("--context_mix", type=float, default=0.5,
+                    help="share of SFT pairs shown with their passage (prepare_sft.py --context_mix)")
+    ap.add_argument("--rag_k", type=int, default=3, help="passages retrieved per question in the RAG evaluations")
     args = ap.parse_args(argv)
 
     gpu = args.preset == "gpu" or (args.preset == "auto" and torch.cuda.is_available())
@@ -121,21 +185,41 @@ def main(argv=None):
         qa += ["--backend", "extractive"]
     run("qa_generation", [PY, "sft/sft_generate.py", *qa])
     run("prepare_sft", [PY, "data/prepare_sft.py", "--input", "data/qa_generated.jsonl", "--out", "data/sft",
-                        "--block_size", block, "--tokenizer", "data/tokenizer", "--pretrain_data", "data/processed"])
+                        "--block_size", block, "--tokenizer", "data/tokenizer", "--pretrain_data", "data/processed",
+                        "--with_context", "--context_mix", args.context_mix])
     run("sft", train_cmd(sft_cfg, "out/sft", ["--data_dir=data/sft", "--init_from=out/pretrain"]))
 
-    held_out = "data/sft/val.jsonl"
-    n = str(args.eval_questions)
+    # the index: the corpus, plus DRCD test's paragraphs so that its questions can find them
+    held_out = ROOT / "data" / "held_out_with_passage.jsonl"
+    kept = with_passage(ROOT / "data" / "sft" / "val.jsonl", held_out)
+    print(f"{kept} held-out pairs carry their passage -> {held_out}")
+    question_sets = {"qa": (held_out, args.eval_questions, 64)}
+    index_inputs = [corpus]
+    drcd = ROOT.parent / "shared" / "data" / "qa" / "drcd_test.zh-hans.json"
+    if args.drcd_questions > 0 and drcd.is_file():
+        passages = ROOT / "data" / "drcd_test_passages.jsonl"
+        if not passages.exists():
+            print(f"{squad_passages(drcd, passages)} DRCD test paragraphs -> {passages}")
+        index_inputs.append(passages)
+        # DRCD's answers are short spans (95% within 14 characters, the longest 46 in the sample):
+        # 32 new tokens hold them and halve the time of the answers that never stop
+        question_sets["drcd"] = (drcd, args.drcd_questions, 32)
+    elif args.drcd_questions > 0:
+        print(f"no {drcd}: the DRCD evaluations are skipped")
+    run("index", [PY, "retrieval.py", "--input", *index_inputs, "--out", "data/index", "--quiet"])
+
     for run_dir in ("out/pretrain", "out/sft"):
         name = Path(run_dir).name
         run(f"eval_ppl_{name}", [PY, "evaluations/perplexity.py", "--out_dir", run_dir, "--data", "data/processed",
                                  "--max_blocks", "400"])
-        run(f"eval_qa_{name}", [PY, "evaluations/qa_eval.py", "--out_dir", run_dir, "--input", held_out,
-                                "--max_examples", n])
+        for stage, cmd in reading_evals(run_dir, question_sets, "data/index", args.rag_k):
+            run(stage, cmd)
     run("report", [PY, "evaluations/report.py", "out/pretrain", "out/sft", "--out", "report"], marker=False)
 
     print(f"\nreport: {ROOT / 'report' / 'report.md'}")
     print("try the model:   python sample.py --out_dir=out/sft --mode=qa --start=\"长江是什么？\"")
+    print("let it read:     python sample.py --out_dir=out/sft --mode=rag --rag data/index "
+          "--start=\"长江全长多少公里？\"")
     print("serve it:        python server.py --out_dir out/sft   (add --host 0.0.0.0 --api_key KEY for your LAN)")
     print("compare models:  python sample_gradio.py --models out/pretrain out/sft")
 

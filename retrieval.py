@@ -24,8 +24,10 @@ Design:
   so an interrupted build leaves the previous index intact; loading takes about a second.
 - Input is untrusted: bad JSON, invalid UTF-8, JSON nested too deeply, a missing `text`, lone
   surrogates and over-long lines are counted and reported like data/prepare.py does, never fatal.
-- `rag_prompt` packs as many passages as fit the window before the question, in the
-  passage + question -> answer layout of data/prepare_sft.py --with_context, cutting the last one.
+- `rag_prompt` packs as many passages as fit the window before the question, in the one
+  passage + question layout (`Tokenizer.encode_passage_qa`, as data/prepare_sft.py --with_context
+  trains it), cutting the last one. `inference.Run.rag_prompt_ids` is the one RAG path of the
+  front ends (sample.py, the arena, qa_eval.py): search, then this.
 - `recall_at_k`: a question counts as found when a top-k passage contains a gold answer, comes from a
   gold article, or has a gold title (evaluations may import this module; never the reverse).
 """
@@ -331,15 +333,6 @@ def load_index(folder):
 # ----------------------------------------------------------------------------- RAG prompt
 
 
-def encode_passage_qa(tok, passage, question):
-    """The reading-comprehension prompt: passage, newline, question, <|answer|>.
-
-    The layout of data/prepare_sft.py --with_context and evaluations/qa_eval.context_prompt; once
-    tokenizer.py has `encode_passage_qa`, this becomes a call to it.
-    """
-    return tok.encode_qa(passage.strip() + "\n" + question.strip())
-
-
 def format_passage(hit):
     return f"{hit['title']}：{hit['text']}" if hit.get("title") else hit["text"]
 
@@ -349,7 +342,8 @@ def rag_prompt(tok, question, hits, block_size, max_new_tokens, min_chars=16):
 
     Passages go in rank order, each as `title：text` on its own line; the first that does not fit
     whole is cut (its beginning kept) if at least `min_chars` of it fit, and packing stops there.
-    `sources` names the passages used ({title, article_id, cut, chars}: `chars` of `title：text` kept). With no passage room the prompt is
+    `sources` names the passages used ({title, article_id, cut, chars, text}: `text` is the line the
+    model read, `title：text` or its first `chars` characters). With no passage room the prompt is
     the question alone; when even that does not fit, PromptTooLong.
     """
     budget = block_size - max_new_tokens
@@ -361,7 +355,7 @@ def rag_prompt(tok, question, hits, block_size, max_new_tokens, min_chars=16):
     chosen, sources = [], []
 
     def fits(parts):
-        ids = encode_passage_qa(tok, "\n".join(parts), question)
+        ids = tok.encode_passage_qa("\n".join(parts), question)
         return ids if len(ids) <= budget else None
 
     ids = bare
@@ -370,7 +364,7 @@ def rag_prompt(tok, question, hits, block_size, max_new_tokens, min_chars=16):
         if (got := fits(chosen + [whole])) is not None:
             chosen.append(whole)
             sources.append({"title": hit.get("title", ""), "article_id": hit.get("article_id"), "cut": False,
-                            "chars": len(whole)})
+                            "chars": len(whole), "text": whole})
             ids = got
             continue
         lo, hi = 0, len(whole)  # the longest prefix that fits: binary search over characters
@@ -383,7 +377,7 @@ def rag_prompt(tok, question, hits, block_size, max_new_tokens, min_chars=16):
         if lo >= min_chars:
             ids = fits(chosen + [whole[:lo]])
             sources.append({"title": hit.get("title", ""), "article_id": hit.get("article_id"), "cut": True,
-                            "chars": lo})
+                            "chars": lo, "text": whole[:lo]})
         break
     return ids, sources
 

@@ -4,6 +4,7 @@
     python sample.py --out_dir=out/sft --mode=qa --start="羊侃的字是什么？"    # qa: only the answer
     python sample.py --out_dir=out/sft --mode=qa --start=FILE:prompts.txt      # one prompt per line
     python sample.py --out_dir=out/sft --mode=chat --system="你是一个乐于助人的助手。"
+    python sample.py --out_dir=out/sft --mode=rag --rag data/index --start="长江全长多少公里？"  # read, then answer
 
 Design:
 - Everything goes through `inference.load_run` and `Run.stream`, so prompt layouts, stop tokens
@@ -12,6 +13,9 @@ Design:
 - Flags are nanoGPT-style `--key=value` (argparse also takes `--key value`).
 - Sample i of a prompt uses seed `seed + i`, so one sample can be reproduced alone. Chat turn n
   uses `seed + n` for the same reason.
+- rag retrieves the `--rag_k` best passages of a retrieval.py index and packs them before the
+  question (`Run.rag_prompt_ids`, the one RAG path), prints the answer, then the sources it read
+  (a title, with "(cut)" when only the passage's beginning fit the window).
 - Chat keeps the conversation as messages and drops the oldest turns (a user message with its
   reply) until prompt + `max_new_tokens` fit in the model's `block_size`: the model never sees a
   context it was not trained on, and the latest question always survives.
@@ -22,6 +26,9 @@ from pathlib import Path
 
 from checkpoint import CheckpointError
 from inference import MODES, SAMPLING_DEFAULTS, load_run, pick_device
+from retrieval import Index, IndexFolderError, PromptTooLong
+
+SAMPLE_MODES = (*MODES, "rag")
 
 
 def optional(kind):
@@ -36,8 +43,11 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description="Sample from a trained MiniGPT-zh run.")
     ap.add_argument("--out_dir", default="out", help="run directory holding best.pt / last.pt")
     ap.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint to load")
-    ap.add_argument("--mode", choices=MODES, default="text",
-                    help="text: continue a passage; qa: answer a question; chat: interactive conversation")
+    ap.add_argument("--mode", choices=SAMPLE_MODES, default="text",
+                    help="text: continue a passage; qa: answer a question; chat: interactive conversation; "
+                         "rag: answer a question from retrieved passages (needs --rag)")
+    ap.add_argument("--rag", default=None, help="retrieval.py index folder for --mode=rag")
+    ap.add_argument("--rag_k", type=int, default=3, help="passages retrieved per question (rag mode)")
     ap.add_argument("--start", default="\n", help="prompt text, or FILE:path with one prompt per line")
     ap.add_argument("--system", default=None, help="system prompt (persona) for chat mode")
     ap.add_argument("--num_samples", type=int, default=1, help="samples per prompt (text and qa)")
@@ -81,12 +91,28 @@ def emit(pieces, out):
     return "".join(text)
 
 
-def sample_prompts(run, args, out):
+def format_sources(sources):
+    """The sources block printed after a RAG answer: one title per passage the model read."""
+    if not sources:
+        return "sources: none (no passage shares a term with the question, or none fit the window)\n"
+    return "sources:\n" + "".join(f"  {i}. {s['title'] or '(untitled)'}{' (cut)' if s['cut'] else ''}\n"
+                                   for i, s in enumerate(sources, 1))
+
+
+def sample_prompts(run, args, out, index=None):
     for prompt in read_prompts(args.start):
         for i in range(args.num_samples):
             if args.mode == "text":
                 out.write(prompt)
-            emit(run.stream(prompt, args.mode, **sampling_settings(args, i)), out)
+            if args.mode == "rag":
+                try:
+                    ids, sources = run.rag_prompt_ids(prompt, index, args.rag_k, args.max_new_tokens)
+                except PromptTooLong as e:
+                    raise SystemExit(f"error: {e}") from None
+                emit(run.stream_ids(ids, "qa", **sampling_settings(args, i)), out)
+                out.write("\n" + format_sources(sources))
+            else:
+                emit(run.stream(prompt, args.mode, **sampling_settings(args, i)), out)
             out.write("\n---------------\n")
             out.flush()
 
@@ -133,6 +159,14 @@ def main(argv=None, out=None, lines=None):
     out = out or sys.stdout
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise SystemExit("--num_samples and --max_new_tokens must be at least 1")
+    if (args.mode == "rag") != (args.rag is not None):
+        raise SystemExit("--mode=rag and --rag INDEX go together")
+    if not 1 <= args.rag_k <= 100:
+        raise SystemExit("--rag_k must be between 1 and 100")
+    try:
+        index = Index(args.rag) if args.rag else None
+    except IndexFolderError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         run = load_run(args.out_dir, args.which, pick_device(args.device))
     except (CheckpointError, FileNotFoundError) as e:  # a refused or broken checkpoint, a missing run
@@ -143,7 +177,7 @@ def main(argv=None, out=None, lines=None):
     if args.mode == "chat":
         chat(run, args, out, lines or sys.stdin)
     else:
-        sample_prompts(run, args, out)
+        sample_prompts(run, args, out, index)
 
 
 if __name__ == "__main__":

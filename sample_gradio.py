@@ -1,6 +1,7 @@
 """The Gradio arena: stream one or two models side by side, vote, and keep an Elo leaderboard.
 
     python sample_gradio.py --models out/pretrain out/sft --peers config/peers.json
+    python sample_gradio.py --models out/pretrain out/sft --rag data/index     # adds the RAG box
 
 Design choices:
 - Two kinds of model, one interface. `LocalModel` is a run directory, loaded on first use and
@@ -32,6 +33,11 @@ Design choices:
   voted against itself is skipped.
 - A `Battle` is one run of the Arena tab: blind mode puts the two chosen models on random sides
   as "Model A" / "Model B" and reveals the names after the vote; a battle takes one vote.
+- RAG (`--rag INDEX`, `--rag_k`): the RAG box answers the prompt as a question from retrieved
+  passages. Each local model builds its own prompt through `Run.rag_prompt_ids` (the one RAG path;
+  its tokenizer and window decide how much of the passages fit) and its panel lists the passages
+  it read, title and text, escaped (`Panel.sources_markdown`). A peer has no access to this index,
+  so in RAG mode its panel says so instead of answering something else.
 - The page only wires widgets to `Arena`, `Battle` and the functions above them, which the tests
   call without a browser. Text from models and peers is shown as text: Textboxes show it as is,
   Markdown and the Chatbot get it escaped (`markdown_text`, `chat_display`).
@@ -62,6 +68,7 @@ import httpx  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from inference import SAMPLING_DEFAULTS, load_run, pick_device  # noqa: E402
+from retrieval import Index, IndexFolderError, PromptTooLong  # noqa: E402
 from data_utils import BadLines, iter_jsonl  # noqa: E402
 
 # the sliders start at the shared defaults (top_p 1.0 = off, a slider has no "none")
@@ -99,6 +106,13 @@ class Settings:
                 "top_k": int(self.top_k) or None, "top_p": float(self.top_p)}
 
 
+@dataclass(frozen=True)
+class Rag:
+    """Where RAG passages come from: a retrieval.Index and how many passages to retrieve."""
+    index: object
+    k: int = 3
+
+
 def markdown_text(text):
     """`text` for a Markdown component, shown as written: HTML and Markdown syntax are escaped."""
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|~$])", r"\\\1", html.escape(str(text), quote=False))
@@ -124,6 +138,15 @@ class LocalModel:
         # Stop is seen by the caller between tokens; closing this generator ends the generation
         yield from self.run().stream(prompt, mode, system=system, **settings.sampling())
 
+    def rag_stream(self, question, rag, settings):
+        """(sources, pieces): the passages this model reads for the question, and its answer."""
+        run = self.run()
+        try:
+            ids, sources = run.rag_prompt_ids(question, rag.index, rag.k, int(settings.max_new_tokens))
+        except PromptTooLong as e:
+            raise ModelError(str(e)) from e
+        return sources, run.stream_ids(ids, "qa", **settings.sampling())
+
 
 @dataclass(frozen=True)
 class PeerLimits:
@@ -146,6 +169,9 @@ class PeerModel:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         max_chars = int(settings.max_new_tokens) * PEER_CHARS_PER_TOKEN + PEER_MARGIN_CHARS
         yield from peer_stream(self.name, self.url, payload, headers, self.limits, max_chars, stop)
+
+    def rag_stream(self, question, rag, settings):
+        raise ModelError("RAG runs local models only: a peer has no access to this arena's index")
 
 
 def peer_stream(name, url, payload, headers, limits, max_chars, stop=None):
@@ -308,6 +334,7 @@ class Panel:
     pieces: int = 0
     state: str = "waiting"  # waiting, streaming, done, error, stopped
     error: str | None = None
+    sources: list | None = None  # the passages a RAG answer read (retrieval.rag_prompt's sources)
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
 
@@ -325,27 +352,51 @@ class Panel:
         line = f"**{self.state}** · {elapsed:.1f} s · {self.pieces} tokens · {rate:.1f} tokens/s"
         return line + (f"\n\nerror: {markdown_text(self.error)}" if self.error else "")
 
+    def sources_markdown(self):
+        """The passages a RAG answer read, title and text, as Markdown showing them as written."""
+        if self.sources is None:
+            return ""
+        if not self.sources:
+            return "**Passages read:** none (no passage shares a term with the question, or none fit the window)"
+        lines = ["**Passages read:**", ""]
+        for i, source in enumerate(self.sources, 1):
+            cut = " (cut to fit the window)" if source["cut"] else ""
+            title = markdown_text(source["title"] or "untitled")
+            lines.append(f"{i}\\. **{title}**{cut}: {markdown_text(source['text'])}")
+            lines.append("")
+        return "\n".join(lines).rstrip()
 
-def _pump(index, model, prompt, mode, settings, system, events, stop):
-    pieces = model.stream(prompt, mode, settings, system, stop)
+
+def _pump(index, model, prompt, mode, settings, system, events, stop, rag):
+    """Put (panel index, kind, value) events: "sources", then "piece"s, then "done" or "error"."""
+    pieces = None
     try:
+        if mode == "rag":
+            sources, pieces = model.rag_stream(prompt, rag, settings)
+            events.put((index, "sources", sources))
+        else:
+            pieces = model.stream(prompt, mode, settings, system, stop)
         for piece in pieces:
             if stop.is_set():
                 break
-            events.put((index, piece, None))
-        events.put((index, None, None))
+            events.put((index, "piece", piece))
+        events.put((index, "done", None))
     except Exception as e:  # any failure belongs in this model's panel, not in the other one
-        events.put((index, None, str(e) or type(e).__name__))
+        events.put((index, "error", str(e) or type(e).__name__))
     finally:
-        pieces.close()
+        if pieces is not None:
+            pieces.close()
 
 
-def stream_models(models, prompt, mode, settings, stop, system=None):
-    """Run the models at once, one thread each; yield the list of Panels as pieces arrive."""
+def stream_models(models, prompt, mode, settings, stop, system=None, rag=None):
+    """Run the models at once, one thread each; yield the list of Panels as pieces arrive.
+    Mode "rag" answers the prompt as a question from the passages `rag` (a Rag) retrieves."""
+    if mode == "rag" and rag is None:
+        raise ArenaError("RAG needs an index: start the arena with --rag INDEX.")
     panels = [Panel() for _ in models]
     events = queue.Queue()
     for i, model in enumerate(models):
-        threading.Thread(target=_pump, args=(i, model, prompt, mode, settings, system, events, stop),
+        threading.Thread(target=_pump, args=(i, model, prompt, mode, settings, system, events, stop, rag),
                          name=f"stream {model.name}", daemon=True).start()
     try:
         waited = 0.0
@@ -365,12 +416,14 @@ def stream_models(models, prompt, mode, settings, stop, system=None):
                 continue
             while not events.empty():  # one page update per batch, not one per token
                 batch.append(events.get())
-            for index, piece, error in batch:
+            for index, kind, value in batch:
                 panel = panels[index]
-                if piece is not None:
-                    panel.text, panel.pieces, panel.state = panel.text + piece, panel.pieces + 1, "streaming"
+                if kind == "piece":
+                    panel.text, panel.pieces, panel.state = panel.text + value, panel.pieces + 1, "streaming"
+                elif kind == "sources":
+                    panel.sources = value
                 else:
-                    panel.finish("error" if error else "done", error)
+                    panel.finish(kind, value)
             waited = 0.0
             yield panels
         yield panels
@@ -513,7 +566,8 @@ class Battle:
 class Arena:
     """The models by name, the logs, and the Stop switch of each session's running generation."""
 
-    def __init__(self, models, votes_path, flagged_path, limits=PeerLimits()):
+    def __init__(self, models, votes_path, flagged_path, limits=PeerLimits(), rag=None):
+        self.rag = rag  # a Rag, or None: no RAG box on the page
         self.models = {}
         for model in models:
             self.add_model(model)
@@ -546,16 +600,21 @@ class Arena:
                 self.stops[key].set()
             self.stops[key] = stop = threading.Event()
         try:
-            yield from stream_models(models, prompt, mode, settings, stop, system)
+            yield from stream_models(models, prompt, mode, settings, stop, system, self.rag)
         finally:
             with self.lock:
                 if self.stops.get(key) is stop:
                     del self.stops[key]
 
-    def battle(self, names, prompt, mode, settings, blind=False, rng=random):
-        """A Battle to run, or ArenaError saying what is missing."""
+    def battle(self, names, prompt, mode, settings, blind=False, rng=random, rag=False):
+        """A Battle to run, or ArenaError saying what is missing. With `rag` the prompt is a
+        question answered from retrieved passages (mode "rag", whatever the mode radio says)."""
         if not prompt.strip():
             raise ArenaError("Enter a prompt first.")
+        if rag:
+            if self.rag is None:
+                raise ArenaError("RAG needs an index: start the arena with --rag INDEX.")
+            mode = "rag"
         if not names or any(n not in self.models for n in names):
             raise ArenaError("Choose a model for each panel.")
         return Battle.start(names, prompt, mode, settings, blind, rng)
@@ -617,13 +676,15 @@ THEME = gr.themes.Default(font=["system-ui", "Noto Sans CJK SC", "sans-serif"], 
 NO_LATEX = {"latex_delimiters": []}  # `$$` in a model's text is text, not a formula
 
 
-def _arena_tab(names, examples):
+def _arena_tab(names, examples, rag=None):
     ui = SimpleNamespace()
     with gr.Row():
         ui.layout = gr.Radio([SINGLE, DUAL], value=DUAL, label="Layout")
         ui.mode = gr.Radio(list(ARENA_MODES), value="text", label="Mode",
                            info="text continues a passage; qa answers a question")
         ui.blind = gr.Checkbox(False, label="Blind: hide model names until the vote")
+        ui.rag = gr.Checkbox(False, label=f"RAG: answer from the {rag.k if rag else 0} best passages of the index",
+                             visible=rag is not None, elem_id="rag")
     with gr.Row():
         ui.left_name = gr.Dropdown(names, value=names[0] if names else None, label="Left model")
         ui.right_name = gr.Dropdown(names, value=names[min(1, len(names) - 1)] if names else None,
@@ -644,9 +705,11 @@ def _arena_tab(names, examples):
         with gr.Column():
             ui.left_out = gr.Textbox(label="Left", lines=10, max_lines=20, interactive=False, elem_id="left_out")
             ui.left_stats = gr.Markdown(elem_id="left_stats", **NO_LATEX)
+            ui.left_sources = gr.Markdown(elem_id="left_sources", **NO_LATEX)
         with gr.Column() as ui.right_column:
             ui.right_out = gr.Textbox(label="Right", lines=10, max_lines=20, interactive=False, elem_id="right_out")
             ui.right_stats = gr.Markdown(elem_id="right_stats", **NO_LATEX)
+            ui.right_sources = gr.Markdown(elem_id="right_sources", **NO_LATEX)
     with gr.Row() as ui.vote_row:
         ui.votes = {w: gr.Button(label, interactive=False) for w, label in VOTE_BUTTONS.items()}
     ui.status = gr.Markdown(elem_id="status", **NO_LATEX)
@@ -705,30 +768,33 @@ def build_app(arena, examples=()):
         gr.Markdown("# MiniGPT-zh arena")
         battle = gr.State(None)
         with gr.Tab("Arena"):
-            a = _arena_tab(names, examples)
+            a = _arena_tab(names, examples, arena.rag)
         with gr.Tab("Leaderboard") as board_tab:
             b = _board_tab()
         with gr.Tab("Chat"):
             c = _chat_tab(names)
-        outputs, board = [a.left_out, a.left_stats, a.right_out, a.right_stats], [b.table, b.plot, b.note]
+        outputs = [a.left_out, a.left_stats, a.left_sources, a.right_out, a.right_stats, a.right_sources]
+        board = [b.table, b.plot, b.note]
 
         def voting(enabled):  # made when a handler runs: one made here, inside the Blocks, would be drawn
             return {button: gr.Button(interactive=enabled) for button in a.votes.values()}
 
-        def run(layout, blind, left, right, prompt, mode, max_new, temperature, top_k, top_p, request: gr.Request):
+        def run(layout, blind, left, right, prompt, mode, max_new, temperature, top_k, top_p, rag,
+                request: gr.Request):
             settings = Settings(max_new, temperature, top_k, top_p)
             try:
-                fight = arena.battle([left, right] if layout == DUAL else [left], prompt, mode, settings, blind)
+                fight = arena.battle([left, right] if layout == DUAL else [left], prompt, mode, settings, blind,
+                                     rag=rag)
             except ArenaError as e:
                 yield {a.status: str(e)}
                 return
             yield {battle: None, a.status: "", a.left_out: gr.Textbox(value="", label=fight.labels[0]),
                    a.right_out: gr.Textbox(value="", label=fight.labels[-1]), **voting(False)}
             for panels in arena.run((request.session_hash, "arena"), fight):
-                yield dict(zip(outputs, [x for p in panels for x in (p.text, p.stats())]))
+                yield dict(zip(outputs, [x for p in panels for x in (p.text, p.stats(), p.sources_markdown())]))
             yield {battle: fight, **voting(fight.votable), a.status: "Which answer is better?" if fight.votable else ""}
 
-        run_io = ([a.layout, a.blind, a.left_name, a.right_name, a.prompt, a.mode, *a.sampling],
+        run_io = ([a.layout, a.blind, a.left_name, a.right_name, a.prompt, a.mode, *a.sampling, a.rag],
                   [battle, a.status, *outputs, *a.votes.values()])
         a.run.click(run, *run_io)
         a.prompt.submit(run, *run_io)
@@ -811,6 +877,8 @@ def main(argv=None):
     parser.add_argument("--flagged", default="arena/flagged.csv")
     parser.add_argument("--examples", default=str(Path(__file__).with_name("examples.csv")))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--rag", default=None, help="retrieval.py index folder: adds the RAG box to the Arena tab")
+    parser.add_argument("--rag_k", type=int, default=3, help="passages retrieved per question in RAG mode")
     parser.add_argument("--connect_timeout", type=float, default=PeerLimits.connect_timeout)
     parser.add_argument("--read_timeout", type=float, default=PeerLimits.read_timeout,
                         help="seconds a peer may stay silent mid-answer")
@@ -822,11 +890,17 @@ def main(argv=None):
         parser.error("--connect_timeout, --read_timeout and --deadline must be positive")
     out_dirs = args.models if args.models is not None else sorted(
         str(d) for d in Path("out").glob("*") if (d / "best.pt").exists() or (d / "last.pt").exists())
+    if not 1 <= args.rag_k <= 100:
+        parser.error("--rag_k must be between 1 and 100")
+    try:
+        rag = Rag(Index(args.rag), args.rag_k) if args.rag else None
+    except IndexFolderError as e:
+        parser.error(str(e))
     missing = [d for d in out_dirs if not Path(d).is_dir()]
     if missing:
         parser.error(f"no such run directory: {', '.join(missing)}")
     try:
-        arena = Arena(local_models(out_dirs, pick_device(args.device)), args.votes, args.flagged, limits)
+        arena = Arena(local_models(out_dirs, pick_device(args.device)), args.votes, args.flagged, limits, rag)
         peers, problems = load_peers(args.peers, limits) if args.peers else ([], [])
     except ValueError as e:  # an unreadable peers file
         parser.error(str(e))

@@ -178,12 +178,14 @@ def mean_percent(rows, keys):
 
 
 def complete_all(run, prompts, mode, batch_size, max_new_tokens, temperature=0.0, seed=0):
-    """Completions for every prompt, `batch_size` at a time; batch i samples with seed + i."""
+    """Completions for every prompt, `batch_size` at a time; batch i samples with seed + i. A prompt
+    is text, or token ids made already (a RAG prompt, `Run.rag_prompt_ids`)."""
     out = []
     batches = range(0, len(prompts), batch_size)
     for i, start in enumerate(tqdm(batches, desc="generating", unit="batch", disable=len(batches) < 2)):
-        out += run.complete_batch(prompts[start:start + batch_size], mode, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, seed=seed + i)
+        batch = prompts[start:start + batch_size]
+        complete = run.complete_ids if batch and not isinstance(batch[0], str) else run.complete_batch
+        out += complete(batch, mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i)
     return [text.strip() for text in out]
 
 

@@ -1,7 +1,7 @@
 """Question answering scores of a run: EM, F1 (CMRC2018 definitions), SubEM, ROUGE-L and BLEU-4.
 
-    python evaluations/qa_eval.py --out_dir out/sft --input FILE [--with_context] [--max_examples N]
-        [--max_new_tokens 64] [--batch_size 16]
+    python evaluations/qa_eval.py --out_dir out/sft --input FILE [--with_context | --rag INDEX [--rag_k 3]]
+        [--max_examples N] [--max_new_tokens 64] [--batch_size 16] [--name NAME]
 
 - FILE: generated QA jsonl (`{"question", "answer", "id"}`) or SQuAD-style JSON (CMRC2018, DRCD,
   XQuAD: several gold answers per question; every metric takes the best over them).
@@ -9,9 +9,14 @@
   (`question <|answer|>`), which measures what the model remembers from pretraining. With
   `--with_context` the passage comes first, `tokenizer.passage_qa_prompt` (passage, newline,
   question), the one layout data/prepare_sft.py and data/prepare_dpo.py use under the same flag.
+- With `--rag INDEX` the passages come from a retrieval.py index instead: the `--rag_k` best for
+  the question, packed before it by `Run.rag_prompt_ids` (the one RAG path: sample.py and the arena
+  use it too). Retrieval is scored as well: recall@1 and recall@5 (`retrieval.recall_at_k`), the
+  share of questions with a gold answer's text inside one of the top 1 / 5 passages, in percent.
 - Greedy decoding, batched through `Run.complete_batch`, stopping at <|endoftext|>.
-- Writes `OUT_DIR/eval_qa.json` (`eval_qa_context.json` with context): means in percent, and every
-  question's prediction and scores in `pred_qa[_context].jsonl` beside it, to read the failures.
+- Writes `OUT_DIR/eval_<name>.json`, name `qa` (`qa_context` with context, `qa_rag` with RAG, or
+  `--name`): means in percent, and every question's prediction and scores in `pred_<name>.jsonl`
+  beside it, to read the failures (RAG lines also list the passages read and the retrieval hits).
 """
 import argparse
 import sys
@@ -22,11 +27,31 @@ from inference import load_run, pick_device  # noqa: E402
 from data_utils import BadLines  # noqa: E402
 from evaluations.metrics import (complete_all, default_output, format_table, load_qa, mean_percent,  # noqa: E402
                                  predictions_path, score_qa, write_predictions, write_results)
+from retrieval import Index, IndexFolderError, PromptTooLong, is_hit, recall_at_k  # noqa: E402
 from tokenizer import passage_qa_prompt  # noqa: E402
 
 METRICS = ("em", "f1", "subem", "rouge_l", "bleu4")
-# the old name of tokenizer.passage_qa_prompt, still imported by tests/test_retrieval.py; the same function
-context_prompt = passage_qa_prompt
+RECALL_KS = (1, 5)
+
+
+def retrieve_all(run, index, questions, k, max_new_tokens):
+    """RAG prompts and retrieval scores: (prompt ids, per-question fields, {recall_at_1, recall_at_5}).
+
+    A question too long for the window even alone is an error for the caller (PromptTooLong)."""
+    rows, fields, ranked = [], [], []
+    for q in questions:
+        ids, sources = run.rag_prompt_ids(q["question"], index, k, max_new_tokens)
+        hits = index.search(q["question"], max(RECALL_KS))
+        rows.append(ids)
+        ranked.append(hits)
+        gold = {"answers": q["answers"]}
+        read = [{"title": s["title"], "article_id": s["article_id"], "cut": s["cut"]} for s in sources]
+        fields.append({"sources": read,
+                       "retrieved": [h["title"] for h in hits],
+                       "hit_rank": next((r for r, h in enumerate(hits, 1) if is_hit(h, gold)), None)})
+    golds = [q["answers"] for q in questions]
+    recall = {f"recall_at_{k}": 100 * recall_at_k(ranked, golds, k) for k in RECALL_KS}
+    return rows, fields, recall
 
 
 def main(argv=None):
@@ -34,6 +59,9 @@ def main(argv=None):
     p.add_argument("--out_dir", required=True, help="run directory")
     p.add_argument("--input", required=True, help="QA jsonl or SQuAD-style JSON")
     p.add_argument("--with_context", action="store_true", help="put the passage before the question")
+    p.add_argument("--rag", default=None, help="retrieval.py index: retrieve the passages (RAG) and score recall@k")
+    p.add_argument("--rag_k", type=int, default=3, help="passages retrieved per question for the prompt")
+    p.add_argument("--name", default=None, help="result name: eval_<name>.json (default qa, qa_context, qa_rag)")
     p.add_argument("--max_examples", type=int, default=None)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=16)
@@ -41,6 +69,17 @@ def main(argv=None):
     p.add_argument("--which", default="best")
     p.add_argument("--output", default=None, help="result JSON (default OUT_DIR/eval_qa[_context].json)")
     args = p.parse_args(argv)
+
+    if args.rag and args.with_context:
+        p.error("--with_context gives the gold passage, --rag retrieves passages: choose one")
+    if not 1 <= args.rag_k <= 100:
+        p.error("--rag_k must be between 1 and 100")
+    if args.name is not None and not args.name.replace("_", "").isalnum():
+        p.error("--name: letters, digits and _ only")
+    try:
+        index = Index(args.rag) if args.rag else None
+    except IndexFolderError as e:
+        sys.exit(f"error: {e}")
 
     bad = BadLines()
     questions = load_qa(args.input, bad)[: args.max_examples]
@@ -57,16 +96,25 @@ def main(argv=None):
         prompts = [q["question"].strip() for q in questions]
 
     run = load_run(args.out_dir, args.which, pick_device(args.device))
+    extra, recall = [{} for _ in questions], {}
+    if index is not None:
+        try:
+            prompts, extra, recall = retrieve_all(run, index, questions, args.rag_k, args.max_new_tokens)
+        except PromptTooLong as e:
+            sys.exit(f"error: {e}")
     predictions = complete_all(run, prompts, "qa", args.batch_size, args.max_new_tokens)
     rows = [{"id": q["id"], "question": q["question"], "prediction": pred, "answers": q["answers"],
-             **score_qa(pred, q["answers"])} for q, pred in zip(questions, predictions)]
+             **score_qa(pred, q["answers"]), **more} for q, pred, more in zip(questions, predictions, extra)]
 
-    name = "qa_context" if args.with_context else "qa"
+    name = args.name or ("qa_rag" if index is not None else "qa_context" if args.with_context else "qa")
     output = args.output or default_output(args.out_dir, name)
     write_predictions(predictions_path(output), rows)
-    metrics = {**mean_percent(rows, METRICS), "n": len(rows)}
+    metrics = {**mean_percent(rows, METRICS), **recall, "n": len(rows)}
     settings = {"with_context": args.with_context, "max_examples": args.max_examples,
                 "max_new_tokens": args.max_new_tokens, "temperature": 0.0, "which": args.which}
+    if index is not None:
+        settings |= {"rag": str(args.rag), "rag_k": args.rag_k, "index_passages": len(index),
+                     "index_inputs": index.meta.get("inputs")}
     write_results(output, name, run, args.input, settings, metrics)
     print(format_table({"run": run.info["name"], **metrics}))
     print(f"wrote {output} and {predictions_path(output)}")

@@ -10,6 +10,10 @@
 - One bar chart per evaluation (a panel per metric, a bar per run, its value written on it) and the
   loss curves of the runs that have a log.jsonl, drawn by `visualize.plot_runs` (smoothed training
   loss, validation loss), the same figure `python visualize.py` makes.
+- "Reading" table (`reading_rows`): for each question set evaluated three ways by qa_eval.py,
+  `<set>` closed-book, `<set>_context` with the gold passage and `<set>_rag` with retrieved
+  passages (the pipeline's `qa` = held-out generated questions and `drcd` = DRCD test), one row per
+  run and set: EM/F1 of each way, retrieval recall@1/@5 and the index the RAG numbers used.
 - Bar charts use the Agg backend (no display needed) and ASCII labels only: a CJK run name would
   need a CJK font, so such a run is labelled by its position ("run 2") and the table gives its name.
 """
@@ -92,6 +96,28 @@ def _cell(v):
     return f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if abs(v) < 10 else f"{v:.2f}"
 
 
+READING_WAYS = (("", "closed-book"), ("_context", "with passage"), ("_rag", "RAG"))
+
+
+def reading_rows(runs, columns):
+    """Rows of the Reading table: (run, set, [EM, F1] per way, recall@1, recall@5, index), for every
+    question set `S` that has `S_context` or `S_rag` results."""
+    sets = [e for e in columns if not e.endswith(("_context", "_rag"))
+            and (f"{e}_context" in columns or f"{e}_rag" in columns)]
+    rows = []
+    for name in sets:
+        for r in runs:
+            if not any(name + way in r["results"] for way, _ in READING_WAYS):
+                continue
+            rag = r["results"].get(f"{name}_rag", {})
+            index = (rag.get("settings") or {}).get("index_inputs")
+            cells = [_cell(value(r, name + way, m)) for way, _ in READING_WAYS for m in ("em", "f1")]
+            rows.append([r["name"], name, *cells, _cell(value(r, f"{name}_rag", "recall_at_1")),
+                         _cell(value(r, f"{name}_rag", "recall_at_5")),
+                         ", ".join(f"`{Path(p).name}`" for p in index) if index else "–"])
+    return rows
+
+
 def markdown(runs, columns, images):
     lines = ["# MiniGPT-zh evaluation report", "", "## Runs", "",
              "| run | directory | kind | iter | params |", "|---|---|---|---|---|"]
@@ -105,6 +131,15 @@ def markdown(runs, columns, images):
               "| run | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for r in runs:
         lines.append(f"| {r['name']} | " + " | ".join(_cell(value(r, e, m)) for e, ms in columns.items() for m in ms) + " |")
+    reading = reading_rows(runs, columns)
+    if reading:
+        ways = [w for _, w in READING_WAYS]
+        lines += ["", "## Reading: closed-book, with the passage, with retrieved passages (RAG)", "",
+                  ("EM / F1 in percent; recall@k: percent of questions with a gold answer inside one of the "
+                   "top-k retrieved passages; index: what the RAG passages were retrieved from."), "",
+                  "| run | questions | " + " | ".join(f"{w} {m}" for w in ways for m in ("EM", "F1"))
+                  + " | recall@1 | recall@5 | index |", "|---|---|" + "---|" * 9]
+        lines += ["| " + " | ".join(row) + " |" for row in reading]
     for evaluation in columns:
         lines += ["", f"### {evaluation}", ""]
         measured = [(r["name"], r["results"][evaluation]) for r in runs if evaluation in r["results"]]

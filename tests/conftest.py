@@ -126,6 +126,30 @@ def make_run(out_dir, tok, block_size=64, n_layer=2, n_head=2, n_embd=32, seed=0
     return out_dir
 
 
+WIKI_ARTICLES = [
+    {"id": "1", "title": "长江",
+     "text": "长江\n\n长江是中国第一长河，全长约6300公里。长江发源于青藏高原的唐古拉山脉。"},
+    {"id": "2", "title": "黄河", "text": "黄河\n\n黄河是中国第二长河，被称为中华民族的母亲河。黄河流经九个省区。"},
+    {"id": "3", "title": "故宫", "text": "故宫\n\n故宫位于北京市中心，是明清两代的皇家宫殿。故宫又称紫禁城。"},
+    {"id": "4", "title": "Python", "text": "Python\n\nPython是一种编程语言，由Guido van Rossum创建于1991年。"},
+]
+
+
+@pytest.fixture
+def tiny_index(tmp_path):
+    """A retrieval.py index folder over WIKI_ARTICLES (one passage per article)."""
+    import json
+
+    from retrieval import build_index
+
+    wiki = tmp_path / "tiny_wiki"
+    wiki.mkdir()
+    (wiki / "a.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in WIKI_ARTICLES),
+                                  encoding="utf-8")
+    build_index([wiki], tmp_path / "tiny_index", quiet=True)
+    return tmp_path / "tiny_index"
+
+
 @pytest.fixture
 def tiny_run(tmp_path, tiny_tokenizer):
     """A run directory with a tiny random model (loadable with inference.load_run)."""

@@ -145,6 +145,39 @@ def test_qa_eval_closed_book_on_jsonl_and_context_required(tmp_path, tiny_run):
         qa_eval.main(["--out_dir", str(tiny_run), "--input", str(path), "--with_context", "--device", "cpu"])
 
 
+def test_qa_eval_rag_scores_recall_at_k_and_answers_from_retrieved_passages(tmp_path, tiny_run, tiny_index):
+    # gold answers: 1) in the top passage, 2) only in a lower-ranked passage, 3) in no passage at all
+    questions = [("紫禁城是什么？", "皇家宫殿"), ("长江发源于唐古拉山脉，那么黄河被称为什么？", "母亲河"),
+                 ("长江多长？", "八千公里")]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": a, "id": str(i)}, ensure_ascii=False) + "\n"
+                            for i, (q, a) in enumerate(questions)), encoding="utf-8")
+    from retrieval import Index
+
+    index = Index(tiny_index)
+    ranked = [[h["title"] for h in index.search(q, 5)] for q, _ in questions]
+    assert ranked[0][0] == "故宫" and ranked[1][0] == "长江" and "黄河" in ranked[1]  # the cases above hold
+    qa_eval.main(["--out_dir", str(tiny_run), "--input", str(path), "--rag", str(tiny_index), "--rag_k", "2",
+                  "--max_new_tokens", "6", "--device", "cpu"])
+    result = json.loads((tiny_run / "eval_qa_rag.json").read_text())
+    rows = [json.loads(line) for line in (tiny_run / "pred_qa_rag.jsonl").open(encoding="utf-8")]
+    assert result["metrics"]["recall_at_1"] == pytest.approx(100 / 3)
+    assert result["metrics"]["recall_at_5"] == pytest.approx(200 / 3)
+    assert [r["hit_rank"] for r in rows] == [1, 2, None] and [r["retrieved"] for r in rows] == ranked
+    assert result["settings"]["rag"] == str(tiny_index) and result["settings"]["rag_k"] == 2
+    for key in ("em", "f1"):
+        assert result["metrics"][key] == pytest.approx(100 * sum(r[key] for r in rows) / 3)
+    # each answer is generated from the RAG prompt Run.rag_prompt_ids builds (the one RAG path)
+    run = load_run(tiny_run)
+    ids, sources = run.rag_prompt_ids(questions[0][0], index, 2, 6)
+    assert rows[0]["sources"] == [{k: s[k] for k in ("title", "article_id", "cut")} for s in sources]
+    assert rows[0]["prediction"] == run.complete_ids([ids], "qa", max_new_tokens=6, temperature=0.0)[0].strip()
+    with pytest.raises(SystemExit):
+        qa_eval.main(["--out_dir", str(tiny_run), "--input", str(path), "--rag", str(tiny_index), "--with_context"])
+    with pytest.raises(SystemExit, match="no index at"):
+        qa_eval.main(["--out_dir", str(tiny_run), "--input", str(path), "--rag", str(tmp_path / "none")])
+
+
 def test_rouge_l_continuation_prompts_with_the_first_sentence(tmp_path, tiny_run, capsys):
     wiki = tmp_path / "wiki.jsonl"
     articles = [

@@ -18,7 +18,7 @@ import pytest
 
 from inference import load_run
 from conftest import ROOT, make_run
-from sample_gradio import (SLIDER_DEFAULTS, Arena, ArenaError, Battle, LocalModel, Panel, PeerLimits, PeerModel,
+from sample_gradio import (SLIDER_DEFAULTS, Arena, ArenaError, Battle, LocalModel, Panel, PeerLimits, PeerModel, Rag,
                            Settings, chat_display, elo_ratings, leaderboard, load_examples, load_peers, load_votes,
                            local_models, main, make_app, markdown_text, peer_name, peer_url, stream_models)
 
@@ -629,7 +629,7 @@ def test_endless_peers_of_four_users_do_not_hold_up_a_fifth(peer, tmp_path):
 
         def run_on(client, model):
             return client.submit("Single model", False, model, model, "北京", "text", 50, 0.8, 200, 1.0,
-                                 api_name="/run")
+                                 False, api_name="/run")
 
         for client in clients[:4]:
             run_on(client, "endless")
@@ -643,3 +643,58 @@ def test_endless_peers_of_four_users_do_not_hold_up_a_fifth(peer, tmp_path):
         for client in clients:
             client.close()
         demo.close()
+
+
+# ----------------------------------------------------------------------------- RAG
+
+
+def test_rag_battle_shows_each_local_models_passages_beside_its_answer(tmp_path, local, tiny_index, peer):
+    from retrieval import Index
+
+    index = Index(tiny_index)
+    arena = Arena(local, tmp_path / "votes.jsonl", tmp_path / "flagged.csv", rag=Rag(index, k=2))
+    battle = arena.battle(["a", "b"], "紫禁城在哪里？", "qa", Settings(max_new_tokens=6, temperature=0.0), rag=True)
+    assert battle.mode == "rag"  # the box wins over the mode radio; the vote log says so
+    last = list(arena.run(("s", "arena"), battle))[-1]
+    assert [p.state for p in last] == ["done", "done"]
+    for model, panel in zip(local, last):  # each answer and its sources come from the one RAG path
+        ids, sources = model.run().rag_prompt_ids("紫禁城在哪里？", index, 2, 6)
+        assert panel.sources == sources and sources[0]["title"] == "故宫"
+        assert panel.text == "".join(model.run().stream_ids(ids, "qa", max_new_tokens=6, temperature=0.0))
+    md = last[0].sources_markdown()
+    assert md.startswith("**Passages read:**") and "1\\. **故宫**" in md and "故宫位于北京市中心" in md
+    # without the box: the plain qa battle, no passages shown
+    plain = list(arena.run(("s", "arena"), arena.battle(["a"], "紫禁城在哪里？", "qa", Settings(max_new_tokens=4))))[-1]
+    assert plain[0].sources is None and plain[0].sources_markdown() == ""
+    # a peer has no passages from this index: its panel says so, the local one still answers
+    p, _ = peer()
+    last = list(stream_models([p, local[0]], "紫禁城在哪里？", "rag", Settings(max_new_tokens=4), threading.Event(),
+                              rag=arena.rag))[-1]
+    assert last[0].state == "error" and "local models only" in last[0].error and last[1].state == "done"
+
+
+def test_rag_box_needs_an_index_and_a_question_that_fits(tmp_path, local, tiny_index):
+    from retrieval import Index
+
+    arena = Arena(local, tmp_path / "votes.jsonl", tmp_path / "flagged.csv")
+    with pytest.raises(ArenaError, match="--rag INDEX"):
+        arena.battle(["a"], "长江多长？", "qa", Settings(), rag=True)
+    with pytest.raises(ArenaError, match="--rag INDEX"):
+        list(stream_models(local, "长江多长？", "rag", Settings(), threading.Event()))
+    arena = Arena(local, tmp_path / "votes.jsonl", tmp_path / "flagged.csv", rag=Rag(Index(tiny_index)))
+    panel = list(arena.run(("s", "arena"), arena.battle(["a"], "长江" * 80, "qa", Settings(max_new_tokens=8),
+                                                        rag=True)))[-1][0]
+    assert panel.state == "error" and "the question alone" in panel.error  # the tiny run's 64-token window
+
+
+def test_sources_are_shown_as_text():
+    panel = Panel(sources=[{"title": "<b>x</b>", "text": "<script>alert(1)</script> *y*", "cut": True}])
+    md = panel.sources_markdown()
+    assert "<script>" not in md and "&lt;script&gt;" in md and "\\*y\\*" in md and "cut to fit" in md
+    assert "none" in Panel(sources=[]).sources_markdown()
+
+
+def test_main_refuses_a_missing_rag_index(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--models", "--rag", str(tmp_path / "none")])
+    assert "no index at" in capsys.readouterr().err

@@ -3,16 +3,12 @@ import json
 import random
 
 import pytest
+from conftest import WIKI_ARTICLES
 
 import retrieval
 from retrieval import Index, PromptTooLong, analyze, build_index, chunk_passages, rag_prompt, recall_at_k
 
-ARTICLES = [
-    {"id": "1", "title": "长江", "text": "长江\n\n长江是中国第一长河，全长约6300公里。长江发源于青藏高原的唐古拉山脉。"},
-    {"id": "2", "title": "黄河", "text": "黄河\n\n黄河是中国第二长河，被称为中华民族的母亲河。黄河流经九个省区。"},
-    {"id": "3", "title": "故宫", "text": "故宫\n\n故宫位于北京市中心，是明清两代的皇家宫殿。故宫又称紫禁城。"},
-    {"id": "4", "title": "Python", "text": "Python\n\nPython是一种编程语言，由Guido van Rossum创建于1991年。"},
-]
+ARTICLES = WIKI_ARTICLES
 
 
 def write_jsonl(path, lines):
@@ -185,14 +181,13 @@ def hit(title, text, article_id="0"):
 
 
 def test_rag_prompt_layout_is_the_sft_context_layout(tiny_tokenizer):
-    from evaluations.qa_eval import context_prompt
-
     hits = [hit("长江", "长江全长约6300公里。", "1"), hit("黄河", "黄河是母亲河。", "2")]
     ids, sources = rag_prompt(tiny_tokenizer, "长江多长？", hits, block_size=512, max_new_tokens=32)
-    expected = tiny_tokenizer.encode_qa(context_prompt("长江：长江全长约6300公里。\n黄河：黄河是母亲河。", "长江多长？"))
+    expected = tiny_tokenizer.encode_passage_qa("长江：长江全长约6300公里。\n黄河：黄河是母亲河。", "长江多长？")
     assert ids == expected and ids[-1] == tiny_tokenizer.answer
     assert [s["title"] for s in sources] == ["长江", "黄河"] and not any(s["cut"] for s in sources)
     assert [s["article_id"] for s in sources] == ["1", "2"]
+    assert [s["text"] for s in sources] == ["长江：长江全长约6300公里。", "黄河：黄河是母亲河。"]  # what the model read
 
 
 def test_rag_prompt_always_fits(tiny_tokenizer):
@@ -218,11 +213,11 @@ def test_rag_prompt_always_fits(tiny_tokenizer):
         parts = [retrieval.format_passage(h) for h in hits[:len(sources)]]
         if sources and sources[-1]["cut"]:  # cut at the last character that fits
             parts[-1] = parts[-1][:sources[-1]["chars"] + 1]
-            assert len(retrieval.encode_passage_qa(tok, "\n".join(parts), question)) > block_size - max_new_tokens
+            assert len(tok.encode_passage_qa("\n".join(parts), question)) > block_size - max_new_tokens
             seen_cut += 1
         elif len(sources) < len(hits):  # the next passage had no room for min_chars
             parts.append(retrieval.format_passage(hits[len(sources)])[:16])
-            assert len(retrieval.encode_passage_qa(tok, "\n".join(parts), question)) > block_size - max_new_tokens
+            assert len(tok.encode_passage_qa("\n".join(parts), question)) > block_size - max_new_tokens
             seen_cut += 1
         seen_none += not sources
     assert seen_cut > 20 and seen_none > 5  # the trials covered cutting and no room at all
@@ -235,6 +230,7 @@ def test_rag_prompt_cuts_the_last_passage_to_fill_the_window(tiny_tokenizer):
     budget = 120
     ids, sources = rag_prompt(tok, "长江多长？", hits, block_size=budget + 10, max_new_tokens=10)
     assert [(s["title"], s["cut"]) for s in sources] == [("黄河", False), ("长江", True)]
+    assert sources[1]["text"] == retrieval.format_passage(hits[1])[:sources[1]["chars"]]
     assert budget - 3 <= len(ids) <= budget  # filled up to the character that no longer fits
     text = tok.decode(ids)
     assert text.startswith("黄河：黄河是母亲河。\n长江：长江是中国") and "故宫" not in text

@@ -134,3 +134,29 @@ def test_chat_history_is_trimmed_from_the_oldest_turn(tiny_run):
     assert len(run.prompt_ids(kept, "chat", "你是一个助手。")) + 16 <= run.model.config.block_size
     longer = history[-len(kept) - 2:]
     assert len(run.prompt_ids(longer, "chat", "你是一个助手。")) + 16 > run.model.config.block_size
+
+
+def test_rag_mode_answers_from_the_index_then_lists_its_sources(tiny_run, tiny_index):
+    text = run_sample(f"--out_dir={tiny_run}", "--mode=rag", f"--rag={tiny_index}", "--rag_k=2",
+                      "--start=紫禁城在哪里？", *FAST)
+    run = load_run(tiny_run)
+    from retrieval import Index
+
+    ids, sources = run.rag_prompt_ids("紫禁城在哪里？", Index(tiny_index), 2, 12)
+    assert sources and sources[0]["title"] == "故宫"  # the passage naming 紫禁城 ranks first
+    assert ids[-1] == run.tok.answer and run.tok.decode(ids).startswith("故宫：故宫位于北京市中心")
+    assert len(ids) <= 64 - 12  # the tiny run's window, less the answer's room
+    answer = "".join(run.stream_ids(ids, "qa", max_new_tokens=12, temperature=1.0, top_k=200, seed=5))
+    listed = "".join(f"  {i}. {s['title']}{' (cut)' if s['cut'] else ''}\n" for i, s in enumerate(sources, 1))
+    assert text == answer + "\nsources:\n" + listed + "\n---------------\n"
+
+
+def test_rag_mode_flags(tiny_run, tiny_index, tmp_path):
+    with pytest.raises(SystemExit, match="go together"):
+        run_sample(f"--out_dir={tiny_run}", "--mode=rag", "--start=长江？")
+    with pytest.raises(SystemExit, match="go together"):
+        run_sample(f"--out_dir={tiny_run}", "--mode=qa", f"--rag={tiny_index}", "--start=长江？")
+    with pytest.raises(SystemExit, match="no index at"):
+        run_sample(f"--out_dir={tiny_run}", "--mode=rag", f"--rag={tmp_path / 'none'}", "--start=长江？")
+    text = run_sample(f"--out_dir={tiny_run}", "--mode=rag", f"--rag={tiny_index}", "--start=量子色动力学？", *FAST)
+    assert "sources: none" in text  # nothing shares a term: the question alone, and it says so
