@@ -67,9 +67,9 @@ import gradio as gr  # noqa: E402  (the environment variable must be set before 
 import httpx  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from data_utils import BadLines, iter_jsonl  # noqa: E402
 from inference import SAMPLING_DEFAULTS, load_run, pick_device  # noqa: E402
 from retrieval import Index, IndexFolderError, PromptTooLong  # noqa: E402
-from data_utils import BadLines, iter_jsonl  # noqa: E402
 
 # the sliders start at the shared defaults (top_p 1.0 = off, a slider has no "none")
 SLIDER_DEFAULTS = {"max_new_tokens": 128, **{k: SAMPLING_DEFAULTS[k] for k in ("temperature", "top_k")}, "top_p": 1.0}

@@ -22,11 +22,21 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from inference import load_run, pick_device  # noqa: E402
+if not __package__:  # run as a script (python evaluations/qa_eval.py): the modules live in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import BadLines  # noqa: E402
-from evaluations.metrics import (complete_all, default_output, format_table, load_qa, mean_percent,  # noqa: E402
-                                 predictions_path, score_qa, write_predictions, write_results)
+from evaluations.metrics import (  # noqa: E402
+    complete_all,
+    default_output,
+    format_table,
+    load_qa,
+    mean_percent,
+    predictions_path,
+    score_qa,
+    write_predictions,
+    write_results,
+)
+from inference import load_run, pick_device  # noqa: E402
 from retrieval import Index, IndexFolderError, PromptTooLong, is_hit, recall_at_k  # noqa: E402
 from tokenizer import passage_qa_prompt  # noqa: E402
 

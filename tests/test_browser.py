@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import ROOT, make_run
 
 CHROMIUM = Path("/usr/bin/chromium")

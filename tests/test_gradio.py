@@ -15,12 +15,34 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import ROOT, make_run
 
 from inference import load_run
-from conftest import ROOT, make_run
-from sample_gradio import (SLIDER_DEFAULTS, Arena, ArenaError, Battle, LocalModel, Panel, PeerLimits, PeerModel, Rag,
-                           Settings, chat_display, elo_ratings, leaderboard, load_examples, load_peers, load_votes,
-                           local_models, main, make_app, markdown_text, peer_name, peer_url, stream_models)
+from sample_gradio import (
+    SLIDER_DEFAULTS,
+    Arena,
+    ArenaError,
+    Battle,
+    LocalModel,
+    Panel,
+    PeerLimits,
+    PeerModel,
+    Rag,
+    Settings,
+    chat_display,
+    elo_ratings,
+    leaderboard,
+    load_examples,
+    load_peers,
+    load_votes,
+    local_models,
+    main,
+    make_app,
+    markdown_text,
+    peer_name,
+    peer_url,
+    stream_models,
+)
 
 FAST = PeerLimits(connect_timeout=1.0, read_timeout=0.5, deadline=5.0)
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import sample
 from inference import load_run
-from conftest import ROOT
 
 FAST = ["--max_new_tokens=12", "--temperature=1.0", "--seed=5"]
 
