@@ -88,7 +88,7 @@ def pretrain_articles(corpus, val_fraction, out_path):
     kept = 0
     with open(tmp, "w", encoding="utf-8") as f:
         for path in find_jsonl(corpus):
-            for lineno, obj in iter_jsonl(path):
+            for _, obj in iter_jsonl(path):
                 if split_of(article_key(obj), val_fraction) == "train":
                     f.write(json.dumps(obj, ensure_ascii=False) + "\n")
                     kept += 1
@@ -148,9 +148,11 @@ def reading_evals(run_dir, question_sets, index, rag_k=3):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", help="folder of wiki jsonl (default: data/wiki, then ../shared/data/zhwiki, then download)")
+    ap.add_argument("--corpus",
+                    help="folder of wiki jsonl (default: data/wiki, then ../shared/data/zhwiki, then download)")
     ap.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto")
-    ap.add_argument("--base_url", help="OpenAI-compatible LLM server for QA generation (default: the offline extractive backend)")
+    ap.add_argument("--base_url",
+                    help="OpenAI-compatible LLM server for QA generation (default: the offline extractive backend)")
     ap.add_argument("--model", default="local-model", help="model name on --base_url")
     ap.add_argument("--api_key", default=None)
     ap.add_argument("--qa_articles", type=int, default=40000, help="articles sent to QA generation")

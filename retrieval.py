@@ -13,7 +13,8 @@ Design:
 - Terms (`analyze`): Latin/digit runs are lowercased words; Han runs become character unigrams plus
   bigrams (`bigram`, the default) or jieba words (`jieba`). BENCHMARKS.md compares the two: about
   the same recall on CMRC2018 / DRCD (jieba a little ahead on one, bigrams on the other), but
-  bigrams need no dictionary and build 3.4x faster; jieba's index needs half the memory. The title is indexed with its passage (questions name the entity).
+  bigrams need no dictionary and build 3.4x faster; jieba's index needs half the memory. The title is
+  indexed with its passage (questions name the entity).
 - Scoring: `bm25s` (Lucene BM25, k1=1.5, b=0.75) builds a sparse term x passage score matrix, so a
   query is a sum of a few matrix columns. Terms are turned into ids here, through one vocabulary dict
   whose int objects every passage's id list shares, which keeps memory at one pointer per term.
@@ -268,7 +269,8 @@ class Index:
 
         folder = Path(folder)
         if not (folder / "meta.json").is_file():
-            raise IndexNotFound(f"no index at {folder} (build one with `python retrieval.py --input DIR --out {folder}`)")
+            raise IndexNotFound(f"no index at {folder} "
+                                f"(build one with `python retrieval.py --input DIR --out {folder}`)")
         self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         if self.meta.get("format") != FORMAT:
@@ -444,7 +446,8 @@ def main(argv=None):
             meta, bad = build_index(args.input, args.out, args.analyzer, args.passage_chars, args.quiet)
             bad.report()
             print(f"indexed {meta['passages']:,} passages of {meta['articles']:,} articles "
-                  f"({meta['empty_articles']:,} with no text after cleaning and {meta['malformed']} malformed lines skipped; "
+                  f"({meta['empty_articles']:,} with no text after cleaning and "
+                  f"{meta['malformed']} malformed lines skipped; "
                   f"{meta['vocab']:,} distinct terms) in {meta['seconds']}s, "
                   f"peak RSS {meta['peak_rss_mb']} MB -> {args.out}")
         if args.query:

@@ -53,8 +53,10 @@ def parse_args(argv):
     ap.add_argument("--num_samples", type=int, default=1, help="samples per prompt (text and qa)")
     ap.add_argument("--max_new_tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"], help="0 = greedy")
-    ap.add_argument("--top_k", type=optional(int), default=SAMPLING_DEFAULTS["top_k"], help="keep the k likeliest tokens; none = off")
-    ap.add_argument("--top_p", type=optional(float), default=SAMPLING_DEFAULTS["top_p"], help="nucleus sampling mass; none = off")
+    ap.add_argument("--top_k", type=optional(int), default=SAMPLING_DEFAULTS["top_k"],
+                    help="keep the k likeliest tokens; none = off")
+    ap.add_argument("--top_p", type=optional(float), default=SAMPLING_DEFAULTS["top_p"],
+                    help="nucleus sampling mass; none = off")
     ap.add_argument("--repetition_penalty", type=float, default=SAMPLING_DEFAULTS["repetition_penalty"],
                     help="> 1 discourages repeats")
     ap.add_argument("--seed", type=optional(int), default=1337, help="none = a different sample each run")

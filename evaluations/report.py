@@ -27,7 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __package__:  # run as a script (python evaluations/report.py): the modules live in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import atomic_write  # noqa: E402
 from visualize import plot_runs  # noqa: E402
 
@@ -130,7 +131,8 @@ def markdown(runs, columns, images):
               "Percentages for QA and ROUGE metrics (higher is better); loss, ppl and bpc lower is better.", "",
               "| run | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for r in runs:
-        lines.append(f"| {r['name']} | " + " | ".join(_cell(value(r, e, m)) for e, ms in columns.items() for m in ms) + " |")
+        cells = (_cell(value(r, e, m)) for e, ms in columns.items() for m in ms)
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     reading = reading_rows(runs, columns)
     if reading:
         ways = [w for _, w in READING_WAYS]
@@ -147,7 +149,8 @@ def markdown(runs, columns, images):
         if len(setups) > 1:
             lines += ["**Warning: the runs were evaluated on different inputs or settings; not comparable.**", ""]
         for name, res in measured:
-            lines.append(f"- {name}: input `{res.get('input')}`, settings `{json.dumps(res.get('settings'), ensure_ascii=False)}`")
+            settings = json.dumps(res.get("settings"), ensure_ascii=False)
+            lines.append(f"- {name}: input `{res.get('input')}`, settings `{settings}`")
         lines += ["", f"![{evaluation}]({images[evaluation]})"]
     if "losses" in images:
         lines += ["", "## Loss curves", "", f"![loss curves]({images['losses']})"]

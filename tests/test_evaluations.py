@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from inference import load_run
 from conftest import ROOT, TINY_TEXT
+
 from data_utils import count_chars, split_sentences
 from evaluations import perplexity, qa_eval, report, rouge_l
+from inference import load_run
 
 BLOCK = 64
 
@@ -133,8 +133,9 @@ def test_qa_eval_with_context_writes_scored_predictions(tmp_path, tiny_run):
 
 def test_qa_eval_closed_book_on_jsonl_and_context_required(tmp_path, tiny_run):
     path = tmp_path / "qa.jsonl"
+    pairs = [("北京是什么？", "首都"), ("长江多长？", "约6300公里")]
     path.write_text("\n".join(json.dumps({"question": q, "answer": a, "id": "7"}, ensure_ascii=False)
-                              for q, a in [("北京是什么？", "首都"), ("长江多长？", "约6300公里")]) + "\n", encoding="utf-8")
+                              for q, a in pairs) + "\n", encoding="utf-8")
     out = tmp_path / "res" / "eval_closed.json"
     qa_eval.main(["--out_dir", str(tiny_run), "--input", str(path), "--max_new_tokens", "4", "--device", "cpu",
                   "--output", str(out)])
@@ -223,13 +224,16 @@ def fake_run(run_dir, name, iters, metrics):
 
 
 def test_report_compares_runs_on_every_metric_found(tmp_path):
-    a = fake_run(tmp_path / "pretrain", "pretrain", 20, {"perplexity_pretrain_val": {"loss": 3.0, "ppl": 20.1, "bpc": 2.9, "tokens": 100}})
-    b = fake_run(tmp_path / "sft", "sft", 12, {"perplexity_pretrain_val": {"loss": 3.2, "ppl": 24.5, "bpc": 3.1, "tokens": 100},
-                                               "qa": {"em": 10.0, "f1": 35.5, "subem": 20.0, "rouge_l": 30.0, "bleu4": 12.0, "n": 50}})
+    pretrain_results = {"perplexity_pretrain_val": {"loss": 3.0, "ppl": 20.1, "bpc": 2.9, "tokens": 100}}
+    sft_results = {"perplexity_pretrain_val": {"loss": 3.2, "ppl": 24.5, "bpc": 3.1, "tokens": 100},
+                   "qa": {"em": 10.0, "f1": 35.5, "subem": 20.0, "rouge_l": 30.0, "bleu4": 12.0, "n": 50}}
+    a = fake_run(tmp_path / "pretrain", "pretrain", 20, pretrain_results)
+    b = fake_run(tmp_path / "sft", "sft", 12, sft_results)
     (b / "eval_broken.json").write_text("{half a result")
     report.main([str(a), str(b), "--out", str(tmp_path / "report")])
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| run | perplexity_pretrain_val.loss | perplexity_pretrain_val.ppl | perplexity_pretrain_val.bpc | qa.em |" in md
+    assert ("| run | perplexity_pretrain_val.loss | perplexity_pretrain_val.ppl | perplexity_pretrain_val.bpc "
+            "| qa.em |") in md
     assert "tokens" not in md.split("## Metrics")[1].split("\n\n")[2]  # counts are not metrics
     assert "| pretrain | 3 | 20.10 | 2.9 | – | – | – | – | – |" in md
     assert "| sft | 3.2 | 24.50 | 3.1 | 10.00 | 35.50 | 20.00 | 30.00 | 12.00 |" in md

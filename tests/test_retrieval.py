@@ -241,5 +241,6 @@ def test_rag_prompt_rejects_what_cannot_fit(tiny_tokenizer):
         rag_prompt(tiny_tokenizer, "长江" * 100, [], block_size=20, max_new_tokens=5)
     with pytest.raises(ValueError):
         rag_prompt(tiny_tokenizer, "长江", [], block_size=10, max_new_tokens=10)
-    ids, sources = rag_prompt(tiny_tokenizer, "长江？", [hit("长江", "长江很长。" * 50)], block_size=12, max_new_tokens=2)
+    ids, sources = rag_prompt(tiny_tokenizer, "长江？", [hit("长江", "长江很长。" * 50)],
+                              block_size=12, max_new_tokens=2)
     assert sources == [] and ids == tiny_tokenizer.encode_qa("长江？")  # no room: the question alone
