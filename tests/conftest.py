@@ -156,7 +156,7 @@ def tiny_run(tmp_path, tiny_tokenizer):
     return make_run(tmp_path / "run", tiny_tokenizer)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices gain nothing from threads, and on a shared 2-core machine every op of a
     2-thread pool waits for a descheduled peer (measured: 15 s instead of 0.2 s for 96 steps)."""
@@ -166,3 +166,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny run directory shared by a module's tests (the server tests start servers on it)."""
+    return make_run(tmp_path_factory.mktemp("server") / "tiny-sft", tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir):
+    """A second copy of the model for expected outputs (a server's worker owns its own copy)."""
+    from inference import load_run
+
+    return load_run(run_dir)

@@ -17,8 +17,6 @@ from contextlib import contextmanager
 
 import pytest
 import requests
-import torch
-from conftest import make_run
 
 from inference import load_run
 from server import (
@@ -46,23 +44,7 @@ from server import (
 LONG = 20000  # a generation that would take far longer than any test waits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_tokenizer):
-    return make_run(tmp_path_factory.mktemp("server") / "tiny-sft", tiny_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def reference(run_dir):
-    """A second copy of the model for expected outputs (the server's worker owns its own copy)."""
-    return load_run(run_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @contextmanager

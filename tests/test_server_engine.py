@@ -15,7 +15,6 @@ from urllib.parse import unquote
 import pytest
 import requests
 import torch
-from conftest import make_run
 from prometheus_client.parser import text_string_to_metric_families
 from test_retrieval import ARTICLES
 from test_server import LONG, health, open_stream, wait_until  # helpers only, no tests
@@ -25,23 +24,7 @@ from inference import load_run
 from retrieval import Index, build_index
 from server import Batcher, Job, Scheduler, create_app, make_server, token_text
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_tokenizer):
-    return make_run(tmp_path_factory.mktemp("engine-server") / "tiny-sft", tiny_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def reference(run_dir):
-    return load_run(run_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")
