@@ -26,10 +26,11 @@ Design choices:
   seed, so evaluations are comparable with each other (data_utils.evaluate_blocks computes them,
   as evaluations/perplexity.py does).
 - Nothing loses a run: last.pt is written (atomically) at every evaluation and when Ctrl-C (exit
-  130) or SIGTERM (exit 0) stops the run at a step boundary; best.pt holds the weights, without
-  optimizer state, of the lowest val loss. A non-finite loss stops the run (exit 1) without saving,
-  so the last good checkpoint stays as it was. A new run refuses an out_dir that holds one unless
-  `overwrite=True`.
+  130) or SIGTERM (exit 143, as a shell reports a killed process: a stopped run is not a
+  finished one, and pipeline.py must not mark its stage done) stops the run at a step boundary;
+  best.pt holds the weights, without optimizer state, of the lowest val loss. A non-finite loss
+  stops the run (exit 1) without saving, so the last good checkpoint stays as it was. A new run
+  refuses an out_dir that holds one unless `overwrite=True`.
 - Errors: the functions below raise typed errors (`TrainingError`, `checkpoint.CheckpointError`,
   `configurator.ConfigError`) with a message saying what to do; only `main` turns them into a
   one-line message and exit status 1. A resumed run drops log lines it will write again and any
@@ -447,7 +448,7 @@ def main(argv=None):
 
 
 def train(cfg, rt, argv):
-    """The run; returns its exit status (0 when done or stopped by SIGTERM, 130 after Ctrl-C)."""
+    """The run; returns its exit status (0 when done; 130 stopped by Ctrl-C, 143 by SIGTERM)."""
     say = print if rt.master else (lambda *a, **k: None)
     out_dir = Path(cfg.out_dir)
     meta = load_meta(cfg.data_dir)
@@ -554,7 +555,7 @@ def train(cfg, rt, argv):
                     command = " ".join(["python train.py", *(a for a in argv if not a.startswith("--init_from=")),
                                         "--init_from=resume"])
                     say(f"stopped at iteration {iter_num}: saved {out_dir / 'last.pt'}; continue with: {command}")
-                return 130 if signum == signal.SIGINT else 0
+                return 128 + signum  # 130 after Ctrl-C, 143 after SIGTERM
 
             if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
                 t_eval = time.time()

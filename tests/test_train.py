@@ -217,9 +217,11 @@ def test_scratch_refuses_to_overwrite_a_run(tmp_path, pretrain_dir):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_last_and_resuming_continues_exactly(tmp_path, pretrain_dir):
-    """SIGINT to a real process at an arbitrary step: exit 130, last.pt at that step, and the
-    resumed losses equal those of a run that was never stopped (constant learning rate)."""
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_run_saves_last_and_resuming_continues_exactly(tmp_path, pretrain_dir, signum, status):
+    """Ctrl-C or SIGTERM to a real process at an arbitrary step: a non-zero exit (a stopped run is not
+    a finished one: pipeline.py would mark its stage done), last.pt at that step, and the resumed
+    losses equal those of a run that was never stopped (constant learning rate)."""
     out = tmp_path / "stopped"
     flags = [f"--data_dir={pretrain_dir}", *TINY_MODEL, "--eval_interval=100000", "--warmup_iters=0",
              "--min_lr=1e-2", "--sampling=sequential"]
@@ -231,9 +233,9 @@ def test_ctrl_c_saves_last_and_resuming_continues_exactly(tmp_path, pretrain_dir
     while not (log.exists() and log.read_text().count('"loss"') >= 3):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "slow"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, output
+    assert proc.returncode == status, output
     assert "saved" in output and "--init_from=resume" in output
     k = load(out / "last.pt")["iter_num"]
     assert k >= 3
