@@ -16,14 +16,17 @@ Design:
   checkpoints are scored on those pairs.
 - Reading: the SFT set mixes closed-book pairs with pairs shown their passage
   (`prepare_sft.py --with_context --context_mix F`, F = `--context_mix`), so one model learns to
-  remember and to read. A BM25 index (retrieval.py) is built over the corpus plus the DRCD test
-  paragraphs (`squad_passages`: almost none of DRCD's articles are in the wiki dump, so a wiki-only
-  index could not find their passages; DRCD test is never trained on). Both checkpoints answer
-  the held-out generated questions that carry their passage (`with_passage`: the context_mix
-  coin's share of data/sft/val.jsonl, the same questions asked all three ways) and a DRCD test
-  sample three ways (`reading_evals`): closed-book
-  (`qa`, `drcd`), with the gold passage (`*_context`) and with retrieved passages (`*_rag`, which
-  also scores recall@1/@5). The report's "Reading" table puts them side by side.
+  remember and to read; the human-written reading sets beside the corpus (`--human_qa`:
+  CMRC2018 trial and DRCD dev, always with their passage) teach reading on questions people
+  ask. A BM25 index (retrieval.py) is built over the corpus plus the DRCD test paragraphs
+  (`squad_passages`: almost none of DRCD's articles are in the wiki dump, so a wiki-only index
+  could not find their passages; DRCD test is never trained on). Both checkpoints answer the
+  held-out generated questions that carry their passage (`with_passage`: the context_mix coin's
+  share of the generated pairs in data/sft/val.jsonl, the same questions asked all three ways)
+  and a DRCD test sample three ways (`reading_evals`): closed-book (`qa`, `drcd`), with the gold
+  passage (`*_context`, cut to the window around the sentences that match the question) and with
+  retrieved passages (`*_rag`, which also scores recall@1/@5). The report's "Reading" table puts
+  them side by side.
 - Corpus order: --corpus; data/wiki/ when it holds jsonl; ../shared/data/zhwiki; else download a
   public subset with data/download_wiki.py.
 - Presets: with no GPU the CPU configs (about 11 minutes of pretraining on 2 cores, with an 8k-token
@@ -43,6 +46,7 @@ from data_utils import BadLines, article_key, find_jsonl, iter_jsonl, read_json_
 
 ROOT = Path(__file__).resolve().parent
 PY = sys.executable
+SHARED_QA = ROOT.parent / "shared" / "data" / "qa"  # CMRC2018 trial, DRCD dev (SFT) and DRCD test (held out)
 
 
 def find_corpus(arg):
@@ -118,14 +122,16 @@ def squad_passages(path, out_path):
 
 
 def with_passage(src, out_path):
-    """The QA jsonl lines of `src` that carry a passage (`context`), into `out_path`; returns how many.
-    prepare_sft.py --context_mix shows the passage to a share of the pairs only, and the three ways
-    of asking must be scored on the same questions."""
+    """The generated QA pairs of val.jsonl `src` that carry a passage (`context`), into `out_path`;
+    returns how many. prepare_sft.py --context_mix shows the passage to a share of the pairs only, and
+    the three ways of asking must be scored on the same questions; the human-written pairs
+    (`source` squad) are not the generated questions this set measures."""
     kept = 0
     tmp = Path(out_path).with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for _, obj in iter_jsonl(src, required=("question",)):
-            if isinstance(obj.get("context"), str) and obj["context"].strip():
+            generated = obj.get("source", "qa") == "qa"
+            if generated and isinstance(obj.get("context"), str) and obj["context"].strip():
                 f.write(json.dumps(obj, ensure_ascii=False) + "\n")
                 kept += 1
     tmp.replace(out_path)
@@ -161,6 +167,10 @@ def main(argv=None):
     ap.add_argument("--context_mix", type=float, default=0.5,
                     help="share of SFT pairs shown with their passage (prepare_sft.py --context_mix)")
     ap.add_argument("--rag_k", type=int, default=3, help="passages retrieved per question in the RAG evaluations")
+    ap.add_argument("--human_qa", default=str(SHARED_QA) if SHARED_QA.is_dir() else "none",
+                    help="SQuAD-style QA (file or folder) added to SFT with their passages: human-written "
+                         "reading (default ../shared/data/qa when present; DRCD test there is never trained on; "
+                         "none: leave out)")
     args = ap.parse_args(argv)
 
     gpu = args.preset == "gpu" or (args.preset == "auto" and torch.cuda.is_available())
@@ -186,7 +196,8 @@ def main(argv=None):
     else:
         qa += ["--backend", "extractive"]
     run("qa_generation", [PY, "sft/sft_generate.py", *qa])
-    run("prepare_sft", [PY, "data/prepare_sft.py", "--input", "data/qa_generated.jsonl", "--out", "data/sft",
+    human = [] if args.human_qa == "none" else [args.human_qa]
+    run("prepare_sft", [PY, "data/prepare_sft.py", "--input", "data/qa_generated.jsonl", *human, "--out", "data/sft",
                         "--block_size", block, "--tokenizer", "data/tokenizer", "--pretrain_data", "data/processed",
                         "--with_context", "--context_mix", args.context_mix])
     run("sft", train_cmd(sft_cfg, "out/sft", ["--data_dir=data/sft", "--init_from=out/pretrain"]))
@@ -197,7 +208,7 @@ def main(argv=None):
     print(f"{kept} held-out pairs carry their passage -> {held_out}")
     question_sets = {"qa": (held_out, args.eval_questions, 64)}
     index_inputs = [corpus]
-    drcd = ROOT.parent / "shared" / "data" / "qa" / "drcd_test.zh-hans.json"
+    drcd = SHARED_QA / "drcd_test.zh-hans.json"
     if args.drcd_questions > 0 and drcd.is_file():
         passages = ROOT / "data" / "drcd_test_passages.jsonl"
         if not passages.exists():

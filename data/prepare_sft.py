@@ -26,15 +26,19 @@ Design:
   answer span (`cut_passage`), the answer's place in the cut drawn from a per-example seeded
   generator, so the data is deterministic but the answer is not always in the middle. A pair whose
   answer is not in its passage keeps the whole passage if it fits, else is dropped as too long.
-  `--context_mix F` gives the passage to a fraction F of those pairs (a hash of the question decides,
-  so it does not depend on order) and leaves the rest closed-book: one model learns both to read
-  and to remember. meta.json counts `with_passage` and `passages_cut`.
+  `--context_mix F` gives the passage to a fraction F of the generated pairs (a hash of the question
+  decides, so it does not depend on order) and leaves the rest closed-book: one model learns both
+  to read and to remember. Reading-comprehension sets (SQuAD-style: CMRC2018, DRCD) always carry
+  theirs: their questions are written about the passage, and their articles are mostly not in the
+  pretraining corpus, so closed-book they teach only guessing. meta.json counts `with_passage`
+  and `passages_cut`.
 - Pairs are deduplicated on their normalised text. The split is by source: the pair's `id` (else
   title), the SQuAD article title, or the dialogue, hashed with `data_utils.split_of` like
   data/prepare.py, so generated pairs of a wiki article held out of pretraining are held out here too.
-- The held-out QA pairs also go to `val.jsonl` (`{"id", "question", "answer", "answers", "context"?}`,
-  context = the passage shown) for the evaluations. SFT sets are small (MBs), so examples are held
-  in memory for deduplication.
+- The held-out QA pairs also go to `val.jsonl` (`{"id", "question", "answer", "answers",
+  "source", "context"?}`, source `qa` for jsonl pairs or `squad`, context = the passage shown) for
+  the evaluations; pipeline.py scores the generated pairs (`qa`) apart from the human-written
+  ones. SFT sets are small (MBs), so examples are held in memory for deduplication.
 - `--pretrain_data DIR` refuses a tokenizer other than the one that DIR's meta.json records.
 - Malformed lines and files (bad JSON or UTF-8, nesting too deep, lone surrogates, over-long lines)
   are counted and reported with file:line, never fatal; outputs are written to temporaries and
@@ -241,9 +245,10 @@ def carries_passage(record, context_mix):
 def build_examples(records, tok, args, counts, keys_read):
     """(split, token ids, record) per kept example, deduplicated, in input order.
 
-    With `--with_context`, a QA pair that carries its passage does so with probability
-    `--context_mix` (decided by a hash of the question, so independent of order); the passage is cut
-    around the answer to fit the block (`cut_passage`). Other pairs are closed-book.
+    With `--with_context`, a SQuAD-style pair is shown its passage, and a jsonl pair that carries
+    one is with probability `--context_mix` (decided by a hash of the question, so independent of
+    order); the passage is cut around the answer to fit the block (`cut_passage`). Other pairs are
+    closed-book.
     """
     seen = set()
     for record in records:
@@ -265,7 +270,8 @@ def build_examples(records, tok, args, counts, keys_read):
             continue
         question, answer = record["question"], record["answers"][0]
         record["passage"] = None
-        if args.with_context and record["context"] and carries_passage(record, args.context_mix):
+        reads = record["source"] == "squad" or carries_passage(record, args.context_mix)
+        if args.with_context and record["context"] and reads:
             rng = random.Random(f"{args.seed}\0{record['key']}\0{question}")
             answer_start = record["answer_start"]
             if answer_start is None:  # generated pairs: the answer is a span of the passage, or nowhere
@@ -319,7 +325,7 @@ def prepare_sft(args):
             counts["tokens"] += len(ids)
             if split == "val" and record["kind"] == "qa":
                 pair = {"id": record.get("id") or record["key"], "question": record["question"],
-                        "answer": record["answers"][0], "answers": record["answers"]}
+                        "answer": record["answers"][0], "answers": record["answers"], "source": record["source"]}
                 if record["passage"] is not None:  # for qa_eval --with_context: the passage it was shown
                     pair["context"] = record["passage"]
                 val_pairs.write(json.dumps(pair, ensure_ascii=False) + "\n")
@@ -367,7 +373,8 @@ def main(argv=None):
     ap.add_argument("--with_context", action="store_true",
                     help="QA pairs that carry a passage (SQuAD, jsonl 'context') show it before the question")
     ap.add_argument("--context_mix", type=float, default=1.0,
-                    help="with --with_context: the fraction of those pairs that carry it (the rest closed-book)")
+                    help="with --with_context: the fraction of the jsonl pairs with a passage that are shown it "
+                         "(the rest closed-book; SQuAD-style pairs always are)")
     ap.add_argument("--seed", type=int, default=1337, help="for where the answer sits in a cut passage")
     ap.add_argument("--val_fraction", type=float, default=0.05, help="share of source articles/dialogues held out")
     ap.add_argument("--pretrain_data", help="a prepared pretraining folder whose tokenizer must match")

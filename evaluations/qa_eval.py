@@ -8,7 +8,10 @@
 - Closed-book by default: the prompt is the question alone in the SFT layout
   (`question <|answer|>`), which measures what the model remembers from pretraining. With
   `--with_context` the passage comes first, `tokenizer.passage_qa_prompt` (passage, newline,
-  question), the one layout data/prepare_sft.py and data/prepare_dpo.py use under the same flag.
+  question), the one layout data/prepare_sft.py and data/prepare_dpo.py use under the same flag. A
+  passage that would not leave room for `--max_new_tokens` in the window is cut to the sentences
+  that best match the question (`retrieval.fit_passage`; no gold answer is used), rather than
+  letting the window drop its beginning.
 - With `--rag INDEX` the passages come from a retrieval.py index instead: the `--rag_k` best for
   the question, packed before it by `Run.rag_prompt_ids` (the one RAG path: sample.py and the arena
   use it too). Retrieval is scored as well: recall@1 and recall@5 (`retrieval.recall_at_k`), the
@@ -37,7 +40,7 @@ from evaluations.metrics import (  # noqa: E402
     write_results,
 )
 from inference import load_run, pick_device  # noqa: E402
-from retrieval import Index, IndexFolderError, PromptTooLong, is_hit, recall_at_k  # noqa: E402
+from retrieval import Index, IndexFolderError, PromptTooLong, fit_passage, is_hit, recall_at_k  # noqa: E402
 from tokenizer import passage_qa_prompt  # noqa: E402
 
 METRICS = ("em", "f1", "subem", "rouge_l", "bleu4")
@@ -62,6 +65,19 @@ def retrieve_all(run, index, questions, k, max_new_tokens):
     golds = [q["answers"] for q in questions]
     recall = {f"recall_at_{k}": 100 * recall_at_k(ranked, golds, k) for k in RECALL_KS}
     return rows, fields, recall
+
+
+def passage_prompts(run, questions, max_new_tokens):
+    """--with_context prompts: each question after its passage, cut to the window around the
+    sentences that match the question (`retrieval.fit_passage`) when prompt + answer would not fit;
+    and per question whether its passage was cut."""
+    budget = run.model.config.block_size - max_new_tokens
+    prompts, fields = [], []
+    for q in questions:
+        passage, cut = fit_passage(run.tok, q["context"], q["question"], budget)
+        prompts.append(passage_qa_prompt(passage, q["question"]))
+        fields.append({"passage_cut": cut})
+    return prompts, fields
 
 
 def main(argv=None):
@@ -101,12 +117,15 @@ def main(argv=None):
         if missing:
             sys.exit(f"error: --with_context, but {missing} questions in {args.input} have no context "
                      "(SQuAD-style JSON, or jsonl lines with a 'context' field, carry one)")
-        prompts = [passage_qa_prompt(q["context"], q["question"]) for q in questions]
-    else:
-        prompts = [q["question"].strip() for q in questions]
 
     run = load_run(args.out_dir, args.which, pick_device(args.device))
+    prompts = [q["question"].strip() for q in questions]
     extra, recall = [{} for _ in questions], {}
+    if args.with_context:
+        try:
+            prompts, extra = passage_prompts(run, questions, args.max_new_tokens)
+        except PromptTooLong as e:
+            sys.exit(f"error: {e}")
     if index is not None:
         try:
             prompts, extra, recall = retrieve_all(run, index, questions, args.rag_k, args.max_new_tokens)
@@ -120,6 +139,8 @@ def main(argv=None):
     output = args.output or default_output(args.out_dir, name)
     write_predictions(predictions_path(output), rows)
     metrics = {**mean_percent(rows, METRICS), **recall, "n": len(rows)}
+    if args.with_context:
+        metrics["passages_cut"] = sum(r["passage_cut"] for r in rows)
     settings = {"with_context": args.with_context, "max_examples": args.max_examples,
                 "max_new_tokens": args.max_new_tokens, "temperature": 0.0, "which": args.which}
     if index is not None:

@@ -131,6 +131,32 @@ def test_qa_eval_with_context_writes_scored_predictions(tmp_path, tiny_run):
     assert rows[0]["prediction"] == expected.strip()
 
 
+def test_qa_eval_with_context_cuts_a_long_passage_to_the_matching_sentences(tmp_path, tiny_run):
+    from retrieval import fit_passage
+
+    key = "长江全长约6300公里。"
+    context = "黄河是母亲河。" * 12 + key + "故宫位于北京。" * 12
+    answer = {"text": "约6300公里", "answer_start": context.index("约")}
+    data = {"data": [{"title": "长江", "paragraphs": [{"context": context, "qas": [
+        {"id": "long", "question": "长江全长多少？", "answers": [answer]}]},
+        {"context": "北京是首都。", "qas": [{"id": "short", "question": "北京是什么？",
+                                           "answers": [{"text": "首都", "answer_start": 3}]}]}]}]}
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    qa_eval.main(["--out_dir", str(tiny_run), "--input", str(path), "--with_context", "--max_new_tokens", "6",
+                  "--device", "cpu"])
+    rows = [json.loads(line) for line in (tiny_run / "pred_qa_context.jsonl").open(encoding="utf-8")]
+    result = json.loads((tiny_run / "eval_qa_context.json").read_text())
+    assert [r["passage_cut"] for r in rows] == [True, False] and result["metrics"]["passages_cut"] == 1
+    run = load_run(tiny_run)
+    budget = run.model.config.block_size - 6
+    assert len(run.tok.encode_passage_qa(context, "长江全长多少？")) > budget  # the window could not hold it
+    passage, cut = fit_passage(run.tok, context, "长江全长多少？", budget)
+    assert cut and key in passage
+    expected = run.complete(passage + "\n长江全长多少？", "qa", max_new_tokens=6, temperature=0.0)
+    assert rows[0]["prediction"] == expected.strip()
+
+
 def test_qa_eval_closed_book_on_jsonl_and_context_required(tmp_path, tiny_run):
     path = tmp_path / "qa.jsonl"
     pairs = [("北京是什么？", "首都"), ("长江多长？", "约6300公里")]

@@ -30,10 +30,12 @@ def test_squad_passages_become_indexable_articles(tmp_path):
     assert hit["title"] == "天坛" and hit["text"] == SQUAD["data"][0]["paragraphs"][0]["context"]  # no title line
 
 
-def test_with_passage_keeps_the_held_out_pairs_that_show_one(tmp_path):
+def test_with_passage_keeps_the_held_out_generated_pairs_that_show_one(tmp_path):
     lines = [{"id": "1", "question": "长江多长？", "answer": "6300公里", "context": "长江全长约6300公里。"},
              {"id": "2", "question": "黄河是什么？", "answer": "母亲河"},  # closed-book in SFT: no passage
-             {"id": "3", "question": "故宫在哪？", "answer": "北京", "context": "  "}]
+             {"id": "3", "question": "故宫在哪？", "answer": "北京", "context": "  "},
+             {"id": "4", "question": "天坛在哪个区？", "answer": "东城区", "source": "squad",  # human-written
+              "context": "天坛位于北京市东城区。"}]
     src = tmp_path / "val.jsonl"
     src.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines) + "{broken\n", encoding="utf-8")
     assert pipeline.with_passage(src, tmp_path / "kept.jsonl") == 1

@@ -100,7 +100,7 @@ def test_squad_with_and_without_context(tmp_path, tiny_tokenizer):
     assert meta["counts"]["dropped"] == {"malformed": 0, "duplicate": 0, "too_long": 1, "no_answer": 1}
     # val.jsonl keeps the question and the passage apart, as qa_eval.py --with_context reads them
     assert val_pairs == [{"id": "q1", "question": "北京是哪国的首都？", "answer": "中华人民共和国",
-                          "answers": ["中华人民共和国"], "context": "北京是中华人民共和国的首都。"}]
+                          "answers": ["中华人民共和国"], "source": "squad", "context": "北京是中华人民共和国的首都。"}]
 
 
 CHAT = [{"id": "c1", "messages": [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
@@ -272,10 +272,18 @@ def test_with_context_cuts_passages_around_the_answer_and_mixes_closed_book(tmp_
                 out="again")[1]
     assert np.array_equal(again["train"], rows["train"])  # seeded: the same cuts every run
 
-    meta, rows, _ = run(tmp_path, tok, path, extra=["--val_fraction", "0", "--with_context", "--context_mix", "0.5"],
-                        block_size=80, out="mix")
-    with_passage = sum(b"\n" in tok.decode(unpadded(r, tok)).encode() for r in rows["train"])
-    assert with_passage == meta["counts"]["with_passage"] and 0 < with_passage < 12 and meta["context_mix"] == 0.5
+    # the mix: a share of the generated pairs read, the rest are closed-book; SQuAD-style pairs always read
+    many = write(tmp_path / "many.jsonl", lines=[{"id": f"g{i}", "question": f"长江第{i}问？", "answer": f"{i}公里",
+                                                  "context": f"长江全长约{i}公里。"} for i in range(12)])
+    meta, rows, val_pairs = run(tmp_path, tok, path, many, extra=["--val_fraction", "0.5", "--with_context",
+                                                                  "--context_mix", "0.5"], block_size=80, out="mix")
+    texts = [tok.decode(unpadded(r, tok)) for r in all_rows(rows)]
+    squad_read = [t for t in texts if "问题" in t and "\n" in t]
+    generated_read = [t for t in texts if "长江第" in t and "\n" in t]
+    assert len(squad_read) == 12 and 0 < len(generated_read) < 12 and meta["context_mix"] == 0.5
+    assert meta["counts"]["with_passage"] == len(squad_read) + len(generated_read)
+    assert {p["source"] for p in val_pairs} == {"qa", "squad"}  # the evaluations tell generated from human apart
+    assert all("context" in p for p in val_pairs if p["source"] == "squad")
 
 
 def test_drcd_test_is_never_read_for_training(tmp_path, tiny_tokenizer, capsys):

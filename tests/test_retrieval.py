@@ -6,7 +6,16 @@ import pytest
 from conftest import WIKI_ARTICLES
 
 import retrieval
-from retrieval import Index, PromptTooLong, analyze, build_index, chunk_passages, rag_prompt, recall_at_k
+from retrieval import (
+    Index,
+    PromptTooLong,
+    analyze,
+    build_index,
+    chunk_passages,
+    fit_passage,
+    rag_prompt,
+    recall_at_k,
+)
 
 ARTICLES = WIKI_ARTICLES
 
@@ -244,3 +253,45 @@ def test_rag_prompt_rejects_what_cannot_fit(tiny_tokenizer):
     ids, sources = rag_prompt(tiny_tokenizer, "长江？", [hit("长江", "长江很长。" * 50)],
                               block_size=12, max_new_tokens=2)
     assert sources == [] and ids == tiny_tokenizer.encode_qa("长江？")  # no room: the question alone
+
+
+FILLER = ["黄河是中国第二长河，流经九个省区。", "故宫位于北京市中心，是明清两代的皇家宫殿。",
+          "上海是中国最大的城市之一。", "泰山是五岳之首，位于山东省。", "西湖位于浙江省杭州市西部。",
+          "敦煌莫高窟始建于十六国的前秦时期。"]
+
+
+def test_fit_passage_keeps_the_sentences_that_match_the_question(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rng = random.Random(1)
+    key = "长江发源于青藏高原的唐古拉山脉，全长约6300公里。"
+    question = "长江全长多少公里？"
+    grown = 0
+    for trial in range(40):
+        sentences = [rng.choice(FILLER) for _ in range(rng.randint(0, 12))]
+        at = len(sentences)
+        sentences += [key] + [rng.choice(FILLER) for _ in range(rng.randint(0, 12))]
+        passage = "".join(sentences)
+        budget = rng.randint(len(tok.encode_passage_qa(key, question)), 200)
+        text, cut = fit_passage(tok, passage, question, budget)
+        assert len(tok.encode_passage_qa(text, question)) <= budget, trial
+        assert cut == (text != passage)
+        # a run of whole sentences around the matching one, that grew while it could on either side
+        runs = [(lo, hi) for lo in range(at + 1) for hi in range(at + 1, len(sentences) + 1)
+                if "".join(sentences[lo:hi]) == text]
+        assert runs, trial
+        lo, hi = runs[0]
+        for wider in (sentences[lo - 1:hi] if lo > 0 else None, sentences[lo:hi + 1] if hi < len(sentences) else None):
+            assert wider is None or len(tok.encode_passage_qa("".join(wider), question)) > budget, trial
+        grown += hi - lo > 1
+    assert grown > 10  # the trials covered windows of several sentences
+
+
+def test_fit_passage_whole_short_and_too_long(tiny_tokenizer):
+    tok = tiny_tokenizer
+    assert fit_passage(tok, "长江很长。", "长江多长？", 100) == ("长江很长。", False)
+    long_sentence = "长江" + "很" * 400 + "长。"
+    text, cut = fit_passage(tok, "黄河是母亲河。" + long_sentence, "长江多长？", 40)
+    assert cut and long_sentence.startswith(text) and len(tok.encode_passage_qa(text, "长江多长？")) <= 40
+    assert len(tok.encode_passage_qa(long_sentence[:len(text) + 1], "长江多长？")) > 40  # the longest prefix
+    with pytest.raises(PromptTooLong):
+        fit_passage(tok, "长江很长。" * 50, "长江" * 100, 30)
