@@ -30,6 +30,11 @@ Design:
   nothing. A row whose filtered distribution is empty or not finite falls back to greedy, alone.
 - `n > 1` (up to 4) rows share one prefill: the cache is copied into their slots, and row i uses
   seed + i.
+- Extractive decoding (`span`): a row may be held to copying, its tokens a contiguous run of a
+  source (the passage it reads) then a stop token. Tokens outside the run's possible continuations
+  are masked before sampling (`Span`), so the model still chooses where to start and when to stop;
+  logprobs stay the model's own. A small reader that has not learned to copy invents names that
+  are in no passage; held to spans it answers from the text.
 """
 import math
 import numbers
@@ -178,10 +183,37 @@ def sample_tokens(logits, temperature, top_k, top_p, uniform):
 
 # ----------------------------------------------------------------------------- the engine
 
+class Span:
+    """Extractive decoding of one row: its output is a contiguous run of `source` token ids, then a
+    stop token (allowed once the run has a token). `boundaries`: the positions of `source` where a
+    run may start and end (character boundaries: a byte-level token can hold part of a character);
+    None allows all. `starts` are the places in `source` where the output so far occurs."""
+
+    def __init__(self, source, stop_ids, boundaries=None):
+        self.source, self.stop_ids = list(source), frozenset(stop_ids)
+        n = len(self.source)
+        self.boundaries = set(range(n + 1)) if boundaries is None else set(boundaries)
+        self.starts, self.length = [i for i in range(n) if i in self.boundaries], 0
+
+    def allowed(self):
+        """The token ids the next token may be."""
+        n, m = len(self.source), self.length
+        nxt = {self.source[i + m] for i in self.starts if i + m < n}
+        if m and any(i + m in self.boundaries for i in self.starts):
+            nxt |= self.stop_ids
+        return nxt or set(self.stop_ids)  # a run that cannot end on a boundary still ends
+
+    def advance(self, token):
+        n, m = len(self.source), self.length
+        self.starts = [i for i in self.starts if i + m < n and self.source[i + m] == token]
+        self.length += 1
+
+
 class _Row:
     """One output stream: a request has n of them."""
 
-    def __init__(self, request, index, tokens, max_new_tokens, settings, stop_ids, seed, logprobs):
+    def __init__(self, request, index, tokens, max_new_tokens, settings, stop_ids, seed, logprobs, span=None,
+                 boundaries=None):
         self.request, self.index = request, index
         self.tokens = tokens  # the row's window: cached tokens first, then those still to run
         self.length = 0  # cache positions filled (tokens[:length])
@@ -194,6 +226,7 @@ class _Row:
         self.seen = None  # (V,) bool of tokens seen, only when a repetition penalty is on
         self.stepped = -1  # the last step that emitted a token of this row
         self.siblings = []  # rows of the same request waiting for this row's prefill
+        self.span = Span(span, stop_ids, boundaries) if span is not None else None  # extractive decoding
 
 
 class Engine:
@@ -220,13 +253,15 @@ class Engine:
     # ---- the public interface
 
     def add(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-            stop_ids=(), seed=None, logprobs=0, n=1):
+            stop_ids=(), seed=None, logprobs=0, n=1, span=None, span_boundaries=None):
         """Queue a request; return its id (the `request` of its events).
 
         `ids`: the prompt (a prompt longer than the window keeps its end). Sampling settings as in
         `generate`; a row stops after a token in `stop_ids` or after `max_new_tokens`. `seed` None
         draws one from torch's generator. `logprobs` (0..5): how many top alternatives each event
-        carries. `n` (1..4): rows sharing one prefill, row i seeded with seed + i. Raises
+        carries. `n` (1..4): rows sharing one prefill, row i seeded with seed + i. `span`: token ids
+        the output must copy a contiguous run of (extractive decoding; needs `stop_ids`), starting
+        and ending at `span_boundaries` (positions 0..len(span); default all). Raises
         ValueError on bad settings; nothing is queued then."""
         ids = list(ids)
         if not ids:
@@ -240,13 +275,24 @@ class Engine:
             _integer("seed", seed, None, None)
         if not all(isinstance(t, numbers.Integral) for t in stop_ids):
             raise ValueError("stop_ids must be integers")
+        if span is not None:
+            span = list(span)
+            if not span or not all(isinstance(t, numbers.Integral) and 0 <= t < self.vocab_size for t in span):
+                raise ValueError(f"a span must be a non-empty list of token ids in [0, {self.vocab_size})")
+            if not stop_ids:
+                raise ValueError("a span needs stop_ids: a copied answer ends with a stop token")
+            if span_boundaries is not None:
+                span_boundaries = set(span_boundaries)
+                if not all(isinstance(b, numbers.Integral) and 0 <= b <= len(span) for b in span_boundaries) \
+                        or not any(b < len(span) for b in span_boundaries):
+                    raise ValueError(f"span_boundaries must be positions in [0, {len(span)}], one before the end")
         settings = check_sampling(temperature, top_k, top_p, repetition_penalty, self.vocab_size)
         if seed is None:  # drawn from torch's global generator, so torch.manual_seed still reproduces runs
             seed = int(torch.randint(0, 2**62, (1,)))
         request, self.next_id = self.next_id, self.next_id + 1
         ids, stop_ids = ids[-self.window:], frozenset(int(t) for t in stop_ids)
-        rows = [_Row(request, i, list(ids), int(max_new_tokens), settings, stop_ids, int(seed) + i, int(logprobs))
-                for i in range(n)]
+        rows = [_Row(request, i, list(ids), int(max_new_tokens), settings, stop_ids, int(seed) + i, int(logprobs),
+                     span, span_boundaries) for i in range(n)]
         if settings[3] != 1.0:
             seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             seen[torch.tensor(ids, device=self.device)] = True
@@ -426,6 +472,14 @@ class Engine:
             penalty = torch.tensor([rows[i].penalty for i in penalised], device=self.device)[:, None]
             sub = logits[idx]
             logits[idx] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+        spans = [i for i, row in enumerate(rows) if row.span is not None]
+        if spans:
+            logits = logits.clone() if logits is raw else logits
+            for i in spans:
+                keep = torch.tensor(sorted(rows[i].span.allowed()), device=self.device)
+                masked = torch.full_like(logits[i], -math.inf)
+                masked[keep] = logits[i, keep]
+                logits[i] = masked
         uniform = [1.0 - float(torch.rand(1, generator=row.generator)) if row.temperature > 0 else 1.0
                    for row in rows]  # (0, 1]
         def column(values, dtype):
@@ -449,6 +503,8 @@ class Engine:
             row.stepped = self.steps
             if row.seen is not None:
                 row.seen[token] = True
+            if row.span is not None:
+                row.span.advance(token)
             finish = "stop" if token in row.stop_ids else "length" if row.produced >= row.max_new_tokens else None
             alternatives = None
             if row.logprobs:
@@ -475,25 +531,31 @@ def _per_row(value, B, name):
 
 
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             repetition_penalty=1.0, stop_ids=(), seed=None):
+             repetition_penalty=1.0, stop_ids=(), seed=None, spans=None, span_boundaries=None):
     """Stream tokens for a batch of prompts (lists of ids): yields [token or None per row] per step.
 
     Sampling settings and `seed` are scalars or one value per row; an int seed seeds every row with
     it (so identical prompts with one seed give identical samples: pass seed + i for different
     ones). Each row's tokens are exactly what it would get alone. A row stops after yielding a token
     in `stop_ids` or after `max_new_tokens` and yields None afterwards; the generator ends when
-    every row has stopped. Closing it early stops the work.
+    every row has stopped. Closing it early stops the work. `spans`: per row, None or the token ids
+    its output must copy a contiguous run of, and `span_boundaries` per row where such a run may start
+    and end (extractive decoding, `Engine.add`).
     """
     B = len(prompts)
     if B == 0:
         raise ValueError("no prompts")
+    spans = [None] * B if spans is None else list(spans)
+    span_boundaries = [None] * B if span_boundaries is None else list(span_boundaries)
+    if len(spans) != B or len(span_boundaries) != B:
+        raise ValueError(f"spans and span_boundaries need one value for each of the {B} prompts")
     engine = Engine(model, max_batch=B, prefill_chunk=B * model.config.block_size)  # every prompt at once
     settings = [_per_row(v, B, name) for v, name in ((temperature, "temperature"), (top_k, "top_k"),
                                                       (top_p, "top_p"), (repetition_penalty, "repetition_penalty"),
                                                       (seed, "seed"))]
     rows = [engine.add(prompt, max_new_tokens, temperature=t, top_k=k, top_p=p, repetition_penalty=r,
-                       stop_ids=stop_ids, seed=s)
-            for prompt, t, k, p, r, s in zip(prompts, *settings)]
+                       stop_ids=stop_ids, seed=s, span=span, span_boundaries=cuts)
+            for prompt, t, k, p, r, s, span, cuts in zip(prompts, *settings, spans, span_boundaries)]
     row_of = {request: i for i, request in enumerate(rows)}
     # rows advance in step, but a row whose window slides or whose prompt is long can lag a step:
     # tokens wait here until every running row has one, so step k holds each row's k-th token

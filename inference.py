@@ -88,10 +88,13 @@ class Run:
         """Yield pieces of generated text as tokens arrive (never a split character)."""
         yield from self.stream_ids(self.prompt_ids(prompt, mode, system), mode, max_new_tokens, **sampling)
 
-    def stream_ids(self, ids, mode="qa", max_new_tokens=128, **sampling):
-        """`stream` from prompt ids made already (a RAG prompt); `mode` picks the stop tokens."""
+    def stream_ids(self, ids, mode="qa", max_new_tokens=128, span=None, **sampling):
+        """`stream` from prompt ids made already (a RAG prompt); `mode` picks the stop tokens. `span`:
+        text the answer must be copied from (extractive decoding), or None."""
         decoder = StreamDecoder(self.tok)
-        for (token,) in generate(self.model, [ids], max_new_tokens, stop_ids=self.tok.stop_ids(mode), **sampling):
+        spans, boundaries = self.span_ids([span])
+        for (token,) in generate(self.model, [ids], max_new_tokens, stop_ids=self.tok.stop_ids(mode), spans=spans,
+                                 span_boundaries=boundaries, **sampling):
             piece = decoder.push(token)
             if piece:
                 yield piece
@@ -106,10 +109,28 @@ class Run:
         """Whole completions for many prompts at once (batched generation; evaluations use it)."""
         return self.complete_ids([self.prompt_ids(p, mode, system) for p in prompts], mode, max_new_tokens, **sampling)
 
-    def complete_ids(self, rows, mode="qa", max_new_tokens=128, **sampling):
-        """`complete_batch` from prompt ids made already (RAG prompts)."""
+    def span_ids(self, texts):
+        """Extractive decoding's inputs for `engine.generate`: per text (None: a free row), its token
+        ids and their character boundaries (`char_boundaries`)."""
+        spans = [self.tok.encode(t) or None if t is not None else None for t in texts]
+        return spans, [None if s is None else self.char_boundaries(s) for s in spans]
+
+    def char_boundaries(self, ids):
+        """The positions 0..len(ids) of a token sequence that fall between characters: a byte-level
+        token can start inside a multi-byte UTF-8 character (with a continuation byte, 0b10xxxxxx)."""
+        def starts_a_character(token):
+            first = self.tok.decode_bytes([token])[:1]
+            return not first or not 0x80 <= first[0] < 0xC0
+
+        return [i for i, t in enumerate(ids) if starts_a_character(t)] + [len(ids)]
+
+    def complete_ids(self, rows, mode="qa", max_new_tokens=128, spans=None, **sampling):
+        """`complete_batch` from prompt ids made already (RAG prompts). `spans`: per row, None or the
+        text its answer must be copied from (extractive decoding, engine.Span)."""
         out = [[] for _ in rows]
-        for step in generate(self.model, rows, max_new_tokens, stop_ids=self.tok.stop_ids(mode), **sampling):
+        spans, boundaries = self.span_ids(spans or [None] * len(rows))
+        for step in generate(self.model, rows, max_new_tokens, stop_ids=self.tok.stop_ids(mode), spans=spans,
+                             span_boundaries=boundaries, **sampling):
             for i, t in enumerate(step):
                 if t is not None:
                     out[i].append(t)

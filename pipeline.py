@@ -139,14 +139,16 @@ def with_passage(src, out_path):
 
 
 def reading_evals(run_dir, question_sets, index, rag_k=3):
-    """(stage, command) of the closed-book, with-passage and RAG evaluations of one run.
-    question_sets: {name: (QA file, max questions, max new tokens)}; results go to
-    RUN/eval_<name>[_context|_rag].json."""
+    """(stage, command) of the closed-book, with-passage and RAG evaluations of one run, the last two
+    also extractive (answers held to runs of the passages). question_sets: {name: (QA file, max
+    questions, max new tokens)}; results go to RUN/eval_<name>[_context|_rag][_span].json."""
     stages = []
+    rag = ["--rag", index, "--rag_k", rag_k]
     for name, (path, n, max_new_tokens) in question_sets.items():
         common = ["--out_dir", run_dir, "--input", path, "--max_examples", n, "--max_new_tokens", max_new_tokens]
-        for suffix, extra in (("", []), ("_context", ["--with_context"]),
-                              ("_rag", ["--rag", index, "--rag_k", rag_k])):
+        for suffix, extra in (("", []), ("_context", ["--with_context"]), ("_rag", rag),
+                              ("_context_span", ["--with_context", "--extractive"]),
+                              ("_rag_span", [*rag, "--extractive"])):
             stages.append((f"eval_{name}{suffix}_{Path(run_dir).name}",
                            [PY, "evaluations/qa_eval.py", *common, *extra, "--name", name + suffix]))
     return stages

@@ -427,6 +427,12 @@ def fit_passage(tok, passage, question, budget, how="bigram"):
     return "".join(sentences[lo:hi]), True
 
 
+def sources_text(sources):
+    """The passage text a RAG prompt holds (`rag_prompt`'s sources, one a line), or None when it
+    holds none: what an extractive answer may copy from."""
+    return "\n".join(s["text"] for s in sources) or None
+
+
 # ----------------------------------------------------------------------------- recall
 
 

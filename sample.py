@@ -26,7 +26,7 @@ from pathlib import Path
 
 from checkpoint import CheckpointError
 from inference import MODES, SAMPLING_DEFAULTS, load_run, pick_device
-from retrieval import Index, IndexFolderError, PromptTooLong
+from retrieval import Index, IndexFolderError, PromptTooLong, sources_text
 
 SAMPLE_MODES = (*MODES, "rag")
 
@@ -48,6 +48,8 @@ def parse_args(argv):
                          "rag: answer a question from retrieved passages (needs --rag)")
     ap.add_argument("--rag", default=None, help="retrieval.py index folder for --mode=rag")
     ap.add_argument("--rag_k", type=int, default=3, help="passages retrieved per question (rag mode)")
+    ap.add_argument("--extractive", action="store_true",
+                    help="rag mode: the answer copies a run of the retrieved passages (no invented text)")
     ap.add_argument("--start", default="\n", help="prompt text, or FILE:path with one prompt per line")
     ap.add_argument("--system", default=None, help="system prompt (persona) for chat mode")
     ap.add_argument("--num_samples", type=int, default=1, help="samples per prompt (text and qa)")
@@ -111,7 +113,8 @@ def sample_prompts(run, args, out, index=None):
                     ids, sources = run.rag_prompt_ids(prompt, index, args.rag_k, args.max_new_tokens)
                 except PromptTooLong as e:
                     raise SystemExit(f"error: {e}") from None
-                emit(run.stream_ids(ids, "qa", **sampling_settings(args, i)), out)
+                span = sources_text(sources) if args.extractive else None
+                emit(run.stream_ids(ids, "qa", span=span, **sampling_settings(args, i)), out)
                 out.write("\n" + format_sources(sources))
             else:
                 emit(run.stream(prompt, args.mode, **sampling_settings(args, i)), out)
@@ -163,6 +166,8 @@ def main(argv=None, out=None, lines=None):
         raise SystemExit("--num_samples and --max_new_tokens must be at least 1")
     if (args.mode == "rag") != (args.rag is not None):
         raise SystemExit("--mode=rag and --rag INDEX go together")
+    if args.extractive and args.mode != "rag":
+        raise SystemExit("--extractive copies the answer from retrieved passages: it needs --mode=rag")
     if not 1 <= args.rag_k <= 100:
         raise SystemExit("--rag_k must be between 1 and 100")
     try:

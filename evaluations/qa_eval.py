@@ -1,7 +1,7 @@
 """Question answering scores of a run: EM, F1 (CMRC2018 definitions), SubEM, ROUGE-L and BLEU-4.
 
     python evaluations/qa_eval.py --out_dir out/sft --input FILE [--with_context | --rag INDEX [--rag_k 3]]
-        [--max_examples N] [--max_new_tokens 64] [--batch_size 16] [--name NAME]
+        [--extractive] [--max_examples N] [--max_new_tokens 64] [--batch_size 16] [--name NAME]
 
 - FILE: generated QA jsonl (`{"question", "answer", "id"}`) or SQuAD-style JSON (CMRC2018, DRCD,
   XQuAD: several gold answers per question; every metric takes the best over them).
@@ -16,10 +16,15 @@
   the question, packed before it by `Run.rag_prompt_ids` (the one RAG path: sample.py and the arena
   use it too). Retrieval is scored as well: recall@1 and recall@5 (`retrieval.recall_at_k`), the
   share of questions with a gold answer's text inside one of the top 1 / 5 passages, in percent.
-- Greedy decoding, batched through `Run.complete_batch`, stopping at <|endoftext|>.
-- Writes `OUT_DIR/eval_<name>.json`, name `qa` (`qa_context` with context, `qa_rag` with RAG, or
-  `--name`): means in percent, and every question's prediction and scores in `pred_<name>.jsonl`
-  beside it, to read the failures (RAG lines also list the passages read and the retrieval hits).
+- `--extractive` (with a passage or RAG): the answer must copy a run of the passages' tokens
+  (`engine.Span`): the model still chooses where the answer starts and ends, but cannot invent text
+  that is not there. The plain numbers measure what the model writes; these, the reader it becomes
+  when held to the text.
+- Greedy decoding, batched through `Run.complete_ids`, stopping at <|endoftext|>.
+- Writes `OUT_DIR/eval_<name>.json`, name `qa` (`qa_context` with context, `qa_rag` with RAG,
+  `_span` added with --extractive, or `--name`): means in percent, and every question's
+  prediction and scores in `pred_<name>.jsonl` beside it, to read the failures (RAG lines also list
+  the passages read and the retrieval hits).
 """
 import argparse
 import sys
@@ -40,7 +45,15 @@ from evaluations.metrics import (  # noqa: E402
     write_results,
 )
 from inference import load_run, pick_device  # noqa: E402
-from retrieval import Index, IndexFolderError, PromptTooLong, fit_passage, is_hit, recall_at_k  # noqa: E402
+from retrieval import (  # noqa: E402
+    Index,
+    IndexFolderError,
+    PromptTooLong,
+    fit_passage,
+    is_hit,
+    recall_at_k,
+    sources_text,
+)
 from tokenizer import passage_qa_prompt  # noqa: E402
 
 METRICS = ("em", "f1", "subem", "rouge_l", "bleu4")
@@ -48,15 +61,17 @@ RECALL_KS = (1, 5)
 
 
 def retrieve_all(run, index, questions, k, max_new_tokens):
-    """RAG prompts and retrieval scores: (prompt ids, per-question fields, {recall_at_1, recall_at_5}).
+    """RAG prompts and retrieval scores: (prompt ids, per-question fields, {recall_at_1, recall_at_5},
+    the passage text each prompt holds, or None when it holds none).
 
     A question too long for the window even alone is an error for the caller (PromptTooLong)."""
-    rows, fields, ranked = [], [], []
+    rows, fields, ranked, texts = [], [], [], []
     for q in questions:
         ids, sources = run.rag_prompt_ids(q["question"], index, k, max_new_tokens)
         hits = index.search(q["question"], max(RECALL_KS))
         rows.append(ids)
         ranked.append(hits)
+        texts.append(sources_text(sources))
         gold = {"answers": q["answers"]}
         read = [{"title": s["title"], "article_id": s["article_id"], "cut": s["cut"]} for s in sources]
         fields.append({"sources": read,
@@ -64,20 +79,21 @@ def retrieve_all(run, index, questions, k, max_new_tokens):
                        "hit_rank": next((r for r, h in enumerate(hits, 1) if is_hit(h, gold)), None)})
     golds = [q["answers"] for q in questions]
     recall = {f"recall_at_{k}": 100 * recall_at_k(ranked, golds, k) for k in RECALL_KS}
-    return rows, fields, recall
+    return rows, fields, recall, texts
 
 
 def passage_prompts(run, questions, max_new_tokens):
     """--with_context prompts: each question after its passage, cut to the window around the
     sentences that match the question (`retrieval.fit_passage`) when prompt + answer would not fit;
-    and per question whether its passage was cut."""
+    per question whether its passage was cut; and the passages as shown."""
     budget = run.model.config.block_size - max_new_tokens
-    prompts, fields = [], []
+    prompts, fields, texts = [], [], []
     for q in questions:
         passage, cut = fit_passage(run.tok, q["context"], q["question"], budget)
         prompts.append(passage_qa_prompt(passage, q["question"]))
         fields.append({"passage_cut": cut})
-    return prompts, fields
+        texts.append(passage)
+    return prompts, fields, texts
 
 
 def main(argv=None):
@@ -87,6 +103,8 @@ def main(argv=None):
     p.add_argument("--with_context", action="store_true", help="put the passage before the question")
     p.add_argument("--rag", default=None, help="retrieval.py index: retrieve the passages (RAG) and score recall@k")
     p.add_argument("--rag_k", type=int, default=3, help="passages retrieved per question for the prompt")
+    p.add_argument("--extractive", action="store_true",
+                   help="with --with_context or --rag: answers copy a run of the passages' tokens (engine.Span)")
     p.add_argument("--name", default=None, help="result name: eval_<name>.json (default qa, qa_context, qa_rag)")
     p.add_argument("--max_examples", type=int, default=None)
     p.add_argument("--max_new_tokens", type=int, default=64)
@@ -98,6 +116,8 @@ def main(argv=None):
 
     if args.rag and args.with_context:
         p.error("--with_context gives the gold passage, --rag retrieves passages: choose one")
+    if args.extractive and not (args.rag or args.with_context):
+        p.error("--extractive copies answers from the passages: it needs --with_context or --rag")
     if not 1 <= args.rag_k <= 100:
         p.error("--rag_k must be between 1 and 100")
     if args.name is not None and not args.name.replace("_", "").isalnum():
@@ -120,28 +140,30 @@ def main(argv=None):
 
     run = load_run(args.out_dir, args.which, pick_device(args.device))
     prompts = [q["question"].strip() for q in questions]
-    extra, recall = [{} for _ in questions], {}
+    extra, recall, texts = [{} for _ in questions], {}, None
     if args.with_context:
         try:
-            prompts, extra = passage_prompts(run, questions, args.max_new_tokens)
+            prompts, extra, texts = passage_prompts(run, questions, args.max_new_tokens)
         except PromptTooLong as e:
             sys.exit(f"error: {e}")
     if index is not None:
         try:
-            prompts, extra, recall = retrieve_all(run, index, questions, args.rag_k, args.max_new_tokens)
+            prompts, extra, recall, texts = retrieve_all(run, index, questions, args.rag_k, args.max_new_tokens)
         except PromptTooLong as e:
             sys.exit(f"error: {e}")
-    predictions = complete_all(run, prompts, "qa", args.batch_size, args.max_new_tokens)
+    predictions = complete_all(run, prompts, "qa", args.batch_size, args.max_new_tokens,
+                               spans=texts if args.extractive else None)
     rows = [{"id": q["id"], "question": q["question"], "prediction": pred, "answers": q["answers"],
              **score_qa(pred, q["answers"]), **more} for q, pred, more in zip(questions, predictions, extra)]
 
     name = args.name or ("qa_rag" if index is not None else "qa_context" if args.with_context else "qa")
+    name += "_span" if args.extractive and not args.name else ""
     output = args.output or default_output(args.out_dir, name)
     write_predictions(predictions_path(output), rows)
     metrics = {**mean_percent(rows, METRICS), **recall, "n": len(rows)}
     if args.with_context:
         metrics["passages_cut"] = sum(r["passage_cut"] for r in rows)
-    settings = {"with_context": args.with_context, "max_examples": args.max_examples,
+    settings = {"with_context": args.with_context, "extractive": args.extractive, "max_examples": args.max_examples,
                 "max_new_tokens": args.max_new_tokens, "temperature": 0.0, "which": args.which}
     if index is not None:
         settings |= {"rag": str(args.rag), "rag_k": args.rag_k, "index_passages": len(index),

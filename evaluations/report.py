@@ -10,10 +10,11 @@
 - One bar chart per evaluation (a panel per metric, a bar per run, its value written on it) and the
   loss curves of the runs that have a log.jsonl, drawn by `visualize.plot_runs` (smoothed training
   loss, validation loss), the same figure `python visualize.py` makes.
-- "Reading" table (`reading_rows`): for each question set evaluated three ways by qa_eval.py,
-  `<set>` closed-book, `<set>_context` with the gold passage and `<set>_rag` with retrieved
-  passages (the pipeline's `qa` = held-out generated questions and `drcd` = DRCD test), one row per
-  run and set: EM/F1 of each way, retrieval recall@1/@5 and the index the RAG numbers used.
+- "Reading" table (`reading_rows`): for each question set evaluated several ways by qa_eval.py,
+  `<set>` closed-book, `<set>_context` with the gold passage, `<set>_rag` with retrieved passages
+  and `_span` of the last two with extractive decoding (the pipeline's `qa` = held-out generated
+  questions and `drcd` = DRCD test), one row per run and set: EM/F1 of each way, retrieval
+  recall@1/@5 and the index the RAG numbers used.
 - Bar charts use the Agg backend (no display needed) and ASCII labels only: a CJK run name would
   need a CJK font, so such a run is labelled by its position ("run 2") and the table gives its name.
 """
@@ -97,14 +98,15 @@ def _cell(v):
     return f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if abs(v) < 10 else f"{v:.2f}"
 
 
-READING_WAYS = (("", "closed-book"), ("_context", "with passage"), ("_rag", "RAG"))
+READING_WAYS = (("", "closed-book"), ("_context", "with passage"), ("_rag", "RAG"),
+                ("_context_span", "passage, extractive"), ("_rag_span", "RAG, extractive"))
+WAY_SUFFIXES = tuple(way for way, _ in READING_WAYS if way)
 
 
 def reading_rows(runs, columns):
     """Rows of the Reading table: (run, set, [EM, F1] per way, recall@1, recall@5, index), for every
     question set `S` that has `S_context` or `S_rag` results."""
-    sets = [e for e in columns if not e.endswith(("_context", "_rag"))
-            and (f"{e}_context" in columns or f"{e}_rag" in columns)]
+    sets = [e for e in columns if not e.endswith(WAY_SUFFIXES) and any(e + way in columns for way in WAY_SUFFIXES)]
     rows = []
     for name in sets:
         for r in runs:
@@ -140,7 +142,7 @@ def markdown(runs, columns, images):
                   ("EM / F1 in percent; recall@k: percent of questions with a gold answer inside one of the "
                    "top-k retrieved passages; index: what the RAG passages were retrieved from."), "",
                   "| run | questions | " + " | ".join(f"{w} {m}" for w in ways for m in ("EM", "F1"))
-                  + " | recall@1 | recall@5 | index |", "|---|---|" + "---|" * 9]
+                  + " | recall@1 | recall@5 | index |", "|---|---|" + "---|" * (2 * len(ways) + 3)]
         lines += ["| " + " | ".join(row) + " |" for row in reading]
     for evaluation in columns:
         lines += ["", f"### {evaluation}", ""]

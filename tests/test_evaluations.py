@@ -157,6 +157,49 @@ def test_qa_eval_with_context_cuts_a_long_passage_to_the_matching_sentences(tmp_
     assert rows[0]["prediction"] == expected.strip()
 
 
+def test_qa_eval_extractive_answers_are_runs_of_the_passages(tmp_path, tiny_run, tiny_index):
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps(SQUAD, ensure_ascii=False), encoding="utf-8")
+    common = ["--out_dir", str(tiny_run), "--input", str(path), "--max_new_tokens", "8", "--device", "cpu"]
+    qa_eval.main([*common, "--with_context", "--extractive"])
+    result = json.loads((tiny_run / "eval_qa_context_span.json").read_text())
+    rows = [json.loads(line) for line in (tiny_run / "pred_qa_context_span.jsonl").open(encoding="utf-8")]
+    assert result["settings"]["extractive"] is True and len(rows) == 3
+    contexts = {"q1": "北京是中华人民共和国的首都。", "q2": "北京是中华人民共和国的首都。",
+                "q3": "长江是中国第一长河，全长约6300公里。"}
+    for row in rows:  # whole characters of the passage, never invented text
+        assert row["prediction"] and row["prediction"] in contexts[row["id"]], row
+    qa_eval.main([*common, "--with_context"])
+    free = [json.loads(line)["prediction"] for line in (tiny_run / "pred_qa_context.jsonl").open(encoding="utf-8")]
+    assert any(p not in contexts[r["id"]] for p, r in zip(free, rows))  # the random model, unheld, invents
+
+    qa_eval.main([*common, "--rag", str(tiny_index), "--rag_k", "2", "--extractive"])
+    rows = [json.loads(line) for line in (tiny_run / "pred_qa_rag_span.jsonl").open(encoding="utf-8")]
+    run = load_run(tiny_run)
+    from retrieval import Index
+
+    index = Index(tiny_index)
+    for row in rows:
+        _, sources = run.rag_prompt_ids(row["question"], index, 2, 8)
+        read = "\n".join(s["text"] for s in sources)
+        assert not sources or row["prediction"] in read, row
+    with pytest.raises(SystemExit):
+        qa_eval.main([*common, "--extractive"])  # closed-book: nothing to copy from
+
+
+def test_char_boundaries_skip_positions_inside_a_character(tiny_run):
+    run = load_run(tiny_run)
+    text = "北京龘靐abc长江"
+    ids = run.tok.encode(text)
+    cuts = run.char_boundaries(ids)
+    assert cuts[0] == 0 and cuts[-1] == len(ids)
+    # decoding any run between two boundaries gives whole characters of the text
+    pieces = [run.tok.decode(ids[a:b]) for a in cuts for b in cuts if a < b]
+    assert all(piece in text and "\ufffd" not in piece for piece in pieces)
+    inside = [i for i in range(len(ids)) if i not in cuts]
+    assert inside and all("\ufffd" in run.tok.decode(ids[i:]) for i in inside)  # rare characters split
+
+
 def test_qa_eval_closed_book_on_jsonl_and_context_required(tmp_path, tiny_run):
     path = tmp_path / "qa.jsonl"
     pairs = [("北京是什么？", "首都"), ("长江多长？", "约6300公里")]

@@ -58,14 +58,14 @@ def test_reading_stages_write_what_the_report_tables(tmp_path, tiny_run):
                                 for a, q, ans in zip(WIKI_ARTICLES[:2], ["长江多长？", "黄河被称为什么？"],
                                                      ["约6300公里", "中华民族的母亲河"])), encoding="utf-8")
 
-    ways = ("", "_context", "_rag")
+    ways = ("", "_context", "_rag", "_context_span", "_rag_span")
     stages = pipeline.reading_evals(tiny_run, {"qa": (held_out, 2, 4), "drcd": (drcd, 3, 4)}, tmp_path / "index",
                                     rag_k=2)
     assert [name for name, _ in stages] == [f"eval_{s}{w}_run" for s in ("qa", "drcd") for w in ways]
     for name, cmd in stages:
         assert cmd[cmd.index("--max_new_tokens") + 1] == 4
         pipeline.run(name, [*cmd, "--device", "cpu"], state_dir=tmp_path / "state")
-    assert len(list((tmp_path / "state").glob("*.done"))) == 6  # a re-run would skip them all
+    assert len(list((tmp_path / "state").glob("*.done"))) == 10  # a re-run would skip them all
     drcd_rag = json.loads((tiny_run / "eval_drcd_rag.json").read_text())
     assert drcd_rag["metrics"]["recall_at_1"] == 100.0  # every DRCD answer is in its indexed paragraph
     assert drcd_rag["settings"]["index_inputs"] == [str(wiki), str(tmp_path / "drcd_passages.jsonl")]
@@ -78,6 +78,8 @@ def test_reading_stages_write_what_the_report_tables(tmp_path, tiny_run):
     assert set(rows) == {"qa", "drcd"}
     for name, cells in rows.items():
         measured = [json.loads((tiny_run / f"eval_{name}{w}.json").read_text())["metrics"] for w in ways]
-        assert cells[2:8] == [report._cell(m[k]) for m in measured for k in ("em", "f1")]
-        assert cells[8:10] == [report._cell(measured[2]["recall_at_1"]), report._cell(measured[2]["recall_at_5"])]
-    assert rows["drcd"][10] == "`wiki`, `drcd_passages.jsonl` |"
+        assert cells[2:12] == [report._cell(m[k]) for m in measured for k in ("em", "f1")]
+        assert cells[12:14] == [report._cell(measured[2]["recall_at_1"]), report._cell(measured[2]["recall_at_5"])]
+        assert measured[3]["n"] == measured[1]["n"] and measured[4]["recall_at_5"] == measured[2]["recall_at_5"]
+    assert rows["drcd"][14] == "`wiki`, `drcd_passages.jsonl` |"
+    assert table[1].count("|") == table[0].count("|")  # the separator row has a cell per column

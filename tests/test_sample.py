@@ -151,6 +151,19 @@ def test_rag_mode_answers_from_the_index_then_lists_its_sources(tiny_run, tiny_i
     assert text == answer + "\nsources:\n" + listed + "\n---------------\n"
 
 
+def test_rag_mode_extractive_copies_from_the_sources(tiny_run, tiny_index):
+    text = run_sample(f"--out_dir={tiny_run}", "--mode=rag", f"--rag={tiny_index}", "--rag_k=2",
+                      "--start=紫禁城在哪里？", "--extractive", *FAST)
+    from retrieval import Index, sources_text
+
+    run = load_run(tiny_run)
+    _, sources = run.rag_prompt_ids("紫禁城在哪里？", Index(tiny_index), 2, 12)
+    answer = text.split("\nsources:")[0]
+    assert answer and answer in sources_text(sources)
+    with pytest.raises(SystemExit, match="needs --mode=rag"):
+        run_sample(f"--out_dir={tiny_run}", "--mode=qa", "--extractive", "--start=长江？")
+
+
 def test_rag_mode_flags(tiny_run, tiny_index, tmp_path):
     with pytest.raises(SystemExit, match="go together"):
         run_sample(f"--out_dir={tiny_run}", "--mode=rag", "--start=长江？")
