@@ -36,7 +36,8 @@ Design choices:
 - RAG (`--rag INDEX`, `--rag_k`): the RAG box answers the prompt as a question from retrieved
   passages. Each local model builds its own prompt through `Run.rag_prompt_ids` (the one RAG path;
   its tokenizer and window decide how much of the passages fit) and its panel lists the passages
-  it read, title and text, escaped (`Panel.sources_markdown`). A peer has no access to this index,
+  it read, title and text, escaped (`Panel.sources_markdown`); `--extractive` holds the answers to
+  runs of those passages (engine.Span). A peer has no access to this index,
   so in RAG mode its panel says so instead of answering something else.
 - The page only wires widgets to `Arena`, `Battle` and the functions above them, which the tests
   call without a browser. Text from models and peers is shown as text: Textboxes show it as is,
@@ -69,7 +70,7 @@ import pandas as pd  # noqa: E402
 
 from data_utils import BadLines, iter_jsonl  # noqa: E402
 from inference import SAMPLING_DEFAULTS, load_run, pick_device  # noqa: E402
-from retrieval import Index, IndexFolderError, PromptTooLong  # noqa: E402
+from retrieval import Index, IndexFolderError, PromptTooLong, sources_text  # noqa: E402
 
 # the sliders start at the shared defaults (top_p 1.0 = off, a slider has no "none")
 SLIDER_DEFAULTS = {"max_new_tokens": 128, **{k: SAMPLING_DEFAULTS[k] for k in ("temperature", "top_k")}, "top_p": 1.0}
@@ -108,9 +109,11 @@ class Settings:
 
 @dataclass(frozen=True)
 class Rag:
-    """Where RAG passages come from: a retrieval.Index and how many passages to retrieve."""
+    """Where RAG passages come from: a retrieval.Index and how many passages to retrieve; with
+    `extractive`, answers copy a run of the passages (engine.Span)."""
     index: object
     k: int = 3
+    extractive: bool = False
 
 
 def markdown_text(text):
@@ -145,7 +148,8 @@ class LocalModel:
             ids, sources = run.rag_prompt_ids(question, rag.index, rag.k, int(settings.max_new_tokens))
         except PromptTooLong as e:
             raise ModelError(str(e)) from e
-        return sources, run.stream_ids(ids, "qa", **settings.sampling())
+        span = sources_text(sources) if rag.extractive else None
+        return sources, run.stream_ids(ids, "qa", span=span, **settings.sampling())
 
 
 @dataclass(frozen=True)
@@ -879,6 +883,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rag", default=None, help="retrieval.py index folder: adds the RAG box to the Arena tab")
     parser.add_argument("--rag_k", type=int, default=3, help="passages retrieved per question in RAG mode")
+    parser.add_argument("--extractive", action="store_true",
+                        help="RAG answers copy a run of the retrieved passages (extractive decoding)")
     parser.add_argument("--connect_timeout", type=float, default=PeerLimits.connect_timeout)
     parser.add_argument("--read_timeout", type=float, default=PeerLimits.read_timeout,
                         help="seconds a peer may stay silent mid-answer")
@@ -893,7 +899,7 @@ def main(argv=None):
     if not 1 <= args.rag_k <= 100:
         parser.error("--rag_k must be between 1 and 100")
     try:
-        rag = Rag(Index(args.rag), args.rag_k) if args.rag else None
+        rag = Rag(Index(args.rag), args.rag_k, args.extractive) if args.rag else None
     except IndexFolderError as e:
         parser.error(str(e))
     missing = [d for d in out_dirs if not Path(d).is_dir()]

@@ -38,7 +38,9 @@ Design choices:
   400 naming the field) rather than ignored.
 - RAG (`--rag INDEX`, a retrieval.py index): `/generate` with `mode: "rag"` (and `rag_k`, default 3,
   at most 10), or `"rag": true | {"k": K}` on chat completions (the last message is the question),
-  retrieves passages and answers from retrieval.rag_prompt's passage + question prompt. The
+  retrieves passages and answers from retrieval.rag_prompt's passage + question prompt;
+  `"extractive": true` (in the /generate body, or `"rag": {"extractive": true}`) holds the answer
+  to a run of the passages' text (engine.Span: no invented words). The
   articles used come back as `sources` ([{title, article_id}]): a field of the JSON answer, the
   `X-Sources` header of a streamed /generate (percent-encoded UTF-8 JSON), a field of the first SSE
   event. Without an index these requests are a 400.
@@ -86,7 +88,7 @@ from werkzeug.exceptions import HTTPException
 
 from engine import MAX_LOGPROBS, MAX_N, Engine, generate
 from inference import MODES, SAMPLING_DEFAULTS, load_run, pick_device
-from retrieval import Index, IndexFolderError, rag_prompt
+from retrieval import Index, IndexFolderError, rag_prompt, sources_text
 from tokenizer import StreamDecoder
 
 log = logging.getLogger("minigpt.server")
@@ -245,6 +247,7 @@ class GenerationRequest:
     n: int = 1  # choices sharing one prefill (OpenAI routes)
     logprobs: object = None  # None = off, else how many top alternatives each token carries (0..5)
     rag_k: int = 0  # passages retrieved for the question (0 = no retrieval)
+    extractive: bool = False  # with rag_k: the answer copies a run of the passages (engine.Span)
 
 
 def parse_settings(body, limits, max_tokens_name, defaults):
@@ -317,9 +320,13 @@ def parse_generate(body, limits):
     require(system is None or len(system) <= limits.max_prompt_chars,
             f"'system' is longer than {limits.max_prompt_chars} characters", "system")
     stream = typed(body, "stream", bool, True, "true or false")
+    extractive = typed(body, "extractive", bool, False, "true or false")
+    require(not extractive or mode == "rag", "'extractive' copies the answer from retrieved passages: mode 'rag'",
+            "extractive")
     settings = parse_settings(body, limits, "max_new_tokens", SAMPLING_DEFAULTS)
     if mode == "rag":  # the question is answered from retrieved passages, in the qa layout
-        return GenerationRequest(prompt, "qa", None, "prompt", stream=stream, rag_k=rag_k, **settings)
+        return GenerationRequest(prompt, "qa", None, "prompt", stream=stream, rag_k=rag_k, extractive=extractive,
+                                 **settings)
     return GenerationRequest(prompt, mode, system, "prompt", stream=stream, **settings)
 
 
@@ -344,20 +351,21 @@ def parse_openai(body, api, limits):
     stream = typed(body, "stream", bool, False, "true or false")
     stream_options = typed(body, "stream_options", dict, {}, "an object") or {}
     settings = parse_settings(body, limits, api.max_tokens_field(body), {"temperature": 1.0})
-    prompt, mode, rag_k = api.read_prompt(body, limits), api.mode, 0
+    prompt, mode, rag_k, extractive = api.read_prompt(body, limits), api.mode, 0, False
     rag = body.get("rag", False)
     if rag is not False and rag is not None:  # an extension: answer the last user message from the index
         k = rag.get("k", RAG_K) if isinstance(rag, dict) else RAG_K
-        require((rag is True or (isinstance(rag, dict) and set(rag) <= {"k"})) and isinstance(k, int)
-                and not isinstance(k, bool) and 1 <= k <= MAX_RAG_K,
-                f"'rag' must be true, false or {{\"k\": 1..{MAX_RAG_K}}}", "rag")
+        extractive = rag.get("extractive", False) if isinstance(rag, dict) else False
+        require((rag is True or (isinstance(rag, dict) and set(rag) <= {"k", "extractive"})) and isinstance(k, int)
+                and not isinstance(k, bool) and 1 <= k <= MAX_RAG_K and isinstance(extractive, bool),
+                f"'rag' must be true, false or {{\"k\": 1..{MAX_RAG_K}, \"extractive\": true|false}}", "rag")
         question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         require(isinstance(prompt, str) or prompt[-1]["role"] == "user",
                 "with 'rag' the last message must be the user's question", "messages")
         prompt, mode, rag_k = question, "qa", k
     return GenerationRequest(prompt, mode, None, api.prompt_field, stream=stream, n=n,
                              include_usage=stream_options.get("include_usage") is True,
-                             logprobs=api.read_logprobs(body), rag_k=rag_k, **settings)
+                             logprobs=api.read_logprobs(body), rag_k=rag_k, extractive=extractive, **settings)
 
 
 def read_count(body, name, description):
@@ -543,8 +551,9 @@ class Job:
     """One output stream (one choice) as the worker sees it; the worker writes text pieces to `out`,
     then None. A request with n choices is n Jobs sharing one `group` (one engine request)."""
 
-    def __init__(self, ids, max_new_tokens, sampling, stop_ids, seed, logprobs=None):
+    def __init__(self, ids, max_new_tokens, sampling, stop_ids, seed, logprobs=None, span=None):
         self.ids, self.max_new_tokens, self.sampling = ids, max_new_tokens, sampling
+        self.span = span  # extractive decoding: (source ids, their character boundaries), or None
         self.stop_ids, self.seed, self.logprobs = frozenset(stop_ids), seed, logprobs
         self.out = queue.Queue()  # unbounded: the worker never waits for a slow reader
         self.cancelled = threading.Event()
@@ -737,9 +746,10 @@ class Scheduler(Worker):
         ends alone with "error"."""
         first = jobs[0]
         try:
+            span, boundaries = first.span or (None, None)
             request = engine.add(first.ids + first.generated, first.max_new_tokens - first.tokens,
                                  stop_ids=first.stop_ids, seed=first.seed, logprobs=first.logprobs or 0, n=len(jobs),
-                                 **first.sampling)
+                                 span=span, span_boundaries=boundaries, **first.sampling)
         except (ValueError, TypeError) as e:
             log.warning("the engine refused a request: %s", e)
             self._abandon(jobs)
@@ -809,18 +819,24 @@ class Scheduler(Worker):
         if not culprits:  # no request fails alone: the fault is not one request's, so end them all
             culprits = live
         for jobs in live:
-            # n > 1 rows that already sent tokens cannot resume as one request (their texts differ)
-            if jobs in culprits or (len(jobs) > 1 and any(j.generated for j in jobs)):
+            if jobs in culprits or not resumable(jobs):
                 self._abandon(jobs)
             elif jobs[0].finish_reason is None:
                 self._add(self.engine, jobs)
+
+
+def resumable(jobs):
+    """Can a request that already sent tokens go on in a fresh engine? Not n > 1 rows (one request,
+    but their texts differ), nor an extractive row (its span is followed from the first token)."""
+    sent = any(j.generated for j in jobs)
+    return not sent or (len(jobs) == 1 and jobs[0].span is None)
 
 
 class Batcher(Worker):
     """The static worker (`--scheduler static`, kept for bench/bench_server.py's comparison):
     waits `gather_ms` for a burst of requests, then runs up to `max_batch` of them through
     `engine.generate` until the longest ends; late arrivals wait for the next batch. One row
-    (n=1) per request; logprobs are not recorded."""
+    (n=1) per request; logprobs are not recorded; no extractive answers."""
 
     def __init__(self, run, max_batch=16, queue_size=64, gather_ms=5):
         super().__init__(run, max_batch, queue_size)
@@ -975,9 +991,10 @@ class Service:
         return {"object": "list", "data": [card]}
 
     def prompt(self, req):
-        """(prompt ids, sources): sources name the retrieved articles in RAG mode, else None."""
+        """(prompt ids, sources, span): sources name the retrieved articles in RAG mode, else None;
+        span is what an extractive answer copies from ((ids, boundaries), else None)."""
         if not req.rag_k:
-            return self.run.prompt_ids(req.prompt, req.mode, req.system), None
+            return self.run.prompt_ids(req.prompt, req.mode, req.system), None, None
         require(self.index is not None, "this server has no retrieval index (start it with --rag INDEX)",
                 "rag" if req.prompt_field == "messages" else "mode")
         try:
@@ -987,11 +1004,15 @@ class Service:
             ids, sources = rag_prompt(self.run.tok, req.prompt, hits, self.limits.block_size, room)
         except ValueError as e:  # a question too long to search or to fit (PromptTooLong)
             raise ApiError(400, str(e), req.prompt_field) from None
-        return ids, [{"title": s["title"], "article_id": s["article_id"]} for s in sources]
+        span = None
+        if req.extractive and sources:
+            (span,), (boundaries,) = self.run.span_ids([sources_text(sources)])
+            span = (span, boundaries)
+        return ids, [{"title": s["title"], "article_id": s["article_id"]} for s in sources], span
 
     def submit(self, req):
         """Queue a request: (its jobs, one per choice; sources or None)."""
-        ids, sources = self.prompt(req)
+        ids, sources, span = self.prompt(req)
         block_size = self.limits.block_size
         require(len(ids) > 0, "the prompt is empty", req.prompt_field)
         require(len(ids) < block_size, f"the prompt is {len(ids)} tokens; this model reads at most {block_size - 1}",
@@ -999,8 +1020,12 @@ class Service:
         if self.static:
             require(req.n == 1, "this server runs --scheduler static: only n=1", "n")
             require(req.logprobs is None, "this server runs --scheduler static: no logprobs", "logprobs")
+            require(span is None, "this server runs --scheduler static: no extractive answers", "extractive")
         stop_ids = () if req.ignore_eos else self.run.tok.stop_ids(req.mode)
-        jobs = [Job(ids, req.max_new_tokens, req.sampling, stop_ids, req.seed, req.logprobs) for _ in range(req.n)]
+        require(span is None or stop_ids, "an extractive answer ends with a stop token: not with 'ignore_eos'",
+                "ignore_eos")
+        jobs = [Job(ids, req.max_new_tokens, req.sampling, stop_ids, req.seed, req.logprobs, span)
+                for _ in range(req.n)]
         self.worker.submit(jobs)
         return jobs, sources
 

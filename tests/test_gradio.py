@@ -695,6 +695,22 @@ def test_rag_battle_shows_each_local_models_passages_beside_its_answer(tmp_path,
     assert last[0].state == "error" and "local models only" in last[0].error and last[1].state == "done"
 
 
+def test_rag_extractive_answers_copy_the_passages_read(tmp_path, local, tiny_index):
+    from retrieval import Index, sources_text
+
+    index = Index(tiny_index)
+    arena = Arena(local, tmp_path / "votes.jsonl", tmp_path / "flagged.csv", rag=Rag(index, k=2, extractive=True))
+    battle = arena.battle(["a", "b"], "紫禁城在哪里？", "qa", Settings(max_new_tokens=6, temperature=0.0), rag=True)
+    last = list(arena.run(("s", "arena"), battle))[-1]
+    invented = 0
+    for model, panel in zip(local, last):
+        ids, sources = model.run().rag_prompt_ids("紫禁城在哪里？", index, 2, 6)
+        assert panel.state == "done" and panel.text and panel.text in sources_text(sources)
+        free = "".join(model.run().stream_ids(ids, "qa", max_new_tokens=6, temperature=0.0))
+        invented += free not in sources_text(sources)
+    assert invented  # unheld, these random models write text of their own
+
+
 def test_rag_box_needs_an_index_and_a_question_that_fits(tmp_path, local, tiny_index):
     from retrieval import Index
 

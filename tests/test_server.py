@@ -38,6 +38,7 @@ from server import (
     parse_generate,
     parse_json_body,
     parse_openai,
+    resumable,
     sse,
 )
 
@@ -305,6 +306,9 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "rag": {"k": 11}}, "rag"),
     ("/generate", {"prompt": "a", "mode": "rag"}, "mode"),  # this server has no index
     ("/generate", {"prompt": "a", "mode": "rag", "rag_k": 0}, "rag_k"),
+    ("/generate", {"prompt": "a", "mode": "qa", "extractive": True}, "extractive"),  # nothing to copy from
+    ("/generate", {"prompt": "a", "mode": "rag", "extractive": 1}, "extractive"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "rag": {"extractive": "yes"}}, "rag"),
     ("/tokenize", {"text": 5}, "text"),
     ("/tokenize", {"text": "长" * 100_001}, "text"),
     ("/detokenize", {"tokens": [1, -1]}, "tokens"),
@@ -613,7 +617,10 @@ def test_parse_openai_reads_each_api_and_refuses_unsupported_fields():
     assert (text.n, text.logprobs) == (4, 0)
     chat = parse_openai({"messages": [{"role": "user", "content": "长江？"}], "logprobs": True, "top_logprobs": 5,
                          "rag": {"k": 2}}, CHAT, LIMITS)
-    assert (chat.logprobs, chat.rag_k, chat.prompt, chat.mode) == (5, 2, "长江？", "qa")
+    assert (chat.logprobs, chat.rag_k, chat.prompt, chat.mode, chat.extractive) == (5, 2, "长江？", "qa", False)
+    question = [{"role": "user", "content": "长江？"}]
+    chat = parse_openai({"messages": question, "rag": {"extractive": True}}, CHAT, LIMITS)
+    assert (chat.rag_k, chat.extractive) == (3, True)
     assert parse_openai({"messages": [{"role": "user", "content": "x"}]}, CHAT, LIMITS).logprobs is None
 
 
@@ -621,6 +628,18 @@ def finished_job(ids, text_tokens, reason):
     job = Job(ids, 10, {}, (), None)
     job.tokens, job.finish_reason = text_tokens, reason
     return job
+
+
+def test_which_requests_resume_after_a_failed_step():
+    def job(sent, span=None):
+        j = Job([1, 2], 10, {}, (0,), None, span=span)
+        j.generated = [5] * sent
+        return j
+
+    span = ([1, 2, 3], [0, 1, 2, 3])
+    assert resumable([job(0)]) and resumable([job(3)])  # a plain row goes on from what it sent
+    assert resumable([job(0, span)]) and not resumable([job(2, span)])  # a span is followed from the start
+    assert resumable([job(0), job(0)]) and not resumable([job(1), job(0)])  # n > 1 rows' texts differ
 
 
 def test_openai_reply_shapes_chat_and_completions():

@@ -21,7 +21,7 @@ from test_server import LONG, health, open_stream, wait_until  # helpers only, n
 
 from engine import generate
 from inference import load_run
-from retrieval import Index, build_index
+from retrieval import Index, build_index, sources_text
 from server import Batcher, Job, Scheduler, create_app, make_server, token_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
@@ -255,6 +255,26 @@ def test_rag_mode_streams_and_names_its_sources(server, reference):
     assert events[0]["sources"] == sources and all("sources" not in e for e in events[1:])
     answer = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices"))
     assert answer == text  # the same passage + question prompt in the qa layout
+
+
+def test_rag_extractive_answers_copy_the_sources_like_sample_does(server, reference, index):
+    question = "紫禁城在哪里？"
+    body = {"prompt": question, "mode": "rag", "rag_k": 2, "max_new_tokens": 8, "temperature": 0, "extractive": True}
+    with requests.post(f"{server}/generate", json=body, stream=True, timeout=30) as r:
+        assert r.status_code == 200
+        text = r.content.decode("utf-8")
+    ids, sources = reference.rag_prompt_ids(question, index, 2, 8)
+    expected = "".join(reference.stream_ids(ids, "qa", max_new_tokens=8, temperature=0.0,
+                                            span=sources_text(sources)))
+    assert text == expected and text in sources_text(sources)  # the engine's Span, as sample.py runs it
+    free = "".join(reference.stream_ids(ids, "qa", max_new_tokens=8, temperature=0.0))
+    assert free not in sources_text(sources)  # this random model, unheld, writes text of its own
+    chat = requests.post(f"{server}/v1/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": question}], "rag": {"k": 2, "extractive": True},
+        "max_tokens": 8, "temperature": 0}).json()
+    assert chat["choices"][0]["message"]["content"] == text
+    refused = requests.post(f"{server}/generate", json=body | {"ignore_eos": True}, timeout=30)
+    assert refused.status_code == 400 and refused.json()["error"]["field"] == "ignore_eos"
 
 
 def test_a_request_that_fails_in_a_step_ends_alone(run_dir, reference):
