@@ -5,7 +5,8 @@ model and an API key. The hostile requests are built up front from a seeded rand
 same set on every run) across the classes an attacker on the LAN can reach: JSON nested too
 deep, lone surrogates, wrong types, extreme numbers, huge or odd strings within the 1 MB limit,
 bad and oversized headers, wrong methods and paths, unknown fields, truncated bodies, bad auth,
-across every POST route (/tokenize and /detokenize too) and the n, logprobs and rag fields.
+across every POST route (/tokenize and /detokenize too) and the n, logprobs, rag and extractive fields (the
+server has a tiny index, so RAG requests generate; one legitimate client asks for an extractive answer).
 They are sent as raw bytes over sockets (so malformed HTTP really goes out) by four threads while
 a fifth sends legitimate greedy requests. Asserted: no 5xx and no traceback or file path in any
 answer, the legitimate answers equal the ones taken before the fuzz, no row failed in the worker,
@@ -21,9 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import ROOT, make_run
+from conftest import ROOT, WIKI_ARTICLES, make_run
 
 from inference import load_run
+from retrieval import Index, build_index
 from server import create_app, make_server
 
 KEY = "fuzz-key"
@@ -42,14 +44,17 @@ LEGIT = [("/generate", {"prompt": "北京是", "max_new_tokens": 8, "temperature
          ("/v1/completions", {"prompt": "黄河是", "max_tokens": 8, "temperature": 0}),
          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "长江"}], "max_tokens": 8,
                                    "temperature": 0, "n": 2, "logprobs": True, "top_logprobs": 2}),
-         ("/v1/completions", {"prompt": "故宫", "max_tokens": 8, "temperature": 0, "logprobs": 3, "stop": ["。"]})]
+         ("/v1/completions", {"prompt": "故宫", "max_tokens": 8, "temperature": 0, "logprobs": 3, "stop": ["。"]}),
+         ("/generate", {"prompt": "紫禁城在哪里？", "mode": "rag", "rag_k": 2, "max_new_tokens": 8, "temperature": 0,
+                        "extractive": True, "stream": False})]
 POST_ROUTES = ["/generate", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]
 FIELDS = ["prompt", "messages", "mode", "system", "stream", "max_new_tokens", "max_tokens", "max_completion_tokens",
           "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "ignore_eos", "n", "stream_options",
-          "logprobs", "top_logprobs", "rag", "rag_k", "text", "tokens", "tools", "response_format", "logit_bias",
-          "echo", "suffix", "best_of"]
-ODD_VALUES = [None, True, False, 0, -1, 1, 1.5, -0.0, "", "x", [], {}, [1, 2], {"a": 1}, [[]], "长江" * 3,
+          "logprobs", "top_logprobs", "rag", "rag_k", "extractive", "text", "tokens", "tools", "response_format",
+          "logit_bias", "echo", "suffix", "best_of"]
+ODD_VALUES = [None, True, False, 0, -1, 1, 1.5, -0.0, "", "x", "rag", [], {}, [1, 2], {"a": 1}, [[]], "长江" * 3,
               [{"role": "user"}], [{"role": "user", "content": None}], {"include_usage": "yes"}, {"k": 3},
+              {"k": 2, "extractive": True},
               [0, 1, 2], [-1], [2**40]]
 EXTREME_NUMBERS = ["1e308", "-1e308", "1e-300", "5e-324", "1e-46", str(2**63), str(2**64), str(-2**63), "1e999",
                    "NaN", "Infinity", "-Infinity", "9" * 4000, "9" * 5000, "-0", "0.0000001", "1E+2", "123456789.0"]
@@ -254,8 +259,15 @@ def legit_answer(port, path, body):
 def fuzz_server(tmp_path_factory, tiny_tokenizer):
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    run_dir = make_run(tmp_path_factory.mktemp("fuzz") / "tiny-fuzz", tiny_tokenizer)
-    app = create_app(load_run(run_dir), api_key=KEY, max_batch=8, queue=64, max_new_tokens_cap=CAP, gather_ms=10)
+    folder = tmp_path_factory.mktemp("fuzz")
+    run_dir = make_run(folder / "tiny-fuzz", tiny_tokenizer)
+    (folder / "wiki").mkdir()  # an index, so that rag and extractive requests reach generation
+    (folder / "wiki" / "a.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in WIKI_ARTICLES),
+                                             encoding="utf-8")
+    build_index([folder / "wiki"], folder / "index", quiet=True)
+    index = Index(folder / "index")
+    app = create_app(load_run(run_dir), api_key=KEY, max_batch=8, queue=64, max_new_tokens_cap=CAP, gather_ms=10,
+                     index=index)
     server = make_server(app, "127.0.0.1", 0, clients=16)
     threading.Thread(target=server.run, daemon=True).start()
     try:
@@ -264,6 +276,7 @@ def fuzz_server(tmp_path_factory, tiny_tokenizer):
         server.close()
         server.task_dispatcher.shutdown(timeout=5)
         app.extensions["batcher"].close()
+        index.close()
         torch.set_num_threads(torch_threads)
 
 
