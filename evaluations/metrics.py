@@ -21,7 +21,7 @@ Scoring (all per example in [0, 1]; the scripts report means in percent, as CMRC
 
 Plumbing: QA inputs come from `data_utils.load_qa` (the one reader the data scripts share, re-exported
 here for the evaluation scripts), batched generation through
-`Run.complete_ids`, atomic result and prediction files, and the small table every script prints.
+`Run.complete_batch`, atomic result and prediction files, and the small table every script prints.
 """
 import json
 import math
@@ -185,10 +185,9 @@ def complete_all(run, prompts, mode, batch_size, max_new_tokens, temperature=0.0
     batches = range(0, len(prompts), batch_size)
     for i, start in enumerate(tqdm(batches, desc="generating", unit="batch", disable=len(batches) < 2)):
         batch = prompts[start:start + batch_size]
-        ids = batch if batch and not isinstance(batch[0], str) else [run.prompt_ids(p, mode) for p in batch]
+        complete = run.complete_ids if batch and not isinstance(batch[0], str) else run.complete_batch
         extra = {} if spans is None else {"spans": spans[start:start + batch_size]}
-        out += run.complete_ids(ids, mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i,
-                                **extra)
+        out += complete(batch, mode, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i, **extra)
     return [text.strip() for text in out]
 
 

@@ -20,7 +20,7 @@
   (`engine.Span`): the model still chooses where the answer starts and ends, but cannot invent text
   that is not there. The plain numbers measure what the model writes; these, the reader it becomes
   when held to the text.
-- Greedy decoding, batched through `Run.complete_ids`, stopping at <|endoftext|>.
+- Greedy decoding, batched through `Run.complete_batch`, stopping at <|endoftext|>.
 - Writes `OUT_DIR/eval_<name>.json`, name `qa` (`qa_context` with context, `qa_rag` with RAG,
   `_span` added with --extractive, or `--name`): means in percent, and every question's
   prediction and scores in `pred_<name>.jsonl` beside it, to read the failures (RAG lines also list
