@@ -7,7 +7,8 @@ calls `configure(defaults, argv)`, which returns the final settings as a new dic
 
 - A config file is plain Python executed in a namespace holding the current settings, so it may
   compute values; every name it leaves behind (except `_private` ones, modules, functions and
-  classes) must be a known setting.
+  classes) must be a known setting. `_extends = "other.py"` (a path beside the file) applies that
+  config first, so a variant (the GPU-card presets) states only what differs from its base.
 - A flag's value is read as a Python literal when it is one (`8`, `3e-4`, `True`, `None`) and as
   text otherwise (`--out_dir=out/sft`).
 - Every value is checked against the type of its default: int, float (an int is accepted), bool
@@ -71,20 +72,40 @@ def settings_help(defaults):
                       *(f"  {key} = {value!r}" for key, value in defaults.items())])
 
 
+def _run_file(path, config):
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    namespace = dict(config)
+    exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)
+    return namespace
+
+
+def _apply_file(path, config, defaults, seen=()):
+    """`config` after the config file at `path` (its `_extends` base first, then the file again
+    over the base's settings, so values it computes see them)."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} extends itself (through {', '.join(map(str, seen))})")
+    namespace = _run_file(path, config)
+    base = namespace.get("_extends")
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: _extends must be a file name, not {base!r}")
+        config = _apply_file(path.parent / base, config, defaults, (*seen, path.resolve()))
+        namespace = _run_file(path, config)
+    config = dict(config)
+    for key, value in namespace.items():
+        if key.startswith("_") or isinstance(value, _NOT_SETTINGS):
+            continue
+        config[key] = _checked(key, value, defaults)
+    return config
+
+
 def configure(defaults, argv=None):
     """The settings after applying the config files and `--key=value` flags in `argv`, in order."""
     config = dict(defaults)
     for arg in sys.argv[1:] if argv is None else argv:
         if not arg.startswith("--"):
-            path = Path(arg)
-            if not path.is_file():
-                raise ConfigError(f"config file {arg} not found")
-            namespace = dict(config)
-            exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), namespace)
-            for key, value in namespace.items():
-                if key.startswith("_") or isinstance(value, _NOT_SETTINGS):
-                    continue
-                config[key] = _checked(key, value, defaults)
+            config = _apply_file(Path(arg), config, defaults)
             continue
         key, sep, text = arg[2:].partition("=")
         if not sep:

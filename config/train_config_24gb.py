@@ -9,30 +9,4 @@
 # is about 16 GiB. Speed (derived): 0.86 GFLOP per token, so at 40% MFU a 4090 (165 dense bf16
 # TFLOP/s) trains about 77k tokens/s: one epoch of the shared zhwiki (~30M tokens) in ~7 minutes.
 # Time to a given val bpc: not measured yet (bench/gpu_check.py when a GPU is at hand).
-out_dir = "out/pretrain"
-data_dir = "data/processed"
-
-n_layer = 12
-n_head = 12
-n_embd = 768
-dropout = 0.1
-arch = "qwen3"
-tie_embeddings = False
-optimizer = "muon"
-muon_lr = 0.02
-lr_schedule = "wsd"
-decay_frac = 0.3
-
-# 32 blocks x 4 micro-steps x 511 tokens = 65k tokens per step
-batch_size = 32
-gradient_accumulation_steps = 4
-max_epochs = 4
-eval_interval = 100
-eval_iters = 40
-log_interval = 10
-
-learning_rate = 6e-4
-min_lr = 6e-5
-warmup_iters = 100
-weight_decay = 0.1
-grad_clip = 1.0
+_extends = "train_config.py"  # the GPU preset is sized for this card: 32 blocks x 4 micro-steps x 511 tokens

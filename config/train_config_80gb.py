@@ -10,30 +10,9 @@
 # --gradient_accumulation_steps=2) is about 27 GiB. Speed (derived): 0.86 GFLOP per token, so at 40%
 # MFU an H100 (989 dense bf16 TFLOP/s) trains about 460k tokens/s: an epoch of zhwiki in about a
 # minute. Time to a given val bpc: not measured yet (bench/gpu_check.py when a GPU is at hand).
-out_dir = "out/pretrain"
-data_dir = "data/processed"
-
-n_layer = 12
-n_head = 12
-n_embd = 768
-dropout = 0.1
-arch = "qwen3"
-tie_embeddings = False
-optimizer = "muon"
-muon_lr = 0.02
-lr_schedule = "wsd"
-decay_frac = 0.3
+_extends = "train_config.py"  # the GPU preset's model, recipe and schedule; this card's micro-batch
 
 # 128 blocks x 1 micro-step x 511 tokens = 65k tokens per step
 batch_size = 128
 gradient_accumulation_steps = 1
-max_epochs = 4
-eval_interval = 100
-eval_iters = 10
-log_interval = 10
-
-learning_rate = 6e-4
-min_lr = 6e-5
-warmup_iters = 100
-weight_decay = 0.1
-grad_clip = 1.0
+eval_iters = 10  # 10 x 128 validation blocks, as the base's 40 x 32

@@ -9,32 +9,13 @@
 # context: about 4 GiB, so the card keeps headroom for torch.compile's workspace and the desktop.
 # Speed (derived): 0.38 GFLOP per token, so at 40% MFU a card of P dense bf16 TFLOP/s trains about
 # 0.4 * P / 0.38e-3 tokens/s (~60k tokens/s at P = 60). Time to a given val bpc: not measured yet.
-out_dir = "out/pretrain"
-data_dir = "data/processed"
+_extends = "train_config.py"  # the GPU preset's recipe, schedule and data; a smaller model and micro-batch
 
 n_layer = 8
 n_head = 8
 n_embd = 512
-dropout = 0.1
-arch = "qwen3"
-tie_embeddings = False
-optimizer = "muon"
-muon_lr = 0.02
-lr_schedule = "wsd"
-decay_frac = 0.3
-
 # 16 blocks x 8 micro-steps x 511 tokens = 65k tokens per step, as the other presets
 batch_size = 16
 gradient_accumulation_steps = 8
-max_epochs = 4
-eval_interval = 100
-eval_iters = 40
-log_interval = 10
-
-learning_rate = 6e-4
-min_lr = 6e-5
-warmup_iters = 100
-weight_decay = 0.1
-grad_clip = 1.0
 # dtype and compile stay 'auto': bfloat16 on Ampere and newer (float16 with a GradScaler before),
 # torch.compile on CUDA under Linux

@@ -79,6 +79,24 @@ def test_config_file_sees_earlier_settings_and_is_checked(tmp_path):
         configure(DEFAULTS, [str(wrong)])
 
 
+def test_a_config_extends_its_base_and_overrides_it(tmp_path):
+    (tmp_path / "base.py").write_text("batch_size = 32\nlearning_rate = 1e-3\nout_dir = 'out/base'\n")
+    (tmp_path / "card.py").write_text("_extends = 'base.py'\nbatch_size = 128\nmax_epochs = batch_size // 64\n")
+    config = configure(DEFAULTS, [str(tmp_path / "card.py"), "--out_dir=out/x"])
+    # the base's values, the variant's over them (computed from the base's settings), flags last
+    assert (config["batch_size"], config["learning_rate"], config["max_epochs"], config["out_dir"]) == \
+        (128, 1e-3, 2, "out/x")
+    (tmp_path / "loop.py").write_text("_extends = 'loop.py'\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        configure(DEFAULTS, [str(tmp_path / "loop.py")])
+    (tmp_path / "orphan.py").write_text("_extends = 'missing.py'\n")
+    with pytest.raises(ConfigError, match="not found"):
+        configure(DEFAULTS, [str(tmp_path / "orphan.py")])
+    (tmp_path / "typo.py").write_text("_extends = 'base.py'\nbatch_szie = 8\n")
+    with pytest.raises(ConfigError, match="unknown config key 'batch_szie'"):
+        configure(DEFAULTS, [str(tmp_path / "typo.py")])
+
+
 @pytest.mark.parametrize("name", ["train_config.py", "train_config_sft.py", "train_config_cpu.py",
                                   "train_config_sft_cpu.py", "train_config_8gb.py", "train_config_24gb.py",
                                   "train_config_80gb.py"])
