@@ -111,18 +111,9 @@ class Run:
 
     def span_ids(self, texts):
         """Extractive decoding's inputs for `engine.generate`: per text (None: a free row), its token
-        ids and their character boundaries (`char_boundaries`)."""
+        ids and their character boundaries (`Tokenizer.char_boundaries`)."""
         spans = [self.tok.encode(t) or None if t is not None else None for t in texts]
-        return spans, [None if s is None else self.char_boundaries(s) for s in spans]
-
-    def char_boundaries(self, ids):
-        """The positions 0..len(ids) of a token sequence that fall between characters: a byte-level
-        token can start inside a multi-byte UTF-8 character (with a continuation byte, 0b10xxxxxx)."""
-        def starts_a_character(token):
-            first = self.tok.decode_bytes([token])[:1]
-            return not first or not 0x80 <= first[0] < 0xC0
-
-        return [i for i, t in enumerate(ids) if starts_a_character(t)] + [len(ids)]
+        return spans, [None if s is None else self.tok.char_boundaries(s) for s in spans]
 
     def complete_ids(self, rows, mode="qa", max_new_tokens=128, spans=None, **sampling):
         """`complete_batch` from prompt ids made already (RAG prompts). `spans`: per row, None or the

@@ -187,19 +187,6 @@ def test_qa_eval_extractive_answers_are_runs_of_the_passages(tmp_path, tiny_run,
         qa_eval.main([*common, "--extractive"])  # closed-book: nothing to copy from
 
 
-def test_char_boundaries_skip_positions_inside_a_character(tiny_run):
-    run = load_run(tiny_run)
-    text = "北京龘靐abc长江"
-    ids = run.tok.encode(text)
-    cuts = run.char_boundaries(ids)
-    assert cuts[0] == 0 and cuts[-1] == len(ids)
-    # decoding any run between two boundaries gives whole characters of the text
-    pieces = [run.tok.decode(ids[a:b]) for a in cuts for b in cuts if a < b]
-    assert all(piece in text and "\ufffd" not in piece for piece in pieces)
-    inside = [i for i in range(len(ids)) if i not in cuts]
-    assert inside and all("\ufffd" in run.tok.decode(ids[i:]) for i in inside)  # rare characters split
-
-
 def test_qa_eval_closed_book_on_jsonl_and_context_required(tmp_path, tiny_run):
     path = tmp_path / "qa.jsonl"
     pairs = [("北京是什么？", "首都"), ("长江多长？", "约6300公里")]
