@@ -259,7 +259,7 @@ class Engine:
         `ids`: the prompt (a prompt longer than the window keeps its end). Sampling settings as in
         `generate`; a row stops after a token in `stop_ids` or after `max_new_tokens`. `seed` None
         draws one from torch's generator. `logprobs` (0..5): how many top alternatives each event
-        carries. `n` (1..4): rows sharing one prefill, row i seeded with seed + i. `span`: token ids
+        carries. `n` (1..4, at most max_batch): rows sharing one prefill, row i seeded with seed + i. `span`: token ids
         the output must copy a contiguous run of (extractive decoding; needs `stop_ids`), starting
         and ending at `span_boundaries` (positions 0..len(span); default all). Raises
         ValueError on bad settings; nothing is queued then."""
@@ -270,7 +270,7 @@ class Engine:
             raise ValueError(f"token ids must be integers in [0, {self.vocab_size})")
         _integer("max_new_tokens", max_new_tokens, 1, None)
         _integer("logprobs", logprobs, 0, MAX_LOGPROBS)
-        _integer("n", n, 1, MAX_N)
+        _integer("n", n, 1, min(MAX_N, self.max_batch))  # more rows than slots would never be admitted
         if seed is not None:
             _integer("seed", seed, None, None)
         if not all(isinstance(t, numbers.Integral) for t in stop_ids):

@@ -53,14 +53,23 @@ Design choices:
   status and generated tokens, gauges queue depth and running rows, and has histograms of time to
   first token and of the time between tokens; `/health` has the same counts as JSON.
 - A full queue answers 503 with Retry-After instead of letting latency grow without bound.
-- A client that goes away stops costing compute: a failed write closes the response iterator, and
-  a handler waiting for tokens polls waitress's `client_disconnected`; either marks its jobs
-  cancelled and the worker drops the request (freeing its slots) before the next step.
+- A client that goes away stops costing compute, streaming or not: each job holds waitress's
+  `client_disconnected` (reported once waitress reads the hang-up; `channel_request_lookahead` > 0
+  makes it keep reading while a response is pending) and the worker asks every job before every
+  step, so the request is dropped (its slots freed) within one step of waitress noticing; a failed
+  write or a stop string ends a job the same way. Queued requests whose clients left are dropped
+  when they reach the worker, or at once when the queue is full (they must not cause 503s). The
+  drops are counted (`minigpt_cancelled_streams_total` in /metrics, `cancelled` in /health).
+- `n` above `--max_batch` is a 400 naming both numbers: the n rows of a request share one prefill
+  and run together, so they could never all get a slot (served in turns they would not share it).
 - Every error is JSON `{"error": {"message", "type", "field"?}}`: validation names the offending
   field, unknown routes/methods keep their 404/405, and a catch-all turns anything unexpected into
   a 500 without a traceback (the traceback goes to the server log only).
-- `--api_key` guards every route but `/health` (compared in constant time); `/health` shows only
-  what `/v1/models` would (model description, queue depth) and no file paths.
+- `--api_key` guards every route but `/health`, OPTIONS and unknown paths included (compared in
+  constant time; the scheme word `Bearer` in any case, RFC 7235); `/health` shows only what
+  `/v1/models` would (model description, queue depth) and no file paths. Under `--cors` a CORS
+  preflight (OPTIONS with Origin and Access-Control-Request-Method: browsers send it without
+  credentials) gets the same empty 200 with the CORS headers on every path, naming no route.
 - Served by waitress (pure Python, Linux and Windows) with a thread per connected client; it sends
   each chunk as soon as it is written, which is what streaming needs. Connections that are still
   sending their request cost a socket, not a thread, and up to CONNECTION_LIMIT are accepted, so a
@@ -547,6 +556,10 @@ class StopCutter:
 
 # ----------------------------------------------------------------------------- the workers
 
+def _never():
+    return False
+
+
 class Job:
     """One output stream (one choice) as the worker sees it; the worker writes text pieces to `out`,
     then None. A request with n choices is n Jobs sharing one `group` (one engine request)."""
@@ -563,10 +576,18 @@ class Job:
         self.last_token_at = None  # the worker's: when the previous token came (latency metrics)
         self.group = [self]
         self.stop_string_hit = False  # set by the reading handler, never by the worker
+        self.client_gone = _never  # set by the service: waitress's client_disconnected, polled every step
 
     @property
     def reason(self):
         return "stop" if self.stop_string_hit else self.finish_reason
+
+    def gone(self):
+        """Whether nobody reads this job any more (its reader stopped, or its client hung up). The
+        worker asks every step, so an abandoned row stops within one step of waitress noticing."""
+        if not self.cancelled.is_set() and self.finish_reason is None and self.client_gone():
+            self.cancelled.set()
+        return self.cancelled.is_set()
 
     def pieces(self, stops, client_gone):
         """Text pieces as they arrive; cancels the job when the caller stops early or leaves."""
@@ -576,7 +597,7 @@ class Job:
                 try:
                     piece = self.out.get(timeout=POLL_S)
                 except queue.Empty:
-                    if client_gone():
+                    if self.cancelled.is_set() or client_gone():  # the worker may have dropped it already
                         return
                     continue
                 if piece is None:
@@ -604,6 +625,9 @@ class Metrics:
         self.requests = Counter("minigpt_requests", "Finished output streams by status", ["status"],
                                 registry=self.registry)
         self.tokens = Counter("minigpt_generated_tokens", "Tokens generated", registry=self.registry)
+        self.cancelled = Counter("minigpt_cancelled_streams", "Output streams dropped before their end because "
+                                 "their reader stopped (the client left, or a stop string ended it)",
+                                 registry=self.registry)
         self.queue_depth = Gauge("minigpt_queue_depth", "Requests waiting for the worker", registry=self.registry)
         self.running = Gauge("minigpt_running_rows", "Rows being generated", registry=self.registry)
         self.ttft = Histogram("minigpt_time_to_first_token_seconds", "From submission to the first token",
@@ -645,11 +669,26 @@ class Worker:
         try:
             self.waiting.put_nowait(jobs)
         except queue.Full:
+            if self._purge_gone():
+                return self.submit(jobs)
             self.count("rejected")
             self.metrics.requests.labels("rejected").inc()
             raise ApiError(503, "the server is busy (request queue full); retry shortly",
                            error_type="server_busy") from None
         self.count("requests")
+
+    def _purge_gone(self):
+        """Drop the queued requests whose clients all left; how many. A queue full of abandoned
+        requests must not turn live clients away with 503s."""
+        with self.waiting.mutex:
+            gone = [jobs for jobs in self.waiting.queue if all(job.gone() for job in jobs)]
+            for jobs in gone:
+                self.waiting.queue.remove(jobs)
+            if gone:
+                self.waiting.not_full.notify(len(gone))
+        for job in (job for jobs in gone for job in jobs):
+            self._cancelled(job)
+        return len(gone)
 
     def close(self):
         """Stop the worker; running and queued jobs end with finish_reason "error"."""
@@ -664,6 +703,7 @@ class Worker:
     def _cancelled(self, job):
         """A job dropped because its reader stopped: its client left, or a stop string ended it."""
         self.count("cancelled")
+        self.metrics.cancelled.inc()
         self.metrics.requests.labels("stop" if job.stop_string_hit else "cancelled").inc()
 
     def _abandon(self, jobs):
@@ -735,7 +775,7 @@ class Scheduler(Worker):
             except queue.Empty:
                 return
             block = False
-            if all(j.cancelled.is_set() for j in jobs):  # its client left while it waited
+            if all(j.gone() for j in jobs):  # its client left while it waited
                 for job in jobs:
                     self._cancelled(job)
                 continue
@@ -760,7 +800,7 @@ class Scheduler(Worker):
 
     def _drop_cancelled(self):
         for rid, jobs in list(self.requests.items()):
-            if all(j.cancelled.is_set() or j.finish_reason for j in jobs):
+            if all(j.finish_reason or j.gone() for j in jobs):
                 self.engine.cancel(rid)
                 del self.requests[rid]
                 for job in jobs:
@@ -872,7 +912,7 @@ class Batcher(Worker):
         return batch
 
     def _run(self, batch):
-        jobs = [j for j in batch if not j.cancelled.is_set()]
+        jobs = [j for j in batch if not j.gone()]
         for job in batch:
             if job.cancelled.is_set():
                 self._cancelled(job)
@@ -916,7 +956,7 @@ class Batcher(Worker):
                 for i, (job, token) in enumerate(zip(jobs, step)):
                     if done[i]:
                         continue
-                    if job.cancelled.is_set():
+                    if job.gone():
                         done[i] = True
                         self._cancelled(job)
                         continue
@@ -1010,8 +1050,9 @@ class Service:
             span = (span, boundaries)
         return ids, [{"title": s["title"], "article_id": s["article_id"]} for s in sources], span
 
-    def submit(self, req):
-        """Queue a request: (its jobs, one per choice; sources or None)."""
+    def submit(self, req, client_gone=None):
+        """Queue a request: (its jobs, one per choice; sources or None). `client_gone()` says when
+        the client hung up (the worker polls it every step)."""
         ids, sources, span = self.prompt(req)
         block_size = self.limits.block_size
         require(len(ids) > 0, "the prompt is empty", req.prompt_field)
@@ -1021,11 +1062,17 @@ class Service:
             require(req.n == 1, "this server runs --scheduler static: only n=1", "n")
             require(req.logprobs is None, "this server runs --scheduler static: no logprobs", "logprobs")
             require(span is None, "this server runs --scheduler static: no extractive answers", "extractive")
+        # the n rows of a request share one prefill, so they run together or not at all: more rows
+        # than the engine has would wait for ever (the worker spun, never answering)
+        require(req.n <= self.max_batch, f"'n' is {req.n}, but this server generates at most {self.max_batch} "
+                f"rows at a time (--max_batch {self.max_batch}); ask for n <= {self.max_batch}", "n")
         stop_ids = () if req.ignore_eos else self.run.tok.stop_ids(req.mode)
         require(span is None or stop_ids, "an extractive answer ends with a stop token: not with 'ignore_eos'",
                 "ignore_eos")
         jobs = [Job(ids, req.max_new_tokens, req.sampling, stop_ids, req.seed, req.logprobs, span)
                 for _ in range(req.n)]
+        for job in jobs:
+            job.client_gone = client_gone or _never
         self.worker.submit(jobs)
         return jobs, sources
 
@@ -1033,7 +1080,7 @@ class Service:
         """`POST /generate`: a Stream of plain text (RAG: sources in the X-Sources header), or
         {"text", "tokens", "seconds", "finish_reason", "sources"?}."""
         req = parse_generate(body, self.limits)
-        jobs, sources = self.submit(req)
+        jobs, sources = self.submit(req, client_gone)
         job = jobs[0]
         pieces = started(job.pieces(req.stops, client_gone), job)
         if req.stream:
@@ -1048,7 +1095,7 @@ class Service:
     def openai(self, api, body, client_gone):
         """An OpenAI route (`api` is CHAT or COMPLETIONS): a Stream of server-sent events, or a completion."""
         req = parse_openai(body, api, self.limits)
-        jobs, sources = self.submit(req)
+        jobs, sources = self.submit(req, client_gone)
         streams = [job.pieces(req.stops, client_gone) for job in jobs]
         streams[0] = started(streams[0], jobs[0])
         reply = OpenAIReply(api, self.info["name"], jobs, req.include_usage, self.run.tok, sources)
@@ -1079,6 +1126,20 @@ class Service:
 
 # ----------------------------------------------------------------------------- the Flask app
 
+def key_matches(authorization, api_key):
+    """Whether an Authorization header value is `Bearer <api_key>`. The scheme is case-insensitive
+    and may be followed by several spaces (RFC 7235 section 2.1); the key is compared in constant time."""
+    scheme, _, token = authorization.partition(" ")
+    same_key = hmac.compare_digest(token.lstrip(" ").encode(), api_key.encode())
+    return scheme.lower() == "bearer" and same_key
+
+
+def is_preflight(method, headers):
+    """A CORS preflight: OPTIONS with Origin and Access-Control-Request-Method. Browsers send it
+    without credentials, so under --cors it is answered without the key; any other OPTIONS needs it."""
+    return method == "OPTIONS" and "Origin" in headers and "Access-Control-Request-Method" in headers
+
+
 def create_app(run, name=None, api_key=None, cors=False, max_batch=16, queue=64, max_new_tokens_cap=1024,
                gather_ms=5, scheduler="continuous", index=None):
     """The WSGI app serving `run` (an inference.Run): Flask wiring around a `Service`
@@ -1088,13 +1149,12 @@ def create_app(run, name=None, api_key=None, cors=False, max_batch=16, queue=64,
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     service = Service(run, name, max_batch, queue, max_new_tokens_cap, gather_ms, scheduler, index)
     app.extensions.update(service=service, batcher=service.worker)
-    expected_auth = f"Bearer {api_key}".encode() if api_key else None
 
     @app.before_request
     def check_key():
-        if expected_auth is None or request.method == "OPTIONS" or request.path == "/health":
-            return None
-        if hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected_auth):
+        if cors and is_preflight(request.method, request.headers):
+            return Response(status=200)  # the same empty answer on every path: it names no route
+        if not api_key or request.path == "/health" or key_matches(request.headers.get("Authorization", ""), api_key):
             return None
         return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                               error_type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
@@ -1106,6 +1166,7 @@ def create_app(run, name=None, api_key=None, cors=False, max_batch=16, queue=64,
             response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
             response.headers["Access-Control-Expose-Headers"] = "X-Sources"
+            response.headers["Access-Control-Max-Age"] = "600"
         return response
 
     @app.errorhandler(ApiError)

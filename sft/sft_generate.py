@@ -26,9 +26,10 @@ Design choices:
   trusted: a body that is not a chat completion (content not a string, `choices` of the wrong
   shape), JSON nested deeper than 64 levels (checked before `json` recurses) and strings holding
   lone surrogates are failures or rejections with a reason, never a crash. A reply that fails, and a
-  timeout, connection error, 429 or 5xx, is retried with exponential backoff (Retry-After honoured)
-  up to `--max_attempts`; then the article is recorded as failed with the reason. 401/403 (and 404:
-  a wrong URL or model) stop the run at once: every later request would fail the same way.
+  timeout, connection error, 429 or 5xx, is retried with exponential backoff (a Retry-After honoured,
+  capped by `--max_backoff` like every wait) up to `--max_attempts`; then the article is recorded
+  as failed with the reason. 401/403 (and 404: a wrong URL or model) stop the run at once: every
+  later request would fail the same way.
 - Each pair keeps its source passage, for reading-comprehension examples (passage + question ->
   answer, the layout `prepare_sft.py --with_context` gives SQuAD-style data). Extractive answers
   are verbatim, so their passage always holds them; an LLM's answer may paraphrase, so the passage
@@ -48,7 +49,6 @@ Design choices:
 """
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -288,9 +288,6 @@ def judge(candidates, article, limits, nothing="malformed_json"):
 # ----------------------------------------------------------------------------- llm backend
 
 
-RETRY_AFTER_CAP_S = 600  # a server asking for longer (or "inf") is treated as asking for 10 minutes
-
-
 class RequestFailed(Exception):
     """One attempt failed; `reason` goes into the state file, `retry` says whether trying again may help."""
 
@@ -362,19 +359,24 @@ def reply_content(body):
     return content
 
 
-def _retry_after(headers):
-    """Seconds asked for by a Retry-After header (seconds or an HTTP date), or None."""
+def _retry_after(headers, cap_s):
+    """Seconds to wait as a Retry-After header asks (delay-seconds or an HTTP-date), at most `cap_s`
+    (--max_backoff: a server's word never holds a worker longer than our own policy would); None
+    when there is no usable answer (absent, unparseable, NaN, negative: our own backoff applies).
+    A date in the past means now; "inf", 1e400 and dates in year 9999 mean `cap_s`."""
     value = headers.get("retry-after") if headers is not None else None
     if value is None:
         return None
     try:
         seconds = float(value)
+        if not seconds >= 0:  # NaN and negative numbers are no answer (RFC 9110: 1*DIGIT)
+            return None
     except ValueError:
         try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
+            seconds = max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError, IndexError, OverflowError, OSError):
             return None
-    return None if math.isnan(seconds) else min(max(seconds, 0.0), RETRY_AFTER_CAP_S)  # NaN is no answer
+    return min(seconds, cap_s)
 
 
 class LLMBackend:
@@ -401,7 +403,7 @@ class LLMBackend:
             raise GenerateError(f"HTTP 404 from {self.url}: check --base_url (it usually ends in /v1) "
                                 f"and --model {args.model!r} ({detail})")
         if status == 429 or status >= 500:
-            raise RequestFailed(f"http_{status}", wait_s=_retry_after(headers))
+            raise RequestFailed(f"http_{status}", wait_s=_retry_after(headers, args.max_backoff))
         if not 200 <= status < 300:
             raise RequestFailed(f"http_{status}", retry=False)  # the same request would be refused again
         return reply_content(body)
@@ -627,7 +629,8 @@ def parse_args(argv=None):
     p.add_argument("--max_reply_bytes", type=int, default=4 << 20, help="a longer reply is refused (failure too_large)")
     p.add_argument("--max_attempts", type=int, default=4, help="tries per article before it is recorded failed")
     p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each retry")
-    p.add_argument("--max_backoff", type=float, default=60.0)
+    p.add_argument("--max_backoff", type=float, default=60.0,
+                   help="longest wait before a retry, a server's Retry-After included")
     p.add_argument("--dry_run", action="store_true", help="print the request for one article and exit")
     args = p.parse_args(argv)
     if args.min_qa is None:

@@ -198,7 +198,7 @@ def test_generate_against_scripted_server(serve, tmp_path, capsys):
     articles = write_articles(tmp_path / "wiki.jsonl", titles, [short, "{broken json"])
     output = tmp_path / "out" / "sft_saves.jsonl"
     argv = ["--input", str(articles), "--output", str(output), "--base_url", server.base_url, "--model", "fake",
-            "--workers", "4", *FAST]
+            "--workers", "4", *FAST, "--max_backoff", "1.5"]  # room for the Retry-After: 1 below
 
     assert gen.main(argv) == 0
     rows = assert_valid_and_unique(output, articles)
@@ -407,12 +407,50 @@ def test_validate_rules():
     assert gen.judge([], article, limits).reason == "malformed_json"
 
 
+def http_date(seconds_from_now):
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + seconds_from_now))
+
+
+# what a hostile or broken server may send, and the wait it must come to (cap: --max_backoff)
+RETRY_AFTER = {"3": 3.0, "0": 0.0, "inf": "cap", "Infinity": "cap", "1e400": "cap", "9" * 400: "cap",
+               "99999999999": "cap", "Fri, 31 Dec 9999 23:59:59 GMT": "cap", http_date(3600): "cap",
+               "Thu, 01 Jan 1970 00:00:00 GMT": 0.0, "NaN": None, "-5": None, "-inf": None, "soon": None, "": None,
+               "Fri, 31 Dec 99999 23:59:59 GMT": None, "Mon, 99 Foo 2026 99:99:99 GMT": None}
+
+
 def test_retry_after_header():
-    assert gen._retry_after({"retry-after": "3"}) == 3.0
-    in_a_minute = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))
-    assert 50 < gen._retry_after({"retry-after": in_a_minute}) <= 60
-    assert gen._retry_after({"retry-after": "inf"}) == gen.RETRY_AFTER_CAP_S
-    assert gen._retry_after({"retry-after": "soon"}) is None and gen._retry_after({}) is None
+    for value, wanted in RETRY_AFTER.items():
+        assert gen._retry_after({"retry-after": value}, 10.0) == (10.0 if wanted == "cap" else wanted), value
+    assert 50 < gen._retry_after({"retry-after": http_date(60)}, 600) <= 60
+    assert gen._retry_after({}, 10.0) is None and gen._retry_after(None, 10.0) is None
+
+
+def test_every_wait_a_server_asks_for_is_capped_by_max_backoff(serve, tmp_path):
+    """A real server answering 429 and 503 with hostile Retry-After headers: every wait ends within
+    --max_backoff (before this was capped at 600 s, "inf" held a worker for 10 minutes)."""
+    cap = 0.5
+    titles = {f"河流{i:02d}": value for i, value in enumerate(RETRY_AFTER)}
+
+    def busy_twice(title, value):
+        return lambda n: (429 if n == 1 else 503, "busy", {"Retry-After": value}, 0) if n < 3 else \
+            (200, as_list(good_pairs(title)), {}, 0)
+
+    script = {title: busy_twice(title, value) for title, value in titles.items()}
+    server = serve(script)
+    articles = write_articles(tmp_path / "wiki.jsonl", list(titles))
+    output = tmp_path / "sft_saves.jsonl"
+    argv = ["--input", str(articles), "--output", str(output), "--base_url", server.base_url, "--model", "fake",
+            "--workers", "6", *FAST, "--max_attempts", "3", "--max_backoff", str(cap), "--timeout", "10"]
+    # a subprocess with a deadline: a wait past the cap fails the test instead of hanging it
+    done = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert all(s["status"] == "done" for s in last_states(output).values()) and len(last_states(output)) == len(titles)
+    for title, value in titles.items():
+        first, second, third = server.times[title]
+        for gap in (second - first, third - second):
+            assert gap < cap + 2.0, f"Retry-After {value!r} held the worker {gap:.1f} s"
+            if RETRY_AFTER[value] == "cap":
+                assert gap >= cap * 0.9, f"Retry-After {value!r} is honoured up to the cap"
 
 
 def test_truncate_at_sentence_keeps_whole_sentences():
