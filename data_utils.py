@@ -19,7 +19,10 @@
   (`load_qa`). `TRAINING_HELD_OUT` names the files no training set may read (DRCD test).
 - Writing files atomically (`atomic_write`): a temporary file renamed at the end, so an
   interrupted run never leaves a complete-looking output; `remove_stale_temporaries` clears the
-  temporaries of runs that were killed.
+  temporaries of runs that were killed (`.NAME.tmpPID` files or folders, `.NAME.oldPID` folders
+  moved aside; only the caller's NAMEs, only when process PID is gone). Scripts call it at start
+  for the names they write, and `atomic_write` for its own name before each write, so a kill -9
+  mid-save leaves at most one temporary per name behind, never a pile.
 - The token dtype rule (`token_dtype`): uint16 while every id fits, else uint32.
 """
 import errno
@@ -29,6 +32,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 import time
 from contextlib import contextmanager, nullcontext
@@ -395,6 +399,7 @@ def atomic_write(path, mode="wb"):
     """Open a temporary file beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     tmp = _temporary(path, os.getpid())
+    remove_stale_temporaries(path.parent, [path.name])  # a killed earlier write of this same file
     try:
         with open(tmp, mode) as f:
             yield f
@@ -407,25 +412,54 @@ def atomic_write(path, mode="wb"):
 
 
 def remove_stale_temporaries(folder, names, max_age_s=24 * 3600):
-    """Remove the `atomic_write` temporaries of `names` in `folder` left by killed runs: those whose
-    process is gone, or older than `max_age_s` (a pid may have been reused). Returns their paths."""
+    """Remove the temporaries of `names` in `folder` left by killed runs: `.NAME.tmpPID` (files of
+    `atomic_write`, folders of retrieval.py) and `.NAME.oldPID` (a folder moved aside while its
+    replacement is renamed in), whose process is gone. A pid may have been reused: where the
+    process start time is known (Linux) a process that started after the temporary was last
+    written is not its maker; elsewhere a temporary older than `max_age_s` counts as stale.
+    Returns the removed paths."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    pattern = re.compile(rf"\.({'|'.join(map(re.escape, names))})\.tmp(\d+)")
+    pattern = re.compile(rf"\.({'|'.join(map(re.escape, names))})\.(?:tmp|old)(\d+)")
     for p in folder.iterdir():
         m = pattern.fullmatch(p.name)
         if not m or int(m.group(2)) == os.getpid():
             continue
         try:
-            old = time.time() - p.lstat().st_mtime > max_age_s
-            if old or not _alive(int(m.group(2))):
+            if not _maker_gone(int(m.group(2)), p.lstat().st_mtime, max_age_s):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
                 p.unlink()
-                removed.append(p)
+            removed.append(p)
         except FileNotFoundError:  # another run cleaned it first
             pass
     return removed
+
+
+def _maker_gone(pid, mtime, max_age_s):
+    """Is the process that last wrote a temporary at `mtime` gone?"""
+    if not _alive(pid):
+        return True
+    started = _start_time(pid)
+    if started is None:
+        return time.time() - mtime > max_age_s
+    return started > mtime + 1  # clock-tick resolution; a reused pid started after the write
+
+
+def _start_time(pid):
+    """When process `pid` started (Unix time), from /proc; None where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # the name, in brackets, may hold spaces
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat(5): starttime
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _alive(pid):

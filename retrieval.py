@@ -22,7 +22,8 @@ Design:
   hashes (`term_hashes.npy`, `term_ids.npy`: parsing bm25s' JSON vocabulary took 3-4 s), `passages.jsonl`
   with a byte offset per passage in `offsets.npy` (a hit's text is read with one pread, nothing is
   parsed at load), and `meta.json` (settings, counts, malformed lines). It is written to a temporary folder and renamed,
-  so an interrupted build leaves the previous index intact; loading takes about a second.
+  so an interrupted build leaves the previous index intact (the next build removes what a killed one left behind:
+  `data_utils.remove_stale_temporaries`); loading takes about a second.
 - Input is untrusted: bad JSON, invalid UTF-8, JSON nested too deeply, a missing `text`, lone
   surrogates and over-long lines are counted and reported like data/prepare.py does, never fatal.
 - `rag_prompt` packs as many passages as fit the window before the question, in the one
@@ -46,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+import data_utils
 from data_utils import BadLines, article_key, clean_article, find_jsonl, parse_jsonl_line, split_sentences, write_json
 
 ANALYZERS = ("bigram", "jieba")
@@ -188,6 +190,11 @@ def build_index(inputs, out, analyzer="bigram", passage_chars=DEFAULT_PASSAGE_CH
     if analyzer not in ANALYZERS:
         raise ValueError(f"analyzer must be one of {ANALYZERS}, not {analyzer!r}")
     out = Path(out)
+    # a build killed with -9 left `.NAME.tmpPID` (the half-built index) or `.NAME.oldPID` (the
+    # previous one, moved aside between the two renames of _replace_dir): clear those of dead pids
+    for stale in data_utils.remove_stale_temporaries(out.parent, [out.name]):
+        if not quiet:
+            print(f"removed {stale}, left by a build that was killed")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

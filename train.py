@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import data_utils
 from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from configurator import ConfigError, configure, settings_help
 from data_utils import BadLines, BlockData, atomic_write, evaluate_blocks, load_meta, parse_jsonl_line
@@ -497,6 +498,8 @@ def train(cfg, rt, argv):
 
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in data_utils.remove_stale_temporaries(out_dir, ("last.pt", "best.pt", "log.jsonl")):  # kill -9
+            say(f"removed {stale}, left by a run that was killed")
         tok.save(out_dir / "tokenizer")
         if cfg.init_from != "resume":
             for stale in ("best.pt", "last.pt"):

@@ -218,3 +218,18 @@ def test_stale_temporaries_of_dead_or_old_runs_are_removed(tmp_path):
 
 def test_token_dtype_by_vocabulary_size():
     assert token_dtype(400) == np.uint16 and token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+
+
+def test_atomic_write_first_removes_stale_temporaries_of_its_own_name(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine, other, live = (tmp_path / f".out.json.tmp{dead.pid}", tmp_path / f".other.json.tmp{dead.pid}",
+                         tmp_path / f".out.json.tmp{os.getppid()}")
+    for p in (mine, other, live):
+        p.write_text("partial")
+    folder = tmp_path / f".out.json.old{dead.pid}"  # folders too (retrieval.py's index moved aside)
+    folder.mkdir()
+    (folder / "x").write_text("x")
+    with atomic_write(tmp_path / "out.json", "w") as f:
+        f.write("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.json", other.name, live.name])

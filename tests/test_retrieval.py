@@ -1,9 +1,14 @@
 """retrieval.py: passages, BM25 search on a small built corpus, malformed input, save/load, recall, RAG prompts."""
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from conftest import WIKI_ARTICLES
+from conftest import ROOT, WIKI_ARTICLES
 
 import retrieval
 from retrieval import (
@@ -295,3 +300,37 @@ def test_fit_passage_whole_short_and_too_long(tiny_tokenizer):
     assert len(tok.encode_passage_qa(long_sentence[:len(text) + 1], "长江多长？")) > 40  # the longest prefix
     with pytest.raises(PromptTooLong):
         fit_passage(tok, "长江很长。" * 50, "长江" * 100, 30)
+
+
+def test_a_build_killed_mid_way_leaves_temporaries_the_next_build_removes(corpus, tmp_path):
+    """kill -9 of a real `retrieval.py` build: its `.index.tmpPID` stays behind; the next build
+    removes it and the `.index.oldPID` of a dead build, keeps those of a live pid and other names."""
+    big = write_jsonl(tmp_path / "big" / "a.jsonl", [{"id": str(i), "title": f"条目{i}", "text": f"条目{i}\n\n"
+                      + "".join(random.Random(i).sample("长江黄河故宫泰山北京上海山东河流城市历史", 12)) * 8}
+                                                     for i in range(20000)])
+    out = tmp_path / "index"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "retrieval.py"), "--input", str(big), "--out", str(out),
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = tmp_path / f".index.tmp{proc.pid}"
+    deadline = time.monotonic() + 60
+    while not (killed / "passages.jsonl").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed.is_dir()  # what the kill left
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name in (f".index.old{dead.pid}", f".index.tmp{live.pid}", f".index.old{live.pid}",
+                     f".other.tmp{dead.pid}"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "meta.json").write_text("{}")
+        build_index([corpus], out, quiet=True)
+        left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    finally:
+        live.kill()
+        live.wait()
+    assert left == sorted([f".index.old{live.pid}", f".index.tmp{live.pid}", f".other.tmp{dead.pid}"])
+    assert Index(out).search("紫禁城", k=1)[0]["title"] == "故宫"

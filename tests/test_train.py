@@ -338,3 +338,45 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, pretrain_dir):
         pytest.skip("wandb is installed here, so the missing-package message cannot be shown")
     with pytest.raises(SystemExit, match="pip install wandb"):
         run(pretrain_dir, tmp_path / "run", "--max_iters=1", "--wandb_log=True")
+
+
+MID_SAVE = """
+import sys, time
+import torch
+sys.path.insert(0, sys.argv[2])
+from checkpoint import save_checkpoint
+
+class Slow:  # the pickler reaches this mid-save: the process sits inside save_checkpoint
+    def __reduce__(self):
+        print("saving", flush=True)
+        time.sleep(120)
+        return (int, (0,))
+
+save_checkpoint({"model": torch.zeros(1000), "slow": Slow()}, sys.argv[1])
+"""
+
+
+def test_temporaries_of_a_run_killed_mid_save_are_removed_at_start(tmp_path, pretrain_dir):
+    """kill -9 of a real process inside save_checkpoint leaves `.last.pt.tmpPID`; train.py removes
+    it (and those of other dead pids) at start, and keeps a live process's temporaries."""
+    out = tmp_path / "run"
+    out.mkdir()
+    killed = subprocess.Popen([sys.executable, "-c", MID_SAVE, str(out / "last.pt"), str(ROOT)], stdout=subprocess.PIPE)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        assert killed.stdout.readline() == b"saving\n"
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        for name in (f".log.jsonl.tmp{dead.pid}", f".best.pt.tmp{live.pid}", f".notes.txt.tmp{dead.pid}"):
+            (out / name).write_text("partial")
+        assert (out / f".last.pt.tmp{killed.pid}").exists()  # what the kill left
+        run(pretrain_dir, out, "--max_iters=1", "--eval_interval=100")
+        left = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    finally:
+        for process in (killed, live):
+            process.kill()
+            process.wait()
+    assert left == sorted([f".best.pt.tmp{live.pid}", f".notes.txt.tmp{dead.pid}"])
+    assert load(out / "last.pt")["iter_num"] == 1
