@@ -5,6 +5,8 @@ model and an API key. The hostile requests are built up front from a seeded rand
 same set on every run) across the classes an attacker on the LAN can reach: JSON nested too
 deep, lone surrogates, wrong types, extreme numbers, huge or odd strings within the 1 MB limit,
 bad and oversized headers, wrong methods and paths, unknown fields, truncated bodies, bad auth,
+OPTIONS without the key (a 401 that lists no route, CORS preflight or not), clients that hang up
+without reading their answer (their rows must stop: the worker is idle after the fuzz),
 across every POST route (/tokenize and /detokenize too) and the n, logprobs, rag and extractive fields (the
 server has a tiny index, so RAG requests generate; one legitimate client asks for an extractive answer).
 They are sent as raw bytes over sockets (so malformed HTTP really goes out) by four threads while
@@ -222,8 +224,27 @@ def odd_body(rng):
     return request_bytes("POST", path, body), False
 
 
+def keyless_options(rng):
+    """OPTIONS without the key (or with a wrong one), CORS preflight or not: 401 everywhere (issue 22 F7)."""
+    path = rng.choice(POST_ROUTES + ["/v1/models", "/metrics", "/nowhere", "/v1"])
+    headers = rng.choice([[], [b"Origin: http://evil.test", b"Access-Control-Request-Method: POST"],
+                          [b"Access-Control-Request-Method: GET"]])
+    auth = rng.choice([None, "", "Bearer fuzz-kez", "Basic fuzz-key", "fuzz-key"])
+    return request_bytes("OPTIONS", path, b"", headers=headers, auth=auth), False
+
+
+def hang_up(rng):
+    """A valid generation whose client closes the socket without reading the answer (issue 22 F1)."""
+    path = rng.choice(POST_ROUTES[:3])
+    body = valid_body(rng, path) | {"stream": rng.random() < 0.5, "ignore_eos": True, "n": rng.choice([1, 2])}
+    if path == "/generate":
+        body.pop("n")
+    return request_bytes("POST", path, json_text(body).encode()), HANG_UP
+
+
+HANG_UP = "hang up"  # may_drop: the client leaves at once, so there is no answer to read
 BUILDERS = [deep_json, surrogate, bad_type, extreme_number, odd_string, bad_header, wrong_method, unknown_fields,
-            truncated, bad_auth, odd_body]
+            truncated, bad_auth, odd_body, keyless_options, hang_up]
 
 
 def exchange(port, raw, half_close=False):
@@ -231,6 +252,8 @@ def exchange(port, raw, half_close=False):
     with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as s:
         try:
             s.sendall(raw)
+            if half_close == HANG_UP:
+                return None, b""
             if half_close:
                 s.shutdown(socket.SHUT_WR)
         except OSError:  # the server may close early on a request it refuses (e.g. a huge header)
@@ -245,6 +268,15 @@ def exchange(port, raw, half_close=False):
         data = data.split(b"\r\n\r\n", 1)[1]
     status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.") else None
     return status, data
+
+
+def wait_idle(batcher, timeout_s=30):
+    deadline = time.monotonic() + timeout_s
+    while batcher.active or batcher.waiting.qsize():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def legit_answer(port, path, body):
@@ -299,6 +331,8 @@ def test_hostile_requests_get_4xx_and_harm_no_one(fuzz_server):
                               b"site-packages") if s in data]
         if (status is None and not may_drop) or (status is not None and status >= 500) or leaked:
             problems.append((name, status, leaked, raw[:120], data[:300]))
+        if name == "keyless_options" and (status != 401 or b"Allow:" in data):  # no route list without the key
+            problems.append((name, status, raw[:120], data[:300]))
 
     def legit():
         while not fuzz_done.is_set() and time.monotonic() < deadline and legit_rounds[0] < 500:
@@ -324,4 +358,5 @@ def test_hostile_requests_get_4xx_and_harm_no_one(fuzz_server):
     assert sum(statuses.values()) == CASES and legit_rounds[0] >= 1
     assert statuses.get(200, 0) > 100 and statuses.get(400, 0) > 400, statuses  # it reached both paths
     assert batcher.stats["failed"] == 0, "no generation may fail"
+    assert wait_idle(batcher), "rows of clients that hung up are still generating"
     assert [legit_answer(port, path, body) for path, body in LEGIT] == before
