@@ -90,6 +90,29 @@ def server(run_dir):
         yield url, port
 
 
+def test_a_row_is_dropped_within_one_step_of_waitress_noticing_the_hang_up(run_dir):
+    """Watched from inside: once the request's client_disconnected turns true, the worker runs at
+    most one more engine step (the one under way) before the row leaves the engine."""
+    app = create_app(load_run(run_dir), max_batch=4, queue=8, max_new_tokens_cap=LONG)
+    server = make_server(app, "127.0.0.1", 0, clients=4)
+    threading.Thread(target=server.run, daemon=True).start()
+    worker = app.extensions["batcher"]
+    try:
+        sock = send_raw(server.effective_port, "/generate", {"prompt": "长江", "max_new_tokens": LONG,
+                                                            "ignore_eos": True, "stream": False})
+        assert wait_until(lambda: worker.requests and worker.stats["tokens"] > 4)
+        (rid, jobs), = list(worker.requests.items())
+        sock.close()
+        assert wait_until(jobs[0].client_gone, timeout=10), "waitress never reported the hang-up"
+        steps_at_notice = worker.stats["batches"]
+        assert wait_until(lambda: rid not in worker.requests and worker.engine.running() == 0)
+        assert worker.stats["batches"] - steps_at_notice <= 1
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
+        worker.close()
+
+
 @pytest.mark.parametrize("path, body", [
     ("/generate", {"prompt": "故宫", "max_new_tokens": LONG, "ignore_eos": True, "stream": False}),
     ("/generate", {"prompt": "故宫", "max_new_tokens": LONG, "ignore_eos": True, "stream": True}),
