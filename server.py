@@ -58,8 +58,9 @@ Design choices:
   makes it keep reading while a response is pending) and the worker asks every job before every
   step, so the request is dropped (its slots freed) within one step of waitress noticing; a failed
   write or a stop string ends a job the same way. Queued requests whose clients left are dropped
-  when they reach the worker, or at once when the queue is full (they must not cause 503s). The
-  drops are counted (`minigpt_cancelled_streams_total` in /metrics, `cancelled` in /health).
+  when they reach the worker, or at once when the queue is full (once waitress has noticed, they
+  cause no 503s). The drops are counted (`minigpt_cancelled_streams_total` in /metrics,
+  `cancelled` in /health).
 - `n` above `--max_batch` is a 400 naming both numbers: the n rows of a request share one prefill
   and run together, so they could never all get a slot (served in turns they would not share it).
 - Every error is JSON `{"error": {"message", "type", "field"?}}`: validation names the offending
