@@ -414,7 +414,9 @@ def http_date(seconds_from_now):
 # what a hostile or broken server may send, and the wait it must come to (cap: --max_backoff)
 RETRY_AFTER = {"3": 3.0, "0": 0.0, "inf": "cap", "Infinity": "cap", "1e400": "cap", "9" * 400: "cap",
                "99999999999": "cap", "Fri, 31 Dec 9999 23:59:59 GMT": "cap", http_date(3600): "cap",
-               "Thu, 01 Jan 1970 00:00:00 GMT": 0.0, "NaN": None, "-5": None, "-inf": None, "soon": None, "": None,
+               "Thu, 01 Jan 1970 00:00:00 GMT": 0.0, "Sunday, 06-Nov-94 08:49:37 GMT": 0.0,  # RFC 850 form
+               "Fri Dec 31 23:59:59 9999": "cap",  # asctime form
+               "NaN": None, "-5": None, "-inf": None, "soon": None, "": None,
                "Fri, 31 Dec 99999 23:59:59 GMT": None, "Mon, 99 Foo 2026 99:99:99 GMT": None}
 
 
