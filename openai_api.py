@@ -189,17 +189,17 @@ def parse_openai(body, api, limits):
                              **settings)
 
 
-def check_prompt_tokens(ids_list, limits, scoring):
+def check_prompt_tokens(ids_list, limits, scoring, field="prompt"):
     """Each prompt fits the window (with room for one new token unless it is only scored), and all
     of them together at most MAX_PROMPT_WINDOWS windows."""
     block = limits.block_size
+    most = block if scoring else block - 1
     for ids in ids_list:
-        require(len(ids) > 0, "the prompt is empty", "prompt")
-        most = block if scoring else block - 1
-        require(len(ids) <= most, f"the prompt is {len(ids)} tokens; this model reads at most {most}", "prompt")
+        require(len(ids) > 0, "the prompt is empty", field)
+        require(len(ids) <= most, f"the prompt is {len(ids)} tokens; this model reads at most {most}", field)
     total = sum(len(ids) for ids in ids_list)
     require(total <= MAX_PROMPT_WINDOWS * block,
-            f"the prompts hold {total} tokens; at most {MAX_PROMPT_WINDOWS * block} in one request", "prompt")
+            f"the prompts hold {total} tokens; at most {MAX_PROMPT_WINDOWS * block} in one request", field)
 
 
 # ----------------------------------------------------------------------------- tokens as text

@@ -748,7 +748,8 @@ class Service:
         items = req.prompt if isinstance(req.prompt, tuple) else (req.prompt,)
         prepared = [(list(p), None, None) if isinstance(p, tuple) else self.prompt(replace(req, prompt=p))
                     for p in items]
-        check_prompt_tokens([ids for ids, _, _ in prepared], self.limits, scoring=req.max_new_tokens == 0)
+        check_prompt_tokens([ids for ids, _, _ in prepared], self.limits, req.max_new_tokens == 0,
+                            req.prompt_field)
         scores = [self.score(ids, req.logprobs) if req.echo and req.logprobs is not None else None
                   for ids, _, _ in prepared]
         jobs = []
