@@ -217,3 +217,27 @@ def test_langchain_openai_sends_lists_and_gets_answers(server, reference):
     chat = langchain_openai.ChatOpenAI(base_url=f"{server}/v1", api_key="none", model="tiny-sft", max_tokens=6,
                                        temperature=0, max_retries=0)
     assert isinstance(chat.invoke([("system", "你是助手"), ("human", "长江？")]).content, str)
+
+
+def test_a_full_queue_part_way_through_the_prompts_cancels_those_queued(run_dir):
+    from test_server import health, wait_until
+
+    with serving(run_dir, max_batch=1, queue=2, max_new_tokens_cap=20000) as (url, _):
+        r = requests.post(f"{url}/v1/completions", json={"prompt": ["长江"] * 8, "max_tokens": 20000}, timeout=30)
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        # the prompts queued before the queue filled would run 20,000 tokens each: they are dropped
+        assert wait_until(lambda: health(url)["active"] == 0 and health(url)["waiting"] == 0, timeout=20)
+        assert health(url)["cancelled"] >= 1
+
+
+ODD_PROMPTS = [[], [[]], [[1, 2], [3, "a"]], [None], [[1.5]], [[True]], [[2**70]], [[-5]], "", [""], ["", "a"],
+               [[1] * 65, [1]], [["a"]], {"a": 1}, 7, [[[1]]], ["长" * 513], [1] * 65]
+
+
+@pytest.mark.parametrize("prompt", ODD_PROMPTS, ids=[str(i) for i in range(len(ODD_PROMPTS))])
+@pytest.mark.parametrize("extra", [{}, {"echo": True, "max_tokens": 0, "logprobs": 5}, {"stream": True, "n": 2}],
+                         ids=["plain", "score", "stream"])
+def test_odd_prompts_are_a_400_naming_the_prompt(server, prompt, extra):
+    r = requests.post(f"{server}/v1/completions", json={"prompt": prompt, "max_tokens": 2, **extra}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["field"].startswith("prompt")
