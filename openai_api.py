@@ -29,8 +29,10 @@ Design choices:
   cut (`Progress`), so `completion_tokens` and the logprobs never include the tokens after it.
 - Chat content may be a string or a list of `{"type": "text"}` parts (joined with newlines, as
   vLLM does); the `developer` role is the system role. Other parts are a 400 naming the part.
-- Fields this server cannot honour (`presence_penalty`, `frequency_penalty`, `logit_bias`, tools,
-  ...) are refused with a 400 naming the field unless they carry their "off" value; never ignored.
+- `presence_penalty` / `frequency_penalty` (-2..2) lower a token's logit once / each time the
+  choice generated it (engine.py, per row, so batch-mates never share counts). Fields this server
+  cannot honour (`logit_bias`, tools, `suffix`, ...) are refused with a 400 naming the field unless
+  they carry their "off" value; never ignored.
 - `/tokenize` accepts vLLM's `prompt` as well as `text`; a prompt that is exactly a special token's
   spelling is that token (how lm-eval's remote tokenizer finds the EOS id; generation prompts keep
   user text ordinary). `/tokenizer_info` names the special tokens and the context length
@@ -133,9 +135,9 @@ def read_count(body, name, description):
 
 # fields a route cannot honour; a value other than "off" is refused rather than ignored
 UNSUPPORTED = ("best_of", "suffix", "logit_bias", "response_format", "tools", "tool_choice", "functions",
-               "function_call", "presence_penalty", "frequency_penalty")
-OFF_VALUES = {"best_of": (1,), "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"),
-              "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0)}
+               "function_call")
+OFF_VALUES = {"best_of": (1,), "response_format": ({"type": "text"},), "tool_choice": ("none", "auto")}
+COUNT_PENALTIES = ("presence_penalty", "frequency_penalty")
 
 
 def is_off(name, value):
@@ -176,6 +178,11 @@ def parse_openai(body, api, limits):
                               {"temperature": 1.0})
     if score_only:  # max_tokens 0 with echo: the prompt is scored, nothing is generated
         settings["max_new_tokens"] = 0
+    for name in COUNT_PENALTIES:  # engine.Engine.add applies them; 0 (off) stays out of the settings
+        value = typed(body, name, (int, float), 0, "a number")
+        require(value is not None and -2 <= value <= 2, f"'{name}' must be between -2 and 2 (0 = off)", name)
+        if value:
+            settings["sampling"][name] = float(value)
     prompt, mode, rag_k, extractive = api.read_prompt(body, limits), api.mode, 0, False
     choices = (len(prompt) if isinstance(prompt, tuple) else 1) * n
     require(choices <= MAX_CHOICES, f"{choices} choices (prompts x n); at most {MAX_CHOICES}", "n")

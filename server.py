@@ -717,6 +717,8 @@ class Service:
             require(req.n == 1, "this server runs --scheduler static: only n=1", "n")
             require(req.logprobs is None, "this server runs --scheduler static: no logprobs", "logprobs")
             require(span is None, "this server runs --scheduler static: no extractive answers", "extractive")
+            for name in set(req.sampling) - set(SAMPLING_KEYS):  # presence/frequency penalties (openai_api)
+                raise ApiError(400, f"this server runs --scheduler static: no '{name}'", name)
         stop_ids = () if req.ignore_eos else self.run.tok.stop_ids(req.mode)
         require(span is None or stop_ids, "an extractive answer ends with a stop token: not with 'ignore_eos'",
                 "ignore_eos")

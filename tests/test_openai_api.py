@@ -241,3 +241,38 @@ def test_odd_prompts_are_a_400_naming_the_prompt(server, prompt, extra):
     r = requests.post(f"{server}/v1/completions", json={"prompt": prompt, "max_tokens": 2, **extra}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["field"].startswith("prompt")
+
+
+def test_presence_and_frequency_penalties_lower_the_logits_of_generated_tokens(reference):
+    from engine import Engine
+
+    model, ids = reference.model, reference.tok.encode("长江")
+    engine = Engine(model, max_batch=2, prefill_chunk=64)
+    penalised = engine.add(ids, 12, temperature=0, presence_penalty=0.5, frequency_penalty=1.5)
+    engine.add(ids + ids, 12, temperature=0)  # a batch-mate without penalties
+    tokens = []
+    while engine.has_work():
+        tokens += [e.token for e in engine.step() if e.request == penalised]
+    counts = torch.zeros(model.config.vocab_size)
+    for token in tokens:  # each token is the argmax of a direct forward's logits, penalised by hand
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0][0, -1].float()
+        assert token == int((logits - 0.5 * (counts > 0) - 1.5 * counts).argmax())
+        counts[token] += 1
+        ids = ids + [token]
+    assert len(set(tokens)) > 1  # a penalised row moves on to other tokens
+
+
+def test_penalties_over_http_equal_the_engine_and_change_the_text(client, reference):
+    plain = client.completions.create(model="tiny-sft", prompt="长江", max_tokens=12, temperature=0)
+    penalised = client.completions.create(model="tiny-sft", prompt="长江", max_tokens=12, temperature=0,
+                                          presence_penalty=0.5, frequency_penalty=1.5)
+    from engine import Engine
+
+    engine = Engine(reference.model, max_batch=1, prefill_chunk=64)
+    engine.add(reference.tok.encode("长江"), 12, temperature=0, presence_penalty=0.5, frequency_penalty=1.5,
+               stop_ids=reference.tok.stop_ids("text"))
+    tokens = []
+    while engine.has_work():
+        tokens += [e.token for e in engine.step()]
+    assert penalised.choices[0].text == reference.tok.decode(tokens) != plain.choices[0].text
