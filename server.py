@@ -25,7 +25,7 @@ Design choices:
   step and leaves it the step it finishes, so a short request arriving while a long one runs
   finishes first. `--scheduler static` keeps the previous `Batcher` (a batch of requests that
   arrived within `gather_ms` runs through `engine.generate` until its longest row ends), for
-  bench/bench_server.py's comparison; it serves n=1 without logprobs.
+  bench/bench_server.py's comparison; it serves n=1 without logprobs or presence/frequency penalties.
 - Reproducible. Every row has its own positions, window and random generator (engine.py), seeded
   by the request's `seed` (random when absent; choice i of `n` uses seed + i): a seeded request
   gives the same text alone or in any batch, and a greedy one its solo text, also after its
