@@ -28,6 +28,8 @@ Design:
 - Sampling: one uniform per sampled token from the row's own `torch.Generator` (CPU, seeded with
   the row's seed), then inverse CDF over the filtered probabilities, batched. Greedy rows draw
   nothing. A row whose filtered distribution is empty or not finite falls back to greedy, alone.
+  Penalties change the logits first: `repetition_penalty` on every token seen (prompt included),
+  OpenAI's `presence_penalty` / `frequency_penalty` by the row's own counts of generated tokens.
 - `n > 1` (up to 4) rows share one prefill: the cache is copied into their slots, and row i uses
   seed + i.
 - Extractive decoding (`span`): a row may be held to copying, its tokens a contiguous run of a
@@ -47,6 +49,7 @@ import torch
 MAX_LOGPROBS = 5
 MAX_N = 4
 PENALTY_RANGE = (0.01, 100.0)  # repetition_penalty outside it is refused: it only destroys the text
+COUNT_PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty and frequency_penalty: OpenAI's range
 
 
 class Event(NamedTuple):
@@ -147,6 +150,18 @@ def check_sampling(temperature, top_k, top_p, repetition_penalty, vocab_size):
     return temperature, min(int(top_k), vocab_size), top_p, penalty
 
 
+def check_count_penalties(presence_penalty, frequency_penalty):
+    """(presence, frequency) as floats in COUNT_PENALTY_RANGE (0 = off), or ValueError."""
+    out = []
+    for name, x in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) \
+                or not COUNT_PENALTY_RANGE[0] <= x <= COUNT_PENALTY_RANGE[1]:
+            raise ValueError(f"{name} must be a number in [{COUNT_PENALTY_RANGE[0]}, {COUNT_PENALTY_RANGE[1]}] "
+                             f"(0 = off), not {x!r}")
+        out.append(float(x))
+    return tuple(out)
+
+
 def sample_tokens(logits, temperature, top_k, top_p, uniform):
     """Next token per row of `logits` (m, V), float32.
 
@@ -224,6 +239,8 @@ class _Row:
         self.stop_ids, self.logprobs = stop_ids, logprobs
         self.generator = torch.Generator().manual_seed(seed % 2**64)
         self.seen = None  # (V,) bool of tokens seen, only when a repetition penalty is on
+        self.presence, self.frequency = 0.0, 0.0  # OpenAI's penalties on the tokens generated so far
+        self.counts = None  # (V,) float: how often each token was generated, only when one of them is on
         self.stepped = -1  # the last step that emitted a token of this row
         self.siblings = []  # rows of the same request waiting for this row's prefill
         self.span = Span(span, stop_ids, boundaries) if span is not None else None  # extractive decoding
@@ -253,7 +270,8 @@ class Engine:
     # ---- the public interface
 
     def add(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-            stop_ids=(), seed=None, logprobs=0, n=1, span=None, span_boundaries=None):
+            stop_ids=(), seed=None, logprobs=0, n=1, span=None, span_boundaries=None, presence_penalty=0.0,
+            frequency_penalty=0.0):
         """Queue a request; return its id (the `request` of its events).
 
         `ids`: the prompt (a prompt longer than the window keeps its end). Sampling settings as in
@@ -261,8 +279,9 @@ class Engine:
         draws one from torch's generator. `logprobs` (0..5): how many top alternatives each event
         carries. `n` (1..4, at most max_batch): rows sharing one prefill, row i seeded with seed + i. `span`: token ids
         the output must copy a contiguous run of (extractive decoding; needs `stop_ids`), starting
-        and ending at `span_boundaries` (positions 0..len(span); default all). Raises
-        ValueError on bad settings; nothing is queued then."""
+        and ending at `span_boundaries` (positions 0..len(span); default all). `presence_penalty`,
+        `frequency_penalty` (-2..2, OpenAI's): subtracted from a token's logit once it was generated,
+        and per time it was. Raises ValueError on bad settings; nothing is queued then."""
         ids = list(ids)
         if not ids:
             raise ValueError("every prompt needs at least one token")
@@ -287,6 +306,7 @@ class Engine:
                         or not any(b < len(span) for b in span_boundaries):
                     raise ValueError(f"span_boundaries must be positions in [0, {len(span)}], one before the end")
         settings = check_sampling(temperature, top_k, top_p, repetition_penalty, self.vocab_size)
+        counting = check_count_penalties(presence_penalty, frequency_penalty)
         if seed is None:  # drawn from torch's global generator, so torch.manual_seed still reproduces runs
             seed = int(torch.randint(0, 2**62, (1,)))
         request, self.next_id = self.next_id, self.next_id + 1
@@ -298,6 +318,10 @@ class Engine:
             seen[torch.tensor(ids, device=self.device)] = True
             for row in rows:
                 row.seen = seen.clone()
+        if any(counting):
+            for row in rows:
+                row.presence, row.frequency = counting
+                row.counts = torch.zeros(self.vocab_size, device=self.device)
         rows[0].siblings = rows[1:]
         self.requests[request] = rows
         self.waiting.append(rows)
@@ -472,6 +496,14 @@ class Engine:
             penalty = torch.tensor([rows[i].penalty for i in penalised], device=self.device)[:, None]
             sub = logits[idx]
             logits[idx] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+        counted = [i for i, row in enumerate(rows) if row.counts is not None]
+        if counted:  # OpenAI's penalties: logit - presence * [count > 0] - frequency * count
+            logits = logits.clone() if logits is raw else logits
+            idx = torch.tensor(counted, device=self.device)
+            counts = torch.stack([rows[i].counts for i in counted])
+            presence = torch.tensor([rows[i].presence for i in counted], device=self.device)[:, None]
+            frequency = torch.tensor([rows[i].frequency for i in counted], device=self.device)[:, None]
+            logits[idx] = logits[idx] - presence * (counts > 0) - frequency * counts
         spans = [i for i, row in enumerate(rows) if row.span is not None]
         if spans:
             logits = logits.clone() if logits is raw else logits
@@ -503,6 +535,8 @@ class Engine:
             row.stepped = self.steps
             if row.seen is not None:
                 row.seen[token] = True
+            if row.counts is not None:
+                row.counts[token] += 1
             if row.span is not None:
                 row.span.advance(token)
             finish = "stop" if token in row.stop_ids else "length" if row.produced >= row.max_new_tokens else None

@@ -109,6 +109,23 @@ class Run:
         """Whole completions for many prompts at once (batched generation; evaluations use it)."""
         return self.complete_ids([self.prompt_ids(p, mode, system) for p in prompts], mode, max_new_tokens, **sampling)
 
+    @torch.no_grad()
+    def prompt_logprobs(self, ids, top=0):
+        """Teacher-forced logprobs of a prompt (ids, at most block_size): per token (token, its
+        logprob after the tokens before it, its `top` likeliest alternatives as [(token, logprob)]
+        or None when `top` is 0). The first token has nothing before it: (token, None, None). One
+        forward over the whole prompt; log-softmax of the raw logits in float32, as the engine
+        reports generated tokens (server.py's `echo`; lm-eval's loglikelihood requests)."""
+        x = torch.tensor([list(ids)], device=next(self.model.parameters()).device)
+        logits, _ = self.model(x)
+        logprobs = logits[0, :-1].float().log_softmax(-1)
+        chosen = logprobs.gather(-1, x[0, 1:, None])[:, 0].tolist()
+        alternatives = [None] * len(chosen)
+        if top:
+            values, tokens = logprobs.topk(top, dim=-1)
+            alternatives = [list(zip(t, v)) for t, v in zip(tokens.tolist(), values.tolist())]
+        return [(ids[0], None, None)] + list(zip(ids[1:], chosen, alternatives))
+
     def span_ids(self, texts):
         """Extractive decoding's inputs for `engine.generate`: per text (None: a free row), its token
         ids and their character boundaries (`Tokenizer.char_boundaries`)."""

@@ -3,7 +3,10 @@
     python server.py --out_dir out/sft [--host 127.0.0.1] [--port 5000] [--api_key KEY] [--cors] [--rag INDEX]
 
 Routes: `POST /generate`, `/v1/chat/completions`, `/v1/completions`, `/tokenize`, `/detokenize`;
-`GET /health`, `/v1/models`, `/metrics` (Prometheus text).
+`GET /health`, `/v1/models`, `/v1/models/{id}`, `/tokenizer_info`, `/metrics` (Prometheus text).
+This module is the HTTP app, the workers and the routes; the OpenAI wire format (reading those
+bodies, shaping their answers, the vLLM-style tokenizer routes) is openai_api.py, and the fields
+every route reads are request_fields.py.
 
 Design choices:
 - Layers. `create_app` only wires Flask routes to a `Service`, which does what the routes do
@@ -12,8 +15,9 @@ Design choices:
   `Job`s (one per choice) and `OpenAIReply` with `ChatApi` / `CompletionsApi` shapes the answer
   (`sse` frames a stream). Tests call each of these directly.
 - One model, one owner. A single background thread owns the model; HTTP handler threads never
-  touch it. Handlers tokenize and validate, put a request on a bounded queue and read text pieces
-  back from each job's own queue, so streams cannot cross.
+  generate with it (scoring a prompt for `echo` is a cache-free forward that changes nothing the
+  worker reads: a handler runs it, one at a time). Handlers tokenize and validate, put a request
+  on a bounded queue and read text pieces back from each job's own queue, so streams cannot cross.
 - Continuous batching (`Scheduler`, the default). The worker drives one `engine.Engine`: at every
   step it drops cancelled requests, adds waiting ones while fewer than `max_batch` rows are in the
   engine, and runs one engine step (a decode step for every running row, then prefill of new
@@ -21,7 +25,7 @@ Design choices:
   step and leaves it the step it finishes, so a short request arriving while a long one runs
   finishes first. `--scheduler static` keeps the previous `Batcher` (a batch of requests that
   arrived within `gather_ms` runs through `engine.generate` until its longest row ends), for
-  bench/bench_server.py's comparison; it serves n=1 without logprobs.
+  bench/bench_server.py's comparison; it serves n=1 without logprobs or presence/frequency penalties.
 - Reproducible. Every row has its own positions, window and random generator (engine.py), seeded
   by the request's `seed` (random when absent; choice i of `n` uses seed + i): a seeded request
   gives the same text alone or in any batch, and a greedy one its solo text, also after its
@@ -32,10 +36,11 @@ Design choices:
   resume in a fresh engine from the tokens they already sent (greedy rows exactly; a sampled row
   restarts its generator, and n > 1 rows that already sent text cannot resume and end too).
 - OpenAI fields: `n` (1..4, rows sharing one prefill; a stream sends the choices one after the
-  other, each with its index), `logprobs`/`top_logprobs` on chat and `logprobs: N` on completions
-  (0..5; log-softmax of the raw logits, as the engine reports them; streamed chunks carry the
-  entries of their tokens), `stop` lists, `seed`, usage. Other unsupported fields are refused (a
-  400 naming the field) rather than ignored.
+  other, each with its index), prompts as lists of strings or token ids, `echo` with prompt
+  logprobs, `logprobs`/`top_logprobs` on chat and `logprobs: N` on completions (0..5; log-softmax
+  of the raw logits, as the engine reports them; streamed chunks carry the entries of their
+  tokens), `stop` lists, `seed`, usage (openai_api.py's docstring has the details). Other
+  unsupported fields are refused (a 400 naming the field) rather than ignored.
 - RAG (`--rag INDEX`, a retrieval.py index): `/generate` with `mode: "rag"` (and `rag_k`, default 3,
   at most 10), or `"rag": true | {"k": K}` on chat completions (the last message is the question),
   retrieves passages and answers from retrieval.rag_prompt's passage + question prompt;
@@ -81,23 +86,49 @@ import hmac
 import itertools
 import json
 import logging
-import math
 import queue
 import re
 import socket
 import threading
 import time
-import uuid
 from collections import namedtuple
-from dataclasses import dataclass
+from dataclasses import replace
 from urllib.parse import quote
 
 import torch
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from engine import MAX_LOGPROBS, MAX_N, Engine, generate
+from engine import Engine, generate
 from inference import MODES, SAMPLING_DEFAULTS, load_run, pick_device
+from openai_api import (
+    CHAT,
+    COMPLETIONS,
+    GENERATION_FAILED,
+    OpenAIReply,
+    StopCutter,
+    check_prompt_tokens,
+    detokenize,
+    find_model,
+    make_echo,
+    model_card,
+    parse_openai,
+    read_messages,
+    sse,
+    tokenize,
+    tokenizer_info,
+)
+from request_fields import (
+    MAX_RAG_K,
+    RAG_K,
+    ApiError,
+    GenerationRequest,
+    Limits,
+    parse_settings,
+    read_text,
+    require,
+    typed,
+)
 from retrieval import Index, IndexFolderError, rag_prompt, sources_text
 from tokenizer import StreamDecoder
 
@@ -107,24 +138,10 @@ MAX_BODY_BYTES = 1 << 20
 MAX_JSON_DEPTH = 64
 MAX_JSON_CONTAINERS = 10_000  # arrays + objects: 350k empty lists in 1 MB take ~1 s of GIL-holding parsing
 MAX_HEADER_BYTES = 64 << 10
-DEFAULT_MAX_NEW_TOKENS = 256
-MAX_TEMPERATURE = 10.0
-PENALTY_RANGE = (0.5, 2.0)
-MIN_TOP_P = 1e-6  # any top_p below the top token's probability (>= 1/vocab) keeps just that token
-MAX_STOPS, MAX_STOP_CHARS = 4, 200
 CONNECTION_LIMIT = 1000  # open connections waitress accepts (its default, 100, is easy to exhaust)
 CHANNEL_TIMEOUT_S = 30  # a connection silent this long, with no response pending, is closed
 POLL_S = 0.2  # how often a waiting handler checks whether its client is still there
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
-RAG_K, MAX_RAG_K = 3, 10  # passages retrieved per question: default and most
-MAX_TOKENIZE_CHARS = 100_000  # /tokenize input
-MAX_DETOKENIZE_TOKENS = 100_000  # /detokenize input
-
-
-class ApiError(Exception):
-    def __init__(self, status, message, field=None, error_type="invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.field, self.error_type = status, message, field, error_type
 
 
 def json_response(data, status=200, headers=None):
@@ -160,12 +177,6 @@ def json_depth(brackets):
     """The deepest nesting that `json_brackets` output reaches."""
     return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
 
-
-def shown(value, limit=60):
-    """A short, always-encodable rendering of a client's value for an error message."""
-    text = json.dumps(value, ensure_ascii=False)
-    text = text if len(text) <= limit else text[:limit] + "…"
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def lone_surrogate_at(value, path):
@@ -211,111 +222,6 @@ def parse_json_body(raw):
 
 # ----------------------------------------------------------------------------- request validation
 
-def typed(body, name, types, default, description):
-    """body[name] (or the default) checked against `types`; JSON true/false never counts as a number."""
-    value = body.get(name, default)
-    if value is None:
-        return None
-    types = types if isinstance(types, tuple) else (types,)
-    wrong_bool = isinstance(value, bool) and bool not in types
-    if not isinstance(value, types) or wrong_bool or (isinstance(value, float) and not math.isfinite(value)):
-        raise ApiError(400, f"'{name}' must be {description}, not {shown(value)}", name)
-    return value
-
-
-def require(ok, message, field):
-    if not ok:
-        raise ApiError(400, message, field)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a request may ask of this model and server."""
-    block_size: int
-    vocab_size: int
-    max_new_tokens_cap: int
-
-    @property
-    def max_prompt_chars(self):
-        return 8 * self.block_size  # a cheap bound checked before tokenizing
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One validated request, whichever route it came from."""
-    prompt: object  # text, or a list of {role, content} messages
-    mode: str  # checkpoint.MODES: how the prompt is laid out and which tokens stop the output
-    system: object  # a system prompt (str) or None
-    prompt_field: str  # the field named when the tokenized prompt is refused
-    sampling: dict  # SAMPLING_KEYS
-    max_new_tokens: int
-    seed: object  # int or None
-    stops: tuple
-    ignore_eos: bool
-    stream: bool
-    include_usage: bool = False
-    n: int = 1  # choices sharing one prefill (OpenAI routes)
-    logprobs: object = None  # None = off, else how many top alternatives each token carries (0..5)
-    rag_k: int = 0  # passages retrieved for the question (0 = no retrieval)
-    extractive: bool = False  # with rag_k: the answer copies a run of the passages (engine.Span)
-
-
-def parse_settings(body, limits, max_tokens_name, defaults):
-    """Sampling settings, token budget, stop strings and seed shared by every generating route."""
-    number, cap = (int, float), limits.max_new_tokens_cap
-    temperature = typed(body, "temperature", number, defaults["temperature"], "a number")
-    require(temperature is not None and 0 <= temperature <= MAX_TEMPERATURE,
-            f"'temperature' must be between 0 (greedy) and {MAX_TEMPERATURE:g}", "temperature")
-    top_k = typed(body, "top_k", int, defaults.get("top_k"), "an integer or null")
-    require(top_k is None or top_k >= 0, "'top_k' must be >= 0 (0 or null = off)", "top_k")
-    top_p = typed(body, "top_p", number, defaults.get("top_p"), "a number or null")
-    require(top_p is None or 0 < top_p <= 1, "'top_p' must be in (0, 1]", "top_p")
-    penalty = typed(body, "repetition_penalty", number, 1.0, "a number")
-    low, high = PENALTY_RANGE
-    require(penalty is not None and low <= penalty <= high,
-            f"'repetition_penalty' must be between {low} and {high} (1 = off)", "repetition_penalty")
-    max_new = typed(body, max_tokens_name, int, min(DEFAULT_MAX_NEW_TOKENS, cap), "an integer")
-    require(max_new is not None and 1 <= max_new <= cap, f"'{max_tokens_name}' must be between 1 and {cap}",
-            max_tokens_name)
-    seed = typed(body, "seed", int, None, "an integer or null")
-    require(seed is None or 0 <= seed < 2**63, "'seed' must be between 0 and 2**63 - 1", "seed")
-    stop = typed(body, "stop", (str, list), None, "a string or a list of strings")
-    stop = [stop] if isinstance(stop, str) else (stop or [])
-    require(len(stop) <= MAX_STOPS and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop),
-            f"'stop' takes at most {MAX_STOPS} non-empty strings of up to {MAX_STOP_CHARS} characters", "stop")
-    ignore_eos = typed(body, "ignore_eos", bool, False, "true or false")
-    if temperature == 0:  # greedy ignores top-k/top-p; leaving them on would make the batch sort the vocabulary
-        top_k = top_p = None
-    # values that mean "off" become None, so nothing out of a float32's or an int64's range reaches torch
-    top_k = None if not top_k or top_k >= limits.vocab_size else top_k
-    top_p = None if top_p is None or top_p == 1 else max(float(top_p), MIN_TOP_P)
-    sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, repetition_penalty=float(penalty))
-    return dict(sampling=sampling, max_new_tokens=max_new, seed=seed, stops=tuple(stop), ignore_eos=ignore_eos)
-
-
-def read_text(body, field, limits):
-    text = typed(body, field, str, None, "a string")
-    require(text is not None, f"'{field}' is required", field)
-    require(len(text) <= limits.max_prompt_chars, f"'{field}' is longer than {limits.max_prompt_chars} characters",
-            field)
-    return text
-
-
-def read_messages(body, limits):
-    messages = body.get("messages")
-    require(isinstance(messages, list) and messages, "'messages' must be a non-empty list of {role, content}",
-            "messages")
-    for i, m in enumerate(messages):
-        require(isinstance(m, dict), f"'messages[{i}]' must be an object with role and content", f"messages[{i}]")
-        require(m.get("role") in ("system", "user", "assistant"),
-                f"'messages[{i}].role' must be system, user or assistant", f"messages[{i}].role")
-        require(isinstance(m.get("content"), str), f"'messages[{i}].content' must be a string",
-                f"messages[{i}].content")
-    require(sum(len(m["content"]) for m in messages) <= limits.max_prompt_chars,
-            f"'messages' are longer than {limits.max_prompt_chars} characters", "messages")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
 def parse_generate(body, limits):
     """A `POST /generate` body as a GenerationRequest."""
     mode = typed(body, "mode", str, "text", "a string")
@@ -338,221 +244,6 @@ def parse_generate(body, limits):
         return GenerationRequest(prompt, "qa", None, "prompt", stream=stream, rag_k=rag_k, extractive=extractive,
                                  **settings)
     return GenerationRequest(prompt, mode, system, "prompt", stream=stream, **settings)
-
-
-# OpenAI fields this server cannot honour; a value other than "off" is refused rather than ignored
-UNSUPPORTED = ("best_of", "echo", "suffix", "logit_bias", "response_format", "tools", "tool_choice", "functions",
-               "function_call")
-OFF_VALUES = {"best_of": (1,), "response_format": ({"type": "text"},), "tool_choice": ("none", "auto")}
-
-
-def is_off(name, value):
-    if value is None or value is False or (isinstance(value, (str, list, dict)) and not value):
-        return True
-    return any(type(value) is type(off) and value == off for off in OFF_VALUES.get(name, ()))
-
-
-def parse_openai(body, api, limits):
-    """A `/v1/chat/completions` or `/v1/completions` body (per `api`) as a GenerationRequest."""
-    n = typed(body, "n", int, 1, "an integer")
-    require(n is not None and 1 <= n <= MAX_N, f"'n' must be between 1 and {MAX_N}", "n")
-    for name in UNSUPPORTED:
-        require(is_off(name, body.get(name)), f"'{name}' is not supported by this server", name)
-    stream = typed(body, "stream", bool, False, "true or false")
-    stream_options = typed(body, "stream_options", dict, {}, "an object") or {}
-    settings = parse_settings(body, limits, api.max_tokens_field(body), {"temperature": 1.0})
-    prompt, mode, rag_k, extractive = api.read_prompt(body, limits), api.mode, 0, False
-    rag = body.get("rag", False)
-    if rag is not False and rag is not None:  # an extension: answer the last user message from the index
-        k = rag.get("k", RAG_K) if isinstance(rag, dict) else RAG_K
-        extractive = rag.get("extractive", False) if isinstance(rag, dict) else False
-        require((rag is True or (isinstance(rag, dict) and set(rag) <= {"k", "extractive"})) and isinstance(k, int)
-                and not isinstance(k, bool) and 1 <= k <= MAX_RAG_K and isinstance(extractive, bool),
-                f"'rag' must be true, false or {{\"k\": 1..{MAX_RAG_K}, \"extractive\": true|false}}", "rag")
-        question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        require(isinstance(prompt, str) or prompt[-1]["role"] == "user",
-                "with 'rag' the last message must be the user's question", "messages")
-        prompt, mode, rag_k = question, "qa", k
-    return GenerationRequest(prompt, mode, None, api.prompt_field, stream=stream, n=n,
-                             include_usage=stream_options.get("include_usage") is True,
-                             logprobs=api.read_logprobs(body), rag_k=rag_k, extractive=extractive, **settings)
-
-
-def read_count(body, name, description):
-    value = typed(body, name, int, None, description)
-    require(value is None or 0 <= value <= MAX_LOGPROBS, f"'{name}' must be between 0 and {MAX_LOGPROBS}", name)
-    return value
-
-
-# ----------------------------------------------------------------------------- OpenAI answers
-
-def token_text(tok, token):
-    """(text, UTF-8 bytes) of one token; a token that is part of a character shows U+FFFD, its bytes
-    stay exact (OpenAI's `bytes` field exists for this)."""
-    raw = tok.decode_bytes([token])
-    return raw.decode("utf-8", "replace"), list(raw)
-
-
-class CompletionsApi:
-    """`/v1/completions`: a prompt string continued as text."""
-    mode, prompt_field, id_prefix = "text", "prompt", "cmpl"
-    object = chunk_object = "text_completion"
-    opening = ()  # stream deltas sent before the first piece of text
-    closing = ""  # the delta that carries finish_reason
-
-    def max_tokens_field(self, body):
-        return "max_tokens"
-
-    def read_prompt(self, body, limits):
-        return read_text(body, "prompt", limits)
-
-    def read_logprobs(self, body):
-        return read_count(body, "logprobs", "an integer or null")
-
-    def logprobs(self, tok, entries):
-        texts = [token_text(tok, token)[0] for token, _, _ in entries]
-        return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{token_text(tok, t)[0]: v for t, v in top or ()} for _, _, top in entries],
-                "text_offset": list(itertools.accumulate((len(t) for t in texts[:-1]), initial=0)) if texts else []}
-
-    def whole_choice(self, index, text, finish, logprobs=None):
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-
-    def chunk_choice(self, index, delta, finish, logprobs=None):
-        return self.whole_choice(index, delta, finish, logprobs)
-
-    def delta(self, piece):
-        return piece
-
-
-class ChatApi:
-    """`/v1/chat/completions`: a conversation answered by the assistant."""
-    mode, prompt_field, id_prefix = "chat", "messages", "chatcmpl"
-    object, chunk_object = "chat.completion", "chat.completion.chunk"
-    opening = ({"role": "assistant", "content": ""},)
-    closing = {}
-
-    def max_tokens_field(self, body):
-        return "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-
-    def read_prompt(self, body, limits):
-        return read_messages(body, limits)
-
-    def read_logprobs(self, body):
-        wanted = typed(body, "logprobs", bool, False, "true or false")
-        top = read_count(body, "top_logprobs", "an integer or null")
-        require(top is None or wanted or top == 0, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        return (top or 0) if wanted else None
-
-    def logprobs(self, tok, entries):
-        def item(token, logprob):
-            text, raw = token_text(tok, token)
-            return {"token": text, "logprob": logprob, "bytes": raw}
-
-        return {"content": [item(token, lp) | {"top_logprobs": [item(t, v) for t, v in top or ()]}
-                            for token, lp, top in entries]}
-
-    def whole_choice(self, index, text, finish, logprobs=None):
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                "finish_reason": finish}
-
-    def chunk_choice(self, index, delta, finish, logprobs=None):
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-
-    def delta(self, piece):
-        return {"content": piece}
-
-
-CHAT, COMPLETIONS = ChatApi(), CompletionsApi()
-GENERATION_FAILED = {"message": "generation failed", "type": "server_error"}
-
-
-class OpenAIReply:
-    """The OpenAI-shaped answer to one request (its jobs are the n choices): a whole completion, or
-    the events of a stream. `sources` (RAG) rides on the completion, or on a stream's first event."""
-
-    def __init__(self, api, model_name, jobs, include_usage=False, tok=None, sources=None):
-        self.api, self.jobs, self.include_usage, self.tok = api, list(jobs), include_usage, tok
-        self.sources = sources
-        self.head = {"id": f"{api.id_prefix}-{uuid.uuid4().hex[:24]}", "object": api.object,
-                     "created": int(time.time()), "model": model_name}
-
-    def usage(self):
-        prompt, completion = len(self.jobs[0].ids), sum(job.tokens for job in self.jobs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def logprobs(self, job, entries):
-        return None if job.logprobs is None else self.api.logprobs(self.tok, entries)
-
-    def new_logprobs(self, job, sent, upto):
-        new, sent[0] = job.entries[sent[0]:upto], max(sent[0], upto)
-        return self.logprobs(job, new)
-
-    def whole(self, texts):
-        choices = [self.api.whole_choice(i, text, job.reason, self.logprobs(job, job.entries[:job.tokens]))
-                   for i, (job, text) in enumerate(zip(self.jobs, texts))]
-        extra = {} if self.sources is None else {"sources": self.sources}
-        return {**self.head, "choices": choices, "usage": self.usage(), **extra}
-
-    def chunk(self, index, delta, finish=None, logprobs=None):
-        choice = self.api.chunk_choice(index, delta, finish, logprobs)
-        event = {**self.head, "object": self.api.chunk_object, "choices": [choice]}
-        return event | ({"usage": None} if self.include_usage else {})
-
-    def events(self, streams):
-        """Events for the choices' piece streams, one choice after the other (they are generated
-        together; a later choice's text waits in its job's queue)."""
-        first = True
-        for index, (job, pieces) in enumerate(zip(self.jobs, streams)):
-            sent = [0]  # entries already sent: each chunk carries those of the tokens that came since
-            chunks = (self.chunk(index, delta) for delta in self.api.opening)
-            texts = (self.chunk(index, self.api.delta(piece), logprobs=self.new_logprobs(job, sent, len(job.entries)))
-                     for piece in pieces)
-            for event in itertools.chain(chunks, texts):
-                if first and self.sources is not None:
-                    event["sources"] = self.sources
-                first = False
-                yield event
-            if job.reason == "error":
-                yield {"error": GENERATION_FAILED}
-                return
-            rest = self.new_logprobs(job, sent, job.tokens) if job.tokens > sent[0] else None
-            yield self.chunk(index, self.api.closing, job.reason, rest)
-        if self.include_usage:
-            yield {**self.head, "object": self.api.chunk_object, "choices": [], "usage": self.usage()}
-
-
-def sse(events):
-    """Server-sent events framing: one `data:` line per event, then `data: [DONE]`."""
-    for event in events:
-        yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-# ----------------------------------------------------------------------------- stop strings
-
-class StopCutter:
-    """Cuts streamed text at the first stop string; holds back a tail that may begin one."""
-
-    def __init__(self, stops):
-        self.stops, self.buffer, self.hit = stops, "", False
-
-    def push(self, piece):
-        if not self.stops:
-            return piece
-        self.buffer += piece
-        found = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.hit = True
-            text, self.buffer = self.buffer[:min(found)], ""
-            return text
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.buffer.endswith(s[:k])), default=0)
-        text, self.buffer = self.buffer[:len(self.buffer) - hold], self.buffer[len(self.buffer) - hold:]
-        return text
-
-    def flush(self):
-        text, self.buffer = self.buffer, ""
-        return text
 
 
 # ----------------------------------------------------------------------------- the workers
@@ -829,7 +520,7 @@ class Scheduler(Worker):
             job = jobs[event.index]
             try:
                 self._deliver(job, event.token, event.finish_reason, (event.token, event.logprob, event.top_logprobs)
-                              if job.logprobs else None)
+                              if job.logprobs is not None else None)
             except Exception:  # this row's own fault (its text): end it alone
                 log.exception("a row failed while its text was decoded")
                 self._abandon([job])
@@ -1020,6 +711,7 @@ class Service:
         self.limits = Limits(run.info["block_size"], run.model.config.vocab_size, max_new_tokens_cap)
         self.worker = make_worker(run, scheduler, max_batch, queue_size, gather_ms)
         self.static = scheduler == "static"
+        self.score_lock = threading.Lock()  # prompt scoring (echo): one teacher-forced forward at a time
 
     def health(self):
         w = self.worker
@@ -1028,8 +720,10 @@ class Service:
         return {"status": "ok", "model": self.info, "queue": queue_state}
 
     def models(self):
-        card = {"id": self.info["name"], "object": "model", "created": 0, "owned_by": "minigpt-zh", **self.info}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card(self.info)]}
+
+    def model(self, model_id):
+        return find_model(self.info, model_id)
 
     def prompt(self, req):
         """(prompt ids, sources, span): sources name the retrieved articles in RAG mode, else None;
@@ -1051,10 +745,11 @@ class Service:
             span = (span, boundaries)
         return ids, [{"title": s["title"], "article_id": s["article_id"]} for s in sources], span
 
-    def submit(self, req, client_gone=None):
-        """Queue a request: (its jobs, one per choice; sources or None). `client_gone()` says when
-        the client hung up (the worker polls it every step)."""
-        ids, sources, span = self.prompt(req)
+    def submit(self, req, prepared=None, client_gone=None):
+        """Queue a request: (its jobs, one per choice; sources or None). `prepared`: what
+        `prompt(req)` would give, when the caller made it already; `client_gone()` says when the
+        client hung up (the worker polls it every step)."""
+        ids, sources, span = prepared or self.prompt(req)
         block_size = self.limits.block_size
         require(len(ids) > 0, "the prompt is empty", req.prompt_field)
         require(len(ids) < block_size, f"the prompt is {len(ids)} tokens; this model reads at most {block_size - 1}",
@@ -1063,6 +758,8 @@ class Service:
             require(req.n == 1, "this server runs --scheduler static: only n=1", "n")
             require(req.logprobs is None, "this server runs --scheduler static: no logprobs", "logprobs")
             require(span is None, "this server runs --scheduler static: no extractive answers", "extractive")
+            for name in set(req.sampling) - set(SAMPLING_KEYS):  # presence/frequency penalties (openai_api)
+                raise ApiError(400, f"this server runs --scheduler static: no '{name}'", name)
         # the n rows of a request share one prefill, so they run together or not at all: more rows
         # than the engine has would wait for ever (the worker spun, never answering)
         require(req.n <= self.max_batch, f"'n' is {req.n}, but this server generates at most {self.max_batch} "
@@ -1094,12 +791,31 @@ class Service:
                 "finish_reason": job.reason, **({} if sources is None else {"sources": sources})}
 
     def openai(self, api, body, client_gone):
-        """An OpenAI route (`api` is CHAT or COMPLETIONS): a Stream of server-sent events, or a completion."""
+        """An OpenAI route (`api` is CHAT or COMPLETIONS): a Stream of server-sent events, or a completion.
+        Completions may hold several prompts: their choices come in order, n per prompt."""
         req = parse_openai(body, api, self.limits)
-        jobs, sources = self.submit(req, client_gone)
+        items = req.prompt if isinstance(req.prompt, tuple) else (req.prompt,)
+        prepared = [(list(p), None, None) if isinstance(p, tuple) else self.prompt(replace(req, prompt=p))
+                    for p in items]
+        check_prompt_tokens([ids for ids, _, _ in prepared], self.limits, req.max_new_tokens == 0,
+                            req.prompt_field)
+        scores = [self.score(ids, req.logprobs) if req.echo and req.logprobs is not None else None
+                  for ids, _, _ in prepared]
+        jobs = []
+        try:
+            for ids, sources, span in prepared:
+                jobs += self.submit(req, (ids, sources, span), client_gone)[0] if req.max_new_tokens else \
+                    [finished_job(ids, req.logprobs) for _ in range(req.n)]
+        except ApiError:  # the queue filled up part way: the prompts queued already stop too
+            for job in jobs:
+                job.cancelled.set()
+            raise
+        echoes = [make_echo(self.run.tok, ids, score) for (ids, _, _), score in zip(prepared, scores)
+                  for _ in range(req.n)] if req.echo else None
         streams = [job.pieces(req.stops, client_gone) for job in jobs]
         streams[0] = started(streams[0], jobs[0])
-        reply = OpenAIReply(api, self.info["name"], jobs, req.include_usage, self.run.tok, sources)
+        reply = OpenAIReply(api, self.info["name"], jobs, req.include_usage, self.run.tok, prepared[0][1], echoes,
+                            sum(len(ids) for ids, _, _ in prepared))
         if req.stream:
             return Stream(sse(reply.events(streams)), "text/event-stream; charset=utf-8", jobs, {})
         texts = ["".join(pieces) for pieces in streams]
@@ -1107,22 +823,30 @@ class Service:
             raise ApiError(500, GENERATION_FAILED["message"], error_type="server_error")
         return reply.whole(texts)
 
+    def score(self, ids, top):
+        """The prompt's teacher-forced logprobs (inference.Run.prompt_logprobs). A forward without a
+        cache changes nothing the worker reads, so the handler runs it itself, one at a time."""
+        with self.score_lock:
+            return self.run.prompt_logprobs(ids, top)
+
     def tokenize(self, body):
-        """`POST /tokenize`: {"text"} -> {"tokens", "count"} (plain text: no prompt layout)."""
-        text = typed(body, "text", str, None, "a string")
-        require(text is not None, "'text' is required", "text")
-        require(len(text) <= MAX_TOKENIZE_CHARS, f"'text' is longer than {MAX_TOKENIZE_CHARS} characters", "text")
-        tokens = self.run.tok.encode(text)
-        return {"tokens": tokens, "count": len(tokens)}
+        """`POST /tokenize` (vLLM's shape; openai_api.tokenize)."""
+        return tokenize(self.run.tok, body, self.limits)
 
     def detokenize(self, body):
-        """`POST /detokenize`: {"tokens"} -> {"text"} (special tokens are dropped)."""
-        tokens, vocab = body.get("tokens"), self.limits.vocab_size
-        require(isinstance(tokens, list) and len(tokens) <= MAX_DETOKENIZE_TOKENS,
-                f"'tokens' must be a list of at most {MAX_DETOKENIZE_TOKENS} token ids", "tokens")
-        require(all(type(t) is int and 0 <= t < vocab for t in tokens),
-                f"'tokens' must hold integers in [0, {vocab})", "tokens")
-        return {"text": self.run.tok.decode(tokens)}
+        """`POST /detokenize`: {"tokens"} -> {"prompt", "text"} (special tokens are dropped)."""
+        return detokenize(self.run.tok, body, self.limits)
+
+    def tokenizer_info(self):
+        return tokenizer_info(self.run.tok, self.limits)
+
+
+def finished_job(ids, logprobs):
+    """The job of a choice that generates nothing (`max_tokens: 0` with `echo`: the prompt is scored)."""
+    job = Job(ids, 0, {}, (), None, logprobs)
+    job.finish_reason = "length"
+    job.out.put(None)
+    return job
 
 
 # ----------------------------------------------------------------------------- the Flask app
@@ -1209,6 +933,8 @@ def create_app(run, name=None, api_key=None, cors=False, max_batch=16, queue=64,
     app.get("/metrics", endpoint="metrics")(metrics)
     app.post("/tokenize", endpoint="tokenize")(lambda: json_response(service.tokenize(body())))
     app.post("/detokenize", endpoint="detokenize")(lambda: json_response(service.detokenize(body())))
+    app.get("/tokenizer_info", endpoint="tokenizer_info")(lambda: json_response(service.tokenizer_info()))
+    app.get("/v1/models/<path:model_id>", endpoint="model")(lambda model_id: json_response(service.model(model_id)))
     app.post("/generate", endpoint="generate")(lambda: answer(service.generate))
     app.post("/v1/chat/completions", endpoint="chat_completions")(lambda: answer(service.openai, CHAT))
     app.post("/v1/completions", endpoint="completions")(lambda: answer(service.openai, COMPLETIONS))

@@ -19,17 +19,13 @@ import pytest
 import requests
 
 from inference import load_run
+from openai_api import CHAT, COMPLETIONS, OpenAIReply, StopCutter, parse_openai, sse
+from request_fields import ApiError, Limits
 from server import (
-    CHAT,
-    COMPLETIONS,
     MAX_JSON_CONTAINERS,
     MAX_JSON_DEPTH,
-    ApiError,
     Batcher,
     Job,
-    Limits,
-    OpenAIReply,
-    StopCutter,
     create_app,
     error_response,
     json_brackets,
@@ -37,9 +33,7 @@ from server import (
     make_server,
     parse_generate,
     parse_json_body,
-    parse_openai,
     resumable,
-    sse,
 )
 
 LONG = 20000  # a generation that would take far longer than any test waits
@@ -284,7 +278,34 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 5}, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": 1}, "stream_options"),
-    ("/v1/completions", {"prompt": ["a"]}, "prompt"),
+    ("/v1/completions", {"prompt": []}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", 1]}, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], "a"]}, "prompt"),
+    ("/v1/completions", {"prompt": [True, False]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 33}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "长" * 600]}, "prompt[1]"),
+    ("/v1/completions", {"prompt": [[1], [10**6]]}, "prompt[1]"),
+    ("/v1/completions", {"prompt": [-1]}, "prompt"),
+    ("/v1/completions", {"prompt": [1] * 65}, "prompt"),  # longer than the window
+    ("/v1/completions", {"prompt": [1] * 64}, "prompt"),  # no room for a new token
+    ("/v1/completions", {"prompt": ["a"] * 17, "n": 4}, "n"),  # 68 choices
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0, "echo": False}, "max_tokens"),
+    ("/v1/completions", {"prompt": "a", "echo": True, "max_tokens": -1}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages[0].content[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5},
+     "presence_penalty"),
+    ("/v1/completions", {"prompt": "a", "frequency_penalty": "high"}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "a", "frequency_penalty": -2.01}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": ["a", "b"], "rag": True}, "prompt"),
+    ("/v1/completions", {"prompt": "a", "rag": True, "echo": True}, "echo"),
+    ("/tokenize", {"prompt": 5}, "prompt"),
+    ("/tokenize", {"prompt": "a", "add_special_tokens": "no"}, "add_special_tokens"),
     ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens"),
     # ranges: values that passed validation and then crashed generation, or mean nothing
     ("/generate", {"prompt": "a", "repetition_penalty": 1e-300}, "repetition_penalty"),
@@ -328,7 +349,7 @@ BAD_INPUTS = [
      "logit_bias"),
     ("/v1/completions", {"prompt": "a", "logprobs": 6}, "logprobs"),
     ("/v1/completions", {"prompt": "a", "logprobs": True}, "logprobs"),
-    ("/v1/completions", {"prompt": "a", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "a", "echo": 1}, "echo"),
     ("/v1/completions", {"prompt": "a", "suffix": "end"}, "suffix"),
     ("/v1/completions", {"prompt": "a", "best_of": 2}, "best_of"),
 ]
@@ -607,8 +628,8 @@ def test_parse_openai_reads_each_api_and_refuses_unsupported_fields():
                          "stream": True, "stream_options": {"include_usage": True}}, CHAT, LIMITS)
     assert (chat.mode, chat.max_new_tokens, chat.stream, chat.include_usage) == ("chat", 7, True, True)
     text = parse_openai({"prompt": "hi", "max_tokens": 5}, COMPLETIONS, LIMITS)
-    assert (text.mode, text.prompt, text.prompt_field, text.stream) == ("text", "hi", "prompt", False)
-    for field, value in (("logprobs", True), ("tools", [{}]), ("echo", True), ("n", 5)):
+    assert (text.mode, text.prompt, text.prompt_field, text.stream) == ("text", ("hi",), "prompt", False)
+    for field, value in (("logprobs", True), ("tools", [{}]), ("echo", 1), ("n", 5)):
         with pytest.raises(ApiError) as e:
             parse_openai({"prompt": "hi", field: value}, COMPLETIONS, LIMITS)
         assert e.value.field == field

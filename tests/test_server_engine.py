@@ -21,8 +21,9 @@ from test_server import LONG, health, open_stream, wait_until  # helpers only, n
 
 from engine import generate
 from inference import load_run
+from openai_api import token_text
 from retrieval import Index, build_index, sources_text
-from server import Batcher, Job, Scheduler, create_app, make_server, token_text
+from server import Batcher, Job, Scheduler, create_app, make_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
