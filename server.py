@@ -39,8 +39,10 @@ Design choices:
 - RAG (`--rag INDEX`, a retrieval.py index): `/generate` with `mode: "rag"` (and `rag_k`, default 3,
   at most 10), or `"rag": true | {"k": K}` on chat completions (the last message is the question),
   retrieves passages and answers from retrieval.rag_prompt's passage + question prompt;
-  `"extractive": true` (in the /generate body, or `"rag": {"extractive": true}`) holds the answer
-  to a run of the passages' text (engine.Span: no invented words). The
+  `"extractive": true` (in the /generate body, or `"rag": {"extractive": true}`) answers with the
+  likeliest span of the passages' text (extractive.py: no invented words). When retrieval found no
+  passage there is no span: the answer is empty with finish_reason "no_passage" (`X-Finish-Reason`
+  on a streamed /generate) and `sources: []`, and nothing is generated. The
   articles used come back as `sources` ([{title, article_id}]): a field of the JSON answer, the
   `X-Sources` header of a streamed /generate (percent-encoded UTF-8 JSON), a field of the first SSE
   event. Without an index these requests are a 400.
@@ -87,6 +89,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from engine import MAX_LOGPROBS, MAX_N, Engine, generate
+from extractive import answer_spans
 from inference import MODES, SAMPLING_DEFAULTS, load_run, pick_device
 from retrieval import Index, IndexFolderError, rag_prompt, sources_text
 from tokenizer import StreamDecoder
@@ -107,6 +110,7 @@ CHANNEL_TIMEOUT_S = 30  # a connection silent this long, with no response pendin
 POLL_S = 0.2  # how often a waiting handler checks whether its client is still there
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
 RAG_K, MAX_RAG_K = 3, 10  # passages retrieved per question: default and most
+NO_PASSAGE = "no_passage"  # finish_reason of an extractive answer when retrieval found no passage
 MAX_TOKENIZE_CHARS = 100_000  # /tokenize input
 MAX_DETOKENIZE_TOKENS = 100_000  # /detokenize input
 
@@ -247,7 +251,7 @@ class GenerationRequest:
     n: int = 1  # choices sharing one prefill (OpenAI routes)
     logprobs: object = None  # None = off, else how many top alternatives each token carries (0..5)
     rag_k: int = 0  # passages retrieved for the question (0 = no retrieval)
-    extractive: bool = False  # with rag_k: the answer copies a run of the passages (engine.Span)
+    extractive: bool = False  # with rag_k: the answer is the likeliest span of the passages (extractive.py)
 
 
 def parse_settings(body, limits, max_tokens_name, defaults):
@@ -553,7 +557,7 @@ class Job:
 
     def __init__(self, ids, max_new_tokens, sampling, stop_ids, seed, logprobs=None, span=None):
         self.ids, self.max_new_tokens, self.sampling = ids, max_new_tokens, sampling
-        self.span = span  # extractive decoding: (source ids, their character boundaries), or None
+        self.span = span  # an extractive answer's candidates (extractive.Spans), or None
         self.stop_ids, self.seed, self.logprobs = frozenset(stop_ids), seed, logprobs
         self.out = queue.Queue()  # unbounded: the worker never waits for a slow reader
         self.cancelled = threading.Event()
@@ -746,10 +750,9 @@ class Scheduler(Worker):
         ends alone with "error"."""
         first = jobs[0]
         try:
-            span, boundaries = first.span or (None, None)
             request = engine.add(first.ids + first.generated, first.max_new_tokens - first.tokens,
                                  stop_ids=first.stop_ids, seed=first.seed, logprobs=first.logprobs or 0, n=len(jobs),
-                                 span=span, span_boundaries=boundaries, **first.sampling)
+                                 span=first.span, **first.sampling)
         except (ValueError, TypeError) as e:
             log.warning("the engine refused a request: %s", e)
             self._abandon(jobs)
@@ -992,7 +995,7 @@ class Service:
 
     def prompt(self, req):
         """(prompt ids, sources, span): sources name the retrieved articles in RAG mode, else None;
-        span is what an extractive answer copies from ((ids, boundaries), else None)."""
+        span holds an extractive answer's candidates (extractive.Spans; none without a passage), else None."""
         if not req.rag_k:
             return self.run.prompt_ids(req.prompt, req.mode, req.system), None, None
         require(self.index is not None, "this server has no retrieval index (start it with --rag INDEX)",
@@ -1004,10 +1007,7 @@ class Service:
             ids, sources = rag_prompt(self.run.tok, req.prompt, hits, self.limits.block_size, room)
         except ValueError as e:  # a question too long to search or to fit (PromptTooLong)
             raise ApiError(400, str(e), req.prompt_field) from None
-        span = None
-        if req.extractive and sources:
-            (span,), (boundaries,) = self.run.span_ids([sources_text(sources)])
-            span = (span, boundaries)
+        span = answer_spans(self.run.tok, sources_text(sources), req.prompt) if req.extractive else None
         return ids, [{"title": s["title"], "article_id": s["article_id"]} for s in sources], span
 
     def submit(self, req):
@@ -1026,6 +1026,11 @@ class Service:
                 "ignore_eos")
         jobs = [Job(ids, req.max_new_tokens, req.sampling, stop_ids, req.seed, req.logprobs, span)
                 for _ in range(req.n)]
+        if span is not None and not span.ids:  # no passage, so no span: an empty answer, nothing generated
+            for job in jobs:
+                job.finish_reason = NO_PASSAGE
+                job.out.put(None)
+            return jobs, sources
         self.worker.submit(jobs)
         return jobs, sources
 
@@ -1038,6 +1043,8 @@ class Service:
         pieces = started(job.pieces(req.stops, client_gone), job)
         if req.stream:
             headers = {} if sources is None else {"X-Sources": quote(json.dumps(sources, ensure_ascii=False))}
+            if job.finish_reason == NO_PASSAGE:
+                headers["X-Finish-Reason"] = NO_PASSAGE
             return Stream(pieces, "text/plain; charset=utf-8", jobs, headers)
         text = "".join(pieces)
         if job.reason == "error":
