@@ -40,7 +40,7 @@ from retrieval import analyze
 MAX_SPAN_CHARS = 24
 NORMS = ("sum", "mean")
 DEFAULT_NORM = "mean"
-DEFAULT_GATE = 0  # sentences kept by the lexical gate (0 = every sentence)
+DEFAULT_GATE = 1  # sentences kept by the lexical gate (0 = every sentence)
 ROW_NODES = 128  # trie nodes packed into one row of a scoring forward
 ROWS_PER_FORWARD = 8
 MAX_CANDIDATES = 50_000  # a safety limit: 2,000 characters of passages at the default length
@@ -77,7 +77,7 @@ def gated_sentences(text, question, gate):
     return [sentences[i] for i in keep]
 
 
-def candidate_texts(text, max_chars=MAX_SPAN_CHARS, question=None, gate=DEFAULT_GATE):
+def candidate_texts(text, max_chars=MAX_SPAN_CHARS, question=None, gate=0):
     """Every substring of `text`'s lines (of the gated sentences when `gate` > 0) of 1..max_chars
     characters that neither starts nor ends with whitespace, each once, in order of first place."""
     pieces = gated_sentences(text, question, gate) if gate else (text or "").split("\n")

@@ -3,6 +3,7 @@
     python bench/bench_span.py speed [--questions 20] [--chars 500] [--threads 2]
     python bench/bench_span.py quality --out_dir out/sft --input ../shared/data/qa/drcd_test.zh-hans.json \
         [--max_examples 300] [--output bench/results/span_quality.json]
+    python bench/bench_span.py quality --tokenizer data/tokenizer      # the rules alone, no model
 
 speed: a random-weight model of the CPU preset's shape (config/train_config_cpu.py: n_layer, n_head,
 n_embd, arch, tie_embeddings; block 512 so that a 500-character passage fits; speed does not depend
@@ -11,7 +12,8 @@ on what the weights say, only on the candidate and trie sizes) and the pipeline'
 `--chars` characters gets the first `--chars` of it as its passage, and the whole extractive answer is
 timed as every front end runs it: candidates (`extractive.answer_spans`), prefill, the search, the
 answer's tokens (`engine.generate`). The variants (every sentence, or the lexical gate's best
-sentence) alternate per question, so both see the same machine load; medians are reported.
+sentence) alternate per question, so both see the same machine load; medians of wall time and of
+the process's CPU time (all threads: on a shared machine the wall time measures the neighbours).
 
 quality: the run answers each question of `--input` with its passage shown as qa_eval.py
 --with_context shows it (`passage_prompts`). All candidates (every sentence) are scored once per
@@ -60,21 +62,25 @@ def speed(args):
     questions = [q for q in load_qa(args.input) if len(q["context"]) >= args.chars][: args.questions]
     variants = {"all sentences": 0, "gate 1 sentence": 1}
     times = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
     sizes = {name: [] for name in variants}
     for q in [questions[0]] + questions:  # the first is a warm-up, not counted
         for name, gate in variants.items():
             passage = q["context"][: args.chars]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             spans = extractive.answer_spans(tok, passage, q["question"], gate=gate)
             ids = tok.encode_passage_qa(passage, q["question"])
             for _ in generate(model, [ids], 32, temperature=0.0, stop_ids=[tok.eot], spans=[spans]):
                 pass
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
             sizes[name].append(len(spans.ids))
     result = {"model": shape, "chars": args.chars, "threads": torch.get_num_threads(), "questions": len(questions)}
     for name in variants:
         result[name] = {"median_s": round(statistics.median(times[name][1:]), 3),
                         "max_s": round(max(times[name][1:]), 3),
+                        "median_cpu_s": round(statistics.median(cpu[name][1:]), 3),
+                        "max_cpu_s": round(max(cpu[name][1:]), 3),
                         "median_candidates": statistics.median(sizes[name][1:])}
     return result
 
@@ -95,20 +101,39 @@ def prompt_cache(model, ids):
 
 
 def quality(args):
+    from types import SimpleNamespace
+
     from evaluations.qa_eval import passage_prompts
     from inference import load_run
 
-    run = load_run(args.out_dir)
+    if args.out_dir:
+        run = load_run(args.out_dir)
+    else:  # the rules alone: the passages as a model of --block_size with this tokenizer would see them
+        run = SimpleNamespace(tok=load_tokenizer(args.tokenizer), model=None)
+        run.model = SimpleNamespace(config=SimpleNamespace(block_size=args.block_size))
     tok, model = run.tok, run.model
     questions = load_qa(args.input)[: args.max_examples]
     prompts, _, passages = passage_prompts(run, questions, args.max_new_tokens)
-    variants = [(norm, gate) for gate in (0, 1, 2) for norm in extractive.NORMS]
+    variants = [(norm, gate) for gate in (0, 1, 2) for norm in extractive.NORMS] if args.out_dir else []
     rows = {f"{norm}, gate {gate}": [] for norm, gate in variants}
     rows |= {"rule: best-overlap sentence": [], "rule: first sentence": []}
+    reach = {"a gold answer is a candidate (every sentence)": [], "... in the gate's best sentence": [],
+             "... in the gate's best 2 sentences": [], "... is a run of the passage's tokens (greedy copying)": []}
     start = time.perf_counter()
     for q, prompt, passage in zip(questions, prompts, passages):
+        golds = [a for a in q["answers"] if a.strip()]
+        for hits, gate in zip(list(reach.values())[:3], (0, 1, 2)):
+            hits.append(bool(set(golds) & set(extractive.candidate_texts(passage, question=q["question"], gate=gate))))
+        ids = tok.encode(passage)
+        reach["... is a run of the passage's tokens (greedy copying)"].append(any(
+            len(g) <= extractive.MAX_SPAN_CHARS and is_run(tok.encode(g), ids) for g in golds))
+        rows["rule: best-overlap sentence"].append(score_qa(best_sentence(passage, q["question"]), q["answers"]))
+        first = next((s for s in split_sentences(passage) if s.strip()), "")
+        rows["rule: first sentence"].append(score_qa(first, q["answers"]))
+        if not variants:
+            continue
         ids = tok.encode_qa(prompt)
-        spans = extractive.answer_spans(tok, passage, q["question"])
+        spans = extractive.answer_spans(tok, passage, q["question"], gate=0)
         room = min(args.max_new_tokens, model.config.block_size - 1 - len(ids) + 1)
         keep = [i for i, s in enumerate(spans.ids) if len(s) + 1 <= room]
         k, v, last = prompt_cache(model, ids)
@@ -120,13 +145,16 @@ def quality(args):
             best = extractive.choose(logprob[allowed], n[allowed], norm)
             pred = "" if best is None else spans.texts[keep[allowed[best]]]
             rows[f"{norm}, gate {gate}"].append(score_qa(pred, q["answers"]))
-        rows["rule: best-overlap sentence"].append(score_qa(best_sentence(passage, q["question"]), q["answers"]))
-        first = next((s for s in split_sentences(passage) if s.strip()), "")
-        rows["rule: first sentence"].append(score_qa(first, q["answers"]))
     table = {name: {"f1": round(100 * statistics.mean(r["f1"] for r in scores), 1),
                     "em": round(100 * statistics.mean(r["em"] for r in scores), 1)} for name, scores in rows.items()}
-    return {"run": str(args.out_dir), "input": str(args.input), "n": len(questions),
-            "seconds_per_question": round((time.perf_counter() - start) / len(questions), 3), "table": table}
+    return {"run": str(args.out_dir or "none: rules only"), "input": str(args.input), "n": len(questions),
+            "seconds_per_question": round((time.perf_counter() - start) / len(questions), 3), "table": table,
+            "reachable_percent": {k: round(100 * statistics.mean(v), 1) for k, v in reach.items()}}
+
+
+def is_run(needle, haystack):
+    n = len(needle)
+    return any(haystack[i:i + n] == needle for i in range(len(haystack) - n + 1))
 
 
 def main(argv=None):
@@ -136,15 +164,14 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=str(ROOT / "data" / "tokenizer"), help="speed: the tokenizer folder")
     p.add_argument("--questions", type=int, default=20, help="speed: questions timed")
     p.add_argument("--chars", type=int, default=500, help="speed: passage length in characters")
-    p.add_argument("--out_dir", help="quality: the run directory")
+    p.add_argument("--out_dir", help="quality: the run directory (none: the rules alone)")
+    p.add_argument("--block_size", type=int, default=256, help="quality without --out_dir: the window passages fit")
     p.add_argument("--max_examples", type=int, default=300)
     p.add_argument("--max_new_tokens", type=int, default=64, help="quality: as qa_eval.py's (the passage budget)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=None, help="write the result JSON here too")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.what == "quality" and not args.out_dir:
-        p.error("quality needs --out_dir")
     result = speed(args) if args.what == "speed" else quality(args)
     text = json.dumps(result, ensure_ascii=False, indent=1)
     print(text)
