@@ -1005,9 +1005,9 @@ class Service:
             # the answer may slide the window, so the passages leave room for a short answer only
             room = min(req.max_new_tokens, self.limits.block_size // 4)
             ids, sources = rag_prompt(self.run.tok, req.prompt, hits, self.limits.block_size, room)
-        except ValueError as e:  # a question too long to search or to fit (PromptTooLong)
+            span = answer_spans(self.run.tok, sources_text(sources), req.prompt) if req.extractive else None
+        except ValueError as e:  # a question too long to search or to fit (PromptTooLong), too many spans
             raise ApiError(400, str(e), req.prompt_field) from None
-        span = answer_spans(self.run.tok, sources_text(sources), req.prompt) if req.extractive else None
         return ids, [{"title": s["title"], "article_id": s["article_id"]} for s in sources], span
 
     def submit(self, req):
