@@ -32,11 +32,12 @@ Design:
   OpenAI's `presence_penalty` / `frequency_penalty` by the row's own counts of generated tokens.
 - `n > 1` (up to 4) rows share one prefill: the cache is copied into their slots, and row i uses
   seed + i.
-- Extractive decoding (`span`): a row may be held to copying, its tokens a contiguous run of a
-  source (the passage it reads) then a stop token. Tokens outside the run's possible continuations
-  are masked before sampling (`Span`), so the model still chooses where to start and when to stop;
-  logprobs stay the model's own. A small reader that has not learned to copy invents names that
-  are in no passage; held to spans it answers from the text.
+- Extractive answers (`span`, an `extractive.Spans`): when such a row's prompt is prefilled, the
+  maximum-likelihood candidate span is found by teacher forcing over the row's own slot cache
+  (`extractive.search`), and the row then emits its tokens and the end token, whatever the sampling
+  settings (the answer is the model's likeliest span, not a draw); logprobs stay the model's own. A
+  small reader that has not learned to copy invents names that are in no passage; held to spans it
+  answers from the text. No candidate (no passage) gives the end token alone: an empty answer.
 """
 import math
 import numbers
@@ -45,6 +46,8 @@ from itertools import groupby
 from typing import NamedTuple
 
 import torch
+
+from extractive import Spans, search
 
 MAX_LOGPROBS = 5
 MAX_N = 4
@@ -198,37 +201,10 @@ def sample_tokens(logits, temperature, top_k, top_p, uniform):
 
 # ----------------------------------------------------------------------------- the engine
 
-class Span:
-    """Extractive decoding of one row: its output is a contiguous run of `source` token ids, then a
-    stop token (allowed once the run has a token). `boundaries`: the positions of `source` where a
-    run may start and end (character boundaries: a byte-level token can hold part of a character);
-    None allows all. `starts` are the places in `source` where the output so far occurs."""
-
-    def __init__(self, source, stop_ids, boundaries=None):
-        self.source, self.stop_ids = list(source), frozenset(stop_ids)
-        n = len(self.source)
-        self.boundaries = set(range(n + 1)) if boundaries is None else set(boundaries)
-        self.starts, self.length = [i for i in range(n) if i in self.boundaries], 0
-
-    def allowed(self):
-        """The token ids the next token may be."""
-        n, m = len(self.source), self.length
-        nxt = {self.source[i + m] for i in self.starts if i + m < n}
-        if m and any(i + m in self.boundaries for i in self.starts):
-            nxt |= self.stop_ids
-        return nxt or set(self.stop_ids)  # a run that cannot end on a boundary still ends
-
-    def advance(self, token):
-        n, m = len(self.source), self.length
-        self.starts = [i for i in self.starts if i + m < n and self.source[i + m] == token]
-        self.length += 1
-
-
 class _Row:
     """One output stream: a request has n of them."""
 
-    def __init__(self, request, index, tokens, max_new_tokens, settings, stop_ids, seed, logprobs, span=None,
-                 boundaries=None):
+    def __init__(self, request, index, tokens, max_new_tokens, settings, stop_ids, seed, logprobs, span=None):
         self.request, self.index = request, index
         self.tokens = tokens  # the row's window: cached tokens first, then those still to run
         self.length = 0  # cache positions filled (tokens[:length])
@@ -243,7 +219,8 @@ class _Row:
         self.counts = None  # (V,) float: how often each token was generated, only when one of them is on
         self.stepped = -1  # the last step that emitted a token of this row
         self.siblings = []  # rows of the same request waiting for this row's prefill
-        self.span = Span(span, stop_ids, boundaries) if span is not None else None  # extractive decoding
+        self.span = span  # an extractive.Spans, or None
+        self.plan = None  # an extractive row's answer (tokens + end), found when its prompt is prefilled
 
 
 class Engine:
@@ -270,16 +247,16 @@ class Engine:
     # ---- the public interface
 
     def add(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-            stop_ids=(), seed=None, logprobs=0, n=1, span=None, span_boundaries=None, presence_penalty=0.0,
+            stop_ids=(), seed=None, logprobs=0, n=1, span=None, presence_penalty=0.0,
             frequency_penalty=0.0):
         """Queue a request; return its id (the `request` of its events).
 
         `ids`: the prompt (a prompt longer than the window keeps its end). Sampling settings as in
         `generate`; a row stops after a token in `stop_ids` or after `max_new_tokens`. `seed` None
         draws one from torch's generator. `logprobs` (0..5): how many top alternatives each event
-        carries. `n` (1..4, at most max_batch): rows sharing one prefill, row i seeded with seed + i. `span`: token ids
-        the output must copy a contiguous run of (extractive decoding; needs `stop_ids`), starting
-        and ending at `span_boundaries` (positions 0..len(span); default all). `presence_penalty`,
+        carries. `n` (1..4, at most max_batch): rows sharing one prefill, row i seeded with seed + i.
+        `span`: an `extractive.Spans`, the candidates of an extractive answer (its end token must be
+        a stop id); the rows then emit the likeliest candidate. `presence_penalty`,
         `frequency_penalty` (-2..2, OpenAI's): subtracted from a token's logit once it was generated,
         and per time it was. Raises ValueError on bad settings; nothing is queued then."""
         ids = list(ids)
@@ -295,16 +272,12 @@ class Engine:
         if not all(isinstance(t, numbers.Integral) for t in stop_ids):
             raise ValueError("stop_ids must be integers")
         if span is not None:
-            span = list(span)
-            if not span or not all(isinstance(t, numbers.Integral) and 0 <= t < self.vocab_size for t in span):
-                raise ValueError(f"a span must be a non-empty list of token ids in [0, {self.vocab_size})")
-            if not stop_ids:
-                raise ValueError("a span needs stop_ids: a copied answer ends with a stop token")
-            if span_boundaries is not None:
-                span_boundaries = set(span_boundaries)
-                if not all(isinstance(b, numbers.Integral) and 0 <= b <= len(span) for b in span_boundaries) \
-                        or not any(b < len(span) for b in span_boundaries):
-                    raise ValueError(f"span_boundaries must be positions in [0, {len(span)}], one before the end")
+            if not isinstance(span, Spans):
+                raise ValueError("a span must be an extractive.Spans (extractive.answer_spans)")
+            if span.end not in stop_ids:
+                raise ValueError("an extractive answer ends with its end token: it must be one of stop_ids")
+            if not all(0 <= t < self.vocab_size for seq in span.ids for t in seq):
+                raise ValueError(f"span token ids must be in [0, {self.vocab_size})")
         settings = check_sampling(temperature, top_k, top_p, repetition_penalty, self.vocab_size)
         counting = check_count_penalties(presence_penalty, frequency_penalty)
         if seed is None:  # drawn from torch's global generator, so torch.manual_seed still reproduces runs
@@ -312,7 +285,7 @@ class Engine:
         request, self.next_id = self.next_id, self.next_id + 1
         ids, stop_ids = ids[-self.window:], frozenset(int(t) for t in stop_ids)
         rows = [_Row(request, i, list(ids), int(max_new_tokens), settings, stop_ids, int(seed) + i, int(logprobs),
-                     span, span_boundaries) for i in range(n)]
+                     span) for i in range(n)]
         if settings[3] != 1.0:
             seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             seen[torch.tensor(ids, device=self.device)] = True
@@ -462,6 +435,13 @@ class Engine:
         ready, ready_logits = [], []
         for row, logit in zip(done, done_logits):
             self.prefilling.remove(row)
+            if row.span is not None and row.plan is None:  # the answer is searched once, on the prompt's cache
+                room = min(row.max_new_tokens, self.window - row.length + 1)
+                cached = slice(0, row.length)
+                row.plan = search(self.model, row.span, self.cache.k[:, row.slot, :, cached],
+                                  self.cache.v[:, row.slot, :, cached], logit, room)
+                for sibling in row.siblings:
+                    sibling.plan = row.plan
             for sibling in row.siblings:  # n > 1: the shared prefill is copied
                 self.cache.copy(row.slot, sibling.slot, row.length)
                 sibling.tokens, sibling.length = list(row.tokens), row.length
@@ -504,14 +484,6 @@ class Engine:
             presence = torch.tensor([rows[i].presence for i in counted], device=self.device)[:, None]
             frequency = torch.tensor([rows[i].frequency for i in counted], device=self.device)[:, None]
             logits[idx] = logits[idx] - presence * (counts > 0) - frequency * counts
-        spans = [i for i, row in enumerate(rows) if row.span is not None]
-        if spans:
-            logits = logits.clone() if logits is raw else logits
-            for i in spans:
-                keep = torch.tensor(sorted(rows[i].span.allowed()), device=self.device)
-                masked = torch.full_like(logits[i], -math.inf)
-                masked[keep] = logits[i, keep]
-                logits[i] = masked
         uniform = [1.0 - float(torch.rand(1, generator=row.generator)) if row.temperature > 0 else 1.0
                    for row in rows]  # (0, 1]
         def column(values, dtype):
@@ -523,6 +495,11 @@ class Engine:
             tokens = sample_tokens(logits, column([r.temperature for r in rows], torch.float32),
                                    column([r.top_k for r in rows], torch.long),
                                    column([r.top_p for r in rows], torch.float32), column(uniform, torch.float32))
+        planned = [i for i, row in enumerate(rows) if row.plan is not None]
+        if planned:  # extractive rows emit their answer, token by token
+            tokens = tokens.clone()
+            for i in planned:
+                tokens[i] = rows[i].plan[rows[i].produced]
         lse = raw.logsumexp(-1)
         chosen = (raw.gather(-1, tokens[:, None])[:, 0] - lse).tolist()
         top = None
@@ -537,8 +514,6 @@ class Engine:
                 row.seen[token] = True
             if row.counts is not None:
                 row.counts[token] += 1
-            if row.span is not None:
-                row.span.advance(token)
             finish = "stop" if token in row.stop_ids else "length" if row.produced >= row.max_new_tokens else None
             alternatives = None
             if row.logprobs:
@@ -565,31 +540,29 @@ def _per_row(value, B, name):
 
 
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             repetition_penalty=1.0, stop_ids=(), seed=None, spans=None, span_boundaries=None):
+             repetition_penalty=1.0, stop_ids=(), seed=None, spans=None):
     """Stream tokens for a batch of prompts (lists of ids): yields [token or None per row] per step.
 
     Sampling settings and `seed` are scalars or one value per row; an int seed seeds every row with
     it (so identical prompts with one seed give identical samples: pass seed + i for different
     ones). Each row's tokens are exactly what it would get alone. A row stops after yielding a token
     in `stop_ids` or after `max_new_tokens` and yields None afterwards; the generator ends when
-    every row has stopped. Closing it early stops the work. `spans`: per row, None or the token ids
-    its output must copy a contiguous run of, and `span_boundaries` per row where such a run may start
-    and end (extractive decoding, `Engine.add`).
+    every row has stopped. Closing it early stops the work. `spans`: per row, None or an
+    `extractive.Spans` (the row emits the likeliest candidate span, `Engine.add`).
     """
     B = len(prompts)
     if B == 0:
         raise ValueError("no prompts")
     spans = [None] * B if spans is None else list(spans)
-    span_boundaries = [None] * B if span_boundaries is None else list(span_boundaries)
-    if len(spans) != B or len(span_boundaries) != B:
-        raise ValueError(f"spans and span_boundaries need one value for each of the {B} prompts")
+    if len(spans) != B:
+        raise ValueError(f"spans needs one value for each of the {B} prompts")
     engine = Engine(model, max_batch=B, prefill_chunk=B * model.config.block_size)  # every prompt at once
     settings = [_per_row(v, B, name) for v, name in ((temperature, "temperature"), (top_k, "top_k"),
                                                       (top_p, "top_p"), (repetition_penalty, "repetition_penalty"),
                                                       (seed, "seed"))]
     rows = [engine.add(prompt, max_new_tokens, temperature=t, top_k=k, top_p=p, repetition_penalty=r,
-                       stop_ids=stop_ids, seed=s, span=span, span_boundaries=cuts)
-            for prompt, t, k, p, r, s, span, cuts in zip(prompts, *settings, spans, span_boundaries)]
+                       stop_ids=stop_ids, seed=s, span=span)
+            for prompt, t, k, p, r, s, span in zip(prompts, *settings, spans)]
     row_of = {request: i for i, request in enumerate(rows)}
     # rows advance in step, but a row whose window slides or whose prompt is long can lag a step:
     # tokens wait here until every running row has one, so step k holds each row's k-th token

@@ -90,11 +90,10 @@ class Run:
 
     def stream_ids(self, ids, mode="qa", max_new_tokens=128, span=None, **sampling):
         """`stream` from prompt ids made already (a RAG prompt); `mode` picks the stop tokens. `span`:
-        text the answer must be copied from (extractive decoding), or None."""
+        the candidates of an extractive answer (`extractive.answer_spans`), or None."""
         decoder = StreamDecoder(self.tok)
-        spans, boundaries = self.span_ids([span])
-        for (token,) in generate(self.model, [ids], max_new_tokens, stop_ids=self.tok.stop_ids(mode), spans=spans,
-                                 span_boundaries=boundaries, **sampling):
+        for (token,) in generate(self.model, [ids], max_new_tokens, stop_ids=self.tok.stop_ids(mode), spans=[span],
+                                 **sampling):
             piece = decoder.push(token)
             if piece:
                 yield piece
@@ -126,19 +125,12 @@ class Run:
             alternatives = [list(zip(t, v)) for t, v in zip(tokens.tolist(), values.tolist())]
         return [(ids[0], None, None)] + list(zip(ids[1:], chosen, alternatives))
 
-    def span_ids(self, texts):
-        """Extractive decoding's inputs for `engine.generate`: per text (None: a free row), its token
-        ids and their character boundaries (`Tokenizer.char_boundaries`)."""
-        spans = [self.tok.encode(t) or None if t is not None else None for t in texts]
-        return spans, [None if s is None else self.tok.char_boundaries(s) for s in spans]
-
     def complete_ids(self, rows, mode="qa", max_new_tokens=128, spans=None, **sampling):
         """`complete_batch` from prompt ids made already (RAG prompts). `spans`: per row, None or the
-        text its answer must be copied from (extractive decoding, engine.Span)."""
+        candidates of its extractive answer (`extractive.answer_spans`)."""
         out = [[] for _ in rows]
-        spans, boundaries = self.span_ids(spans or [None] * len(rows))
         for step in generate(self.model, rows, max_new_tokens, stop_ids=self.tok.stop_ids(mode), spans=spans,
-                             span_boundaries=boundaries, **sampling):
+                             **sampling):
             for i, t in enumerate(step):
                 if t is not None:
                     out[i].append(t)

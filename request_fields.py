@@ -79,7 +79,7 @@ class GenerationRequest:
     n: int = 1  # choices sharing one prefill (OpenAI routes)
     logprobs: object = None  # None = off, else how many top alternatives each token carries (0..5)
     rag_k: int = 0  # passages retrieved for the question (0 = no retrieval)
-    extractive: bool = False  # with rag_k: the answer copies a run of the passages (engine.Span)
+    extractive: bool = False  # with rag_k: the answer is the likeliest span of the passages (extractive.py)
     echo: bool = False  # completions: the prompt comes back before the completion (openai_api)
 
 

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from checkpoint import CheckpointError
+from extractive import answer_spans
 from inference import MODES, SAMPLING_DEFAULTS, load_run, pick_device
 from retrieval import Index, IndexFolderError, PromptTooLong, sources_text
 
@@ -49,7 +50,7 @@ def parse_args(argv):
     ap.add_argument("--rag", default=None, help="retrieval.py index folder for --mode=rag")
     ap.add_argument("--rag_k", type=int, default=3, help="passages retrieved per question (rag mode)")
     ap.add_argument("--extractive", action="store_true",
-                    help="rag mode: the answer copies a run of the retrieved passages (no invented text)")
+                    help="rag mode: the answer is the likeliest span of the retrieved passages (no invented text)")
     ap.add_argument("--start", default="\n", help="prompt text, or FILE:path with one prompt per line")
     ap.add_argument("--system", default=None, help="system prompt (persona) for chat mode")
     ap.add_argument("--num_samples", type=int, default=1, help="samples per prompt (text and qa)")
@@ -113,7 +114,7 @@ def sample_prompts(run, args, out, index=None):
                     ids, sources = run.rag_prompt_ids(prompt, index, args.rag_k, args.max_new_tokens)
                 except PromptTooLong as e:
                     raise SystemExit(f"error: {e}") from None
-                span = sources_text(sources) if args.extractive else None
+                span = answer_spans(run.tok, sources_text(sources), prompt) if args.extractive else None
                 emit(run.stream_ids(ids, "qa", span=span, **sampling_settings(args, i)), out)
                 out.write("\n" + format_sources(sources))
             else:

@@ -37,7 +37,7 @@ Design choices:
   passages. Each local model builds its own prompt through `Run.rag_prompt_ids` (the one RAG path;
   its tokenizer and window decide how much of the passages fit) and its panel lists the passages
   it read, title and text, escaped (`Panel.sources_markdown`); `--extractive` holds the answers to
-  runs of those passages (engine.Span). A peer has no access to this index,
+  spans of those passages (the likeliest span, extractive.py). A peer has no access to this index,
   so in RAG mode its panel says so instead of answering something else.
 - The page only wires widgets to `Arena`, `Battle` and the functions above them, which the tests
   call without a browser. Text from models and peers is shown as text: Textboxes show it as is,
@@ -69,6 +69,7 @@ import httpx  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from data_utils import BadLines, iter_jsonl  # noqa: E402
+from extractive import answer_spans  # noqa: E402
 from inference import SAMPLING_DEFAULTS, load_run, pick_device  # noqa: E402
 from retrieval import Index, IndexFolderError, PromptTooLong, sources_text  # noqa: E402
 
@@ -110,7 +111,7 @@ class Settings:
 @dataclass(frozen=True)
 class Rag:
     """Where RAG passages come from: a retrieval.Index and how many passages to retrieve; with
-    `extractive`, answers copy a run of the passages (engine.Span)."""
+    `extractive`, answers are the likeliest span of the passages (extractive.py)."""
     index: object
     k: int = 3
     extractive: bool = False
@@ -148,7 +149,7 @@ class LocalModel:
             ids, sources = run.rag_prompt_ids(question, rag.index, rag.k, int(settings.max_new_tokens))
         except PromptTooLong as e:
             raise ModelError(str(e)) from e
-        span = sources_text(sources) if rag.extractive else None
+        span = answer_spans(run.tok, sources_text(sources), question) if rag.extractive else None
         return sources, run.stream_ids(ids, "qa", span=span, **settings.sampling())
 
 
@@ -884,7 +885,7 @@ def main(argv=None):
     parser.add_argument("--rag", default=None, help="retrieval.py index folder: adds the RAG box to the Arena tab")
     parser.add_argument("--rag_k", type=int, default=3, help="passages retrieved per question in RAG mode")
     parser.add_argument("--extractive", action="store_true",
-                        help="RAG answers copy a run of the retrieved passages (extractive decoding)")
+                        help="RAG answers are the likeliest span of the retrieved passages (extractive.py)")
     parser.add_argument("--connect_timeout", type=float, default=PeerLimits.connect_timeout)
     parser.add_argument("--read_timeout", type=float, default=PeerLimits.read_timeout,
                         help="seconds a peer may stay silent mid-answer")

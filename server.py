@@ -44,8 +44,10 @@ Design choices:
 - RAG (`--rag INDEX`, a retrieval.py index): `/generate` with `mode: "rag"` (and `rag_k`, default 3,
   at most 10), or `"rag": true | {"k": K}` on chat completions (the last message is the question),
   retrieves passages and answers from retrieval.rag_prompt's passage + question prompt;
-  `"extractive": true` (in the /generate body, or `"rag": {"extractive": true}`) holds the answer
-  to a run of the passages' text (engine.Span: no invented words). The
+  `"extractive": true` (in the /generate body, or `"rag": {"extractive": true}`) answers with the
+  likeliest span of the passages' text (extractive.py: no invented words). When retrieval found no
+  passage there is no span: the answer is empty with finish_reason "no_passage" (`X-Finish-Reason`
+  on a streamed /generate) and `sources: []`, and nothing is generated. The
   articles used come back as `sources` ([{title, article_id}]): a field of the JSON answer, the
   `X-Sources` header of a streamed /generate (percent-encoded UTF-8 JSON), a field of the first SSE
   event. Without an index these requests are a 400.
@@ -100,6 +102,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from engine import Engine, generate
+from extractive import answer_spans
 from inference import MODES, SAMPLING_DEFAULTS, load_run, pick_device
 from openai_api import (
     CHAT,
@@ -142,6 +145,7 @@ CONNECTION_LIMIT = 1000  # open connections waitress accepts (its default, 100, 
 CHANNEL_TIMEOUT_S = 30  # a connection silent this long, with no response pending, is closed
 POLL_S = 0.2  # how often a waiting handler checks whether its client is still there
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
+NO_PASSAGE = "no_passage"  # finish_reason of an extractive answer when retrieval found no passage
 
 
 def json_response(data, status=200, headers=None):
@@ -258,7 +262,7 @@ class Job:
 
     def __init__(self, ids, max_new_tokens, sampling, stop_ids, seed, logprobs=None, span=None):
         self.ids, self.max_new_tokens, self.sampling = ids, max_new_tokens, sampling
-        self.span = span  # extractive decoding: (source ids, their character boundaries), or None
+        self.span = span  # an extractive answer's candidates (extractive.Spans), or None
         self.stop_ids, self.seed, self.logprobs = frozenset(stop_ids), seed, logprobs
         self.out = queue.Queue()  # unbounded: the worker never waits for a slow reader
         self.cancelled = threading.Event()
@@ -478,10 +482,9 @@ class Scheduler(Worker):
         ends alone with "error"."""
         first = jobs[0]
         try:
-            span, boundaries = first.span or (None, None)
             request = engine.add(first.ids + first.generated, first.max_new_tokens - first.tokens,
                                  stop_ids=first.stop_ids, seed=first.seed, logprobs=first.logprobs or 0, n=len(jobs),
-                                 span=span, span_boundaries=boundaries, **first.sampling)
+                                 span=first.span, **first.sampling)
         except (ValueError, TypeError) as e:
             log.warning("the engine refused a request: %s", e)
             self._abandon(jobs)
@@ -727,7 +730,7 @@ class Service:
 
     def prompt(self, req):
         """(prompt ids, sources, span): sources name the retrieved articles in RAG mode, else None;
-        span is what an extractive answer copies from ((ids, boundaries), else None)."""
+        span holds an extractive answer's candidates (extractive.Spans; none without a passage), else None."""
         if not req.rag_k:
             return self.run.prompt_ids(req.prompt, req.mode, req.system), None, None
         require(self.index is not None, "this server has no retrieval index (start it with --rag INDEX)",
@@ -737,12 +740,9 @@ class Service:
             # the answer may slide the window, so the passages leave room for a short answer only
             room = min(req.max_new_tokens, self.limits.block_size // 4)
             ids, sources = rag_prompt(self.run.tok, req.prompt, hits, self.limits.block_size, room)
-        except ValueError as e:  # a question too long to search or to fit (PromptTooLong)
+            span = answer_spans(self.run.tok, sources_text(sources), req.prompt) if req.extractive else None
+        except ValueError as e:  # a question too long to search or to fit (PromptTooLong), too many spans
             raise ApiError(400, str(e), req.prompt_field) from None
-        span = None
-        if req.extractive and sources:
-            (span,), (boundaries,) = self.run.span_ids([sources_text(sources)])
-            span = (span, boundaries)
         return ids, [{"title": s["title"], "article_id": s["article_id"]} for s in sources], span
 
     def submit(self, req, prepared=None, client_gone=None):
@@ -769,6 +769,11 @@ class Service:
                 "ignore_eos")
         jobs = [Job(ids, req.max_new_tokens, req.sampling, stop_ids, req.seed, req.logprobs, span)
                 for _ in range(req.n)]
+        if span is not None and not span.ids:  # no passage, so no span: an empty answer, nothing generated
+            for job in jobs:
+                job.finish_reason = NO_PASSAGE
+                job.out.put(None)
+            return jobs, sources
         for job in jobs:
             job.client_gone = client_gone or _never
         self.worker.submit(jobs)
@@ -783,6 +788,8 @@ class Service:
         pieces = started(job.pieces(req.stops, client_gone), job)
         if req.stream:
             headers = {} if sources is None else {"X-Sources": quote(json.dumps(sources, ensure_ascii=False))}
+            if job.finish_reason == NO_PASSAGE:
+                headers["X-Finish-Reason"] = NO_PASSAGE
             return Stream(pieces, "text/plain; charset=utf-8", jobs, headers)
         text = "".join(pieces)
         if job.reason == "error":

@@ -147,15 +147,6 @@ class Tokenizer:
     def is_special(self, idx):
         return idx in self._special_ids
 
-    def char_boundaries(self, ids):
-        """The positions 0..len(ids) of a token sequence that fall between characters: a byte-level
-        token can start inside a multi-byte UTF-8 character (with a continuation byte, 0b10xxxxxx)."""
-        def starts_a_character(token):
-            first = self.decode_bytes([token])[:1]
-            return not first or not 0x80 <= first[0] < 0xC0
-
-        return [i for i, t in enumerate(ids) if starts_a_character(t)] + [len(ids)]
-
     # -- prompt layouts shared by data preparation, sampling, serving and evaluation --
 
     def encode_qa(self, question, answer=None):

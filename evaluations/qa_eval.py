@@ -16,10 +16,10 @@
   the question, packed before it by `Run.rag_prompt_ids` (the one RAG path: sample.py and the arena
   use it too). Retrieval is scored as well: recall@1 and recall@5 (`retrieval.recall_at_k`), the
   share of questions with a gold answer's text inside one of the top 1 / 5 passages, in percent.
-- `--extractive` (with a passage or RAG): the answer must copy a run of the passages' tokens
-  (`engine.Span`): the model still chooses where the answer starts and ends, but cannot invent text
-  that is not there. The plain numbers measure what the model writes; these, the reader it becomes
-  when held to the text.
+- `--extractive` (with a passage or RAG): the answer is the span of the passages the model finds
+  likeliest (`extractive.answer_spans`, searched by the engine): the model still chooses where the
+  answer starts and ends, but cannot invent text that is not there. The plain numbers measure
+  what the model writes; these, the reader it becomes when held to the text.
 - Greedy decoding, batched through `Run.complete_batch`, stopping at <|endoftext|>.
 - Writes `OUT_DIR/eval_<name>.json`, name `qa` (`qa_context` with context, `qa_rag` with RAG,
   `_span` added with --extractive, or `--name`): means in percent, and every question's
@@ -44,6 +44,7 @@ from evaluations.metrics import (  # noqa: E402
     write_predictions,
     write_results,
 )
+from extractive import answer_spans  # noqa: E402
 from inference import load_run, pick_device  # noqa: E402
 from retrieval import (  # noqa: E402
     Index,
@@ -104,7 +105,7 @@ def main(argv=None):
     p.add_argument("--rag", default=None, help="retrieval.py index: retrieve the passages (RAG) and score recall@k")
     p.add_argument("--rag_k", type=int, default=3, help="passages retrieved per question for the prompt")
     p.add_argument("--extractive", action="store_true",
-                   help="with --with_context or --rag: answers copy a run of the passages' tokens (engine.Span)")
+                   help="with --with_context or --rag: answers are the likeliest span of the passages (extractive.py)")
     p.add_argument("--name", default=None, help="result name: eval_<name>.json (default qa, qa_context, qa_rag)")
     p.add_argument("--max_examples", type=int, default=None)
     p.add_argument("--max_new_tokens", type=int, default=64)
@@ -151,8 +152,8 @@ def main(argv=None):
             prompts, extra, recall, texts = retrieve_all(run, index, questions, args.rag_k, args.max_new_tokens)
         except PromptTooLong as e:
             sys.exit(f"error: {e}")
-    predictions = complete_all(run, prompts, "qa", args.batch_size, args.max_new_tokens,
-                               spans=texts if args.extractive else None)
+    spans = [answer_spans(run.tok, t, q["question"]) for t, q in zip(texts, questions)] if args.extractive else None
+    predictions = complete_all(run, prompts, "qa", args.batch_size, args.max_new_tokens, spans=spans)
     rows = [{"id": q["id"], "question": q["question"], "prediction": pred, "answers": q["answers"],
              **score_qa(pred, q["answers"]), **more} for q, pred, more in zip(questions, predictions, extra)]
 

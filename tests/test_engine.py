@@ -14,6 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from engine import Engine, generate, sample_tokens
+from extractive import Spans
 from model import GPT, GPTConfig
 
 VOCAB, BLOCK = 101, 32
@@ -325,70 +326,20 @@ def test_bad_prompts_are_refused(model):
         model(torch.zeros(1, BLOCK + 1, dtype=torch.long))
 
 
-# ----------------------------------------------------------------------------- extractive decoding
+# ----------------------------------------------------------------------------- extractive answers
+# (the search itself against brute force: tests/test_extractive.py)
 
 
-def runs_of(source):
-    """Every contiguous run of `source`, as tuples."""
-    return {tuple(source[i:j]) for i in range(len(source)) for j in range(i + 1, len(source) + 1)}
-
-
-@torch.no_grad()
-def span_reference(model, ids, source, stop, n, cuts=None):
-    """Greedy extractive decoding written out: full forward passes, the argmax over the tokens that
-    continue an occurrence in `source` starting at a cut of what was produced, and `stop` once
-    something was and an occurrence ends at a cut."""
-    cuts = set(range(len(source) + 1)) if cuts is None else set(cuts)
-    out = []
-    for _ in range(n):
-        last = model(torch.tensor([list(ids) + out]))[0][0, -1]
-        m = len(out)
-        at = [i for i in range(len(source) - m + 1) if i in cuts and source[i:i + m] == out]
-        allowed = {source[i + m] for i in at if i + m < len(source)}
-        allowed |= {stop} if m and any(i + m in cuts for i in at) else set()
-        allowed = allowed or {stop}
-        token = max(sorted(allowed), key=lambda t: float(last[t]))
-        if token == stop:
-            return out + [stop]
-        out.append(token)
-    return out
-
-
-def test_extractive_rows_copy_a_run_of_their_source_and_equal_the_written_out_rule(model):
-    stop = VOCAB - 1
-    for seed in range(8):
-        ids, source = prompt(12, seed), prompt(9, 50 + seed)[:5] * 2 + prompt(6, 80 + seed)  # repeats inside
-        source = [t for t in source if t != stop]
-        got = alone(model, ids, 12, temperature=0.0, stop_ids=[stop], spans=[source])
-        assert got == span_reference(model, ids, source, stop, 12), seed
-        copied = got[:-1] if got[-1] == stop else got
-        assert copied and tuple(copied) in runs_of(source), seed
-    # a source with no repeats is used up after its last token: then only the stop token is left
-    source = list(range(5))
-    got = alone(model, prompt(10, 3), 20, temperature=0.0, stop_ids=[stop], spans=[source])
-    assert got[-1] == stop and 1 <= len(got) <= 6 and tuple(got[:-1]) in runs_of(source)
-
-
-def test_extractive_runs_start_and_end_at_the_given_boundaries(model):
-    stop = VOCAB - 1
-    ended = 0
-    for seed in range(12):  # boundaries every other token, as for characters split into two tokens
-        ids, source = prompt(10, 200 + seed), [t % stop for t in prompt(12, 300 + seed)]  # 12 tokens, no stop
-        cuts = list(range(0, len(source) + 1, 2))
-        got = alone(model, ids, 14, temperature=0.0, stop_ids=[stop], spans=[source], span_boundaries=[cuts])
-        assert got == span_reference(model, ids, source, stop, 14, cuts), seed
-        copied = got[:-1] if got[-1] == stop else got
-        starts = [i for i in cuts if tuple(source[i:i + len(copied)]) == tuple(copied)]
-        assert starts, seed
-        if got[-1] == stop:
-            ended += 1
-            assert len(copied) % 2 == 0, seed  # it ended on a boundary
-    assert ended >= 6
+def spans_of(source, stop, longest=4, norm="mean"):
+    n = len(source)
+    runs = sorted({tuple(source[i:j]) for i in range(n) for j in range(i + 1, min(n, i + longest) + 1)})
+    return Spans([str(r) for r in runs], [list(r) for r in runs], stop, norm)
 
 
 def test_extractive_rows_are_batch_independent_and_leave_free_rows_alone(model):
     stop = VOCAB - 1
-    spans = [prompt(15, 7), None, prompt(4, 9), None]
+    sources = [prompt(15, 7), None, prompt(4, 9), None]
+    spans = [None if s is None else spans_of([t for t in s if t != stop], stop) for s in sources]
     prompts = [RAGGED[0], RAGGED[2], RAGGED[3], RAGGED[5]]
     for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=5)):
         batch = rows(generate(model, prompts, 10, stop_ids=[stop], spans=spans, **kw))
@@ -396,23 +347,40 @@ def test_extractive_rows_are_batch_independent_and_leave_free_rows_alone(model):
         free = [alone(model, p, 10, stop_ids=[stop], **kw) for p in prompts]
         assert batch == solo
         assert batch[1] == free[1] and batch[3] == free[3]  # rows without a span decode as before
-        for got, source in zip(batch, spans):
-            if source is not None:
-                assert tuple(got[:-1] if got[-1] == stop else got) in runs_of(source)
+        for got, span in zip(batch, spans):
+            if span is not None:
+                assert got[-1] == stop and got[:-1] in span.ids
+
+
+def test_extractive_choices_share_the_answer_and_logprobs_are_the_models_own(model):
+    stop = VOCAB - 1
+    spans = spans_of([t for t in prompt(12, 21) if t != stop], stop)
+    engine = Engine(model, max_batch=2)
+    engine.add(A, 8, temperature=1.0, stop_ids=[stop], n=2, span=spans, logprobs=1)
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    per_row = [[e for e in events if e.index == i] for i in range(2)]
+    assert [e.token for e in per_row[0]] == [e.token for e in per_row[1]]
+    tokens = [e.token for e in per_row[0]]
+    with torch.no_grad():
+        logits = model(torch.tensor([A + tokens[:-1]]))[0][0, len(A) - 1:]
+    expected = F.log_softmax(logits.float(), -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor([e.logprob for e in per_row[0]]), expected, atol=1e-4)
 
 
 def test_extractive_settings_are_checked(model):
     engine = Engine(model)
-    for bad in ([], [VOCAB], [-1], ["a"]):
-        with pytest.raises(ValueError):
+    good = spans_of([1, 2, 3], 0)
+    for bad in ([1, 2, 3], "abc", Spans(["x"], [[VOCAB]], 0), Spans(["x"], [[-1]], 0)):
+        with pytest.raises(ValueError, match="span"):
             engine.add(A, 5, stop_ids=[0], span=bad)
     with pytest.raises(ValueError, match="stop_ids"):
-        engine.add(A, 5, span=[1, 2, 3])
-    for cuts in ([4], [-1], [3], ["a"]):  # out of range, or only the end: no run could start
-        with pytest.raises(ValueError, match="span_boundaries"):
-            engine.add(A, 5, stop_ids=[0], span=[1, 2, 3], span_boundaries=cuts)
+        engine.add(A, 5, span=good)  # the end token must stop the row
+    with pytest.raises(ValueError, match="norm"):
+        Spans([], [], 0, "max")
     with pytest.raises(ValueError):
-        next(generate(model, [A, B], 5, stop_ids=[0], spans=[[1, 2]]))  # one span for two rows
+        next(generate(model, [A, B], 5, stop_ids=[0], spans=[good]))  # one span for two rows
     assert not engine.has_work()
 
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import pytest
 import requests
 
+from extractive import Spans
 from inference import load_run
 from openai_api import CHAT, COMPLETIONS, OpenAIReply, StopCutter, parse_openai, sse
 from request_fields import ApiError, Limits
@@ -657,7 +658,7 @@ def test_which_requests_resume_after_a_failed_step():
         j.generated = [5] * sent
         return j
 
-    span = ([1, 2, 3], [0, 1, 2, 3])
+    span = Spans(["x"], [[1, 2, 3]], 0)
     assert resumable([job(0)]) and resumable([job(3)])  # a plain row goes on from what it sent
     assert resumable([job(0, span)]) and not resumable([job(2, span)])  # a span is followed from the start
     assert resumable([job(0), job(0)]) and not resumable([job(1), job(0)])  # n > 1 rows' texts differ

@@ -20,6 +20,7 @@ from test_retrieval import ARTICLES
 from test_server import LONG, health, open_stream, wait_until  # helpers only, no tests
 
 from engine import generate
+from extractive import answer_spans
 from inference import load_run
 from openai_api import token_text
 from retrieval import Index, build_index, sources_text
@@ -258,7 +259,7 @@ def test_rag_mode_streams_and_names_its_sources(server, reference):
     assert answer == text  # the same passage + question prompt in the qa layout
 
 
-def test_rag_extractive_answers_copy_the_sources_like_sample_does(server, reference, index):
+def test_rag_extractive_answers_are_the_likeliest_span_like_sample_gives(server, reference, index):
     question = "紫禁城在哪里？"
     body = {"prompt": question, "mode": "rag", "rag_k": 2, "max_new_tokens": 8, "temperature": 0, "extractive": True}
     with requests.post(f"{server}/generate", json=body, stream=True, timeout=30) as r:
@@ -266,8 +267,8 @@ def test_rag_extractive_answers_copy_the_sources_like_sample_does(server, refere
         text = r.content.decode("utf-8")
     ids, sources = reference.rag_prompt_ids(question, index, 2, 8)
     expected = "".join(reference.stream_ids(ids, "qa", max_new_tokens=8, temperature=0.0,
-                                            span=sources_text(sources)))
-    assert text == expected and text in sources_text(sources)  # the engine's Span, as sample.py runs it
+                                            span=answer_spans(reference.tok, sources_text(sources), question)))
+    assert text and text == expected and text in sources_text(sources)  # the span search, as sample.py runs it
     free = "".join(reference.stream_ids(ids, "qa", max_new_tokens=8, temperature=0.0))
     assert free not in sources_text(sources)  # this random model, unheld, writes text of its own
     chat = requests.post(f"{server}/v1/chat/completions", timeout=30, json={
@@ -276,6 +277,29 @@ def test_rag_extractive_answers_copy_the_sources_like_sample_does(server, refere
     assert chat["choices"][0]["message"]["content"] == text
     refused = requests.post(f"{server}/generate", json=body | {"ignore_eos": True}, timeout=30)
     assert refused.status_code == 400 and refused.json()["error"]["field"] == "ignore_eos"
+
+
+def test_extractive_rag_with_no_passage_is_an_empty_answer_with_a_reason(server):
+    """Issue 22 F5: retrieval finds nothing for a question sharing no term with the index, so there is
+    no span to answer with: an empty answer, finish_reason "no_passage", sources [], on every route."""
+    question = "zzzq？"
+    body = {"prompt": question, "mode": "rag", "max_new_tokens": 8, "temperature": 0, "extractive": True}
+    whole = requests.post(f"{server}/generate", json=body | {"stream": False}, timeout=30).json()
+    assert whole["text"] == "" and whole["tokens"] == 0
+    assert whole["finish_reason"] == "no_passage" and whole["sources"] == []
+    with requests.post(f"{server}/generate", json=body, stream=True, timeout=30) as r:
+        assert r.status_code == 200 and r.content == b""
+        assert r.headers["X-Finish-Reason"] == "no_passage" and json.loads(unquote(r.headers["X-Sources"])) == []
+    chat = {"messages": [{"role": "user", "content": question}], "rag": {"extractive": True}, "max_tokens": 8, "n": 2}
+    reply = requests.post(f"{server}/v1/chat/completions", json=chat, timeout=30).json()
+    assert reply["sources"] == [] and reply["usage"]["completion_tokens"] == 0
+    assert [(c["message"]["content"], c["finish_reason"]) for c in reply["choices"]] == [("", "no_passage")] * 2
+    events = sse_events(server, "/v1/chat/completions", chat | {"n": 1, "stream": True})
+    assert events[0]["sources"] == []
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices")) == ""
+    assert events[-1]["choices"][0]["finish_reason"] == "no_passage"
+    free = requests.post(f"{server}/generate", json=body | {"extractive": False, "stream": False}, timeout=30).json()
+    assert free["sources"] == [] and free["tokens"] > 0  # without extractive the model still writes
 
 
 def test_a_request_that_fails_in_a_step_ends_alone(run_dir, reference):

@@ -112,18 +112,6 @@ def test_stream_decoder_skips_special_and_reports_invalid_bytes(byte_level_token
     assert "".join(pieces) == tok.decode([tok.encode("a")[0], lone_lead_byte, tok.encode("b")[0]]) == "a\ufffdb"
 
 
-def test_char_boundaries_skip_positions_inside_a_character(tiny_tokenizer):
-    text = "北京龘靐abc长江"
-    ids = tiny_tokenizer.encode(text)
-    cuts = tiny_tokenizer.char_boundaries(ids)
-    assert cuts[0] == 0 and cuts[-1] == len(ids)
-    # decoding any run between two boundaries gives whole characters of the text
-    pieces = [tiny_tokenizer.decode(ids[a:b]) for a in cuts for b in cuts if a < b]
-    assert all(piece in text and "\ufffd" not in piece for piece in pieces)
-    inside = [i for i in range(len(ids)) if i not in cuts]
-    assert inside and all("\ufffd" in tiny_tokenizer.decode(ids[i:]) for i in inside)  # rare characters split
-
-
 def test_gpt2_loads_offline():
     if not (SHARED / "tiktoken_cache").exists():
         pytest.skip(f"no tiktoken cache at {SHARED / 'tiktoken_cache'}")
