@@ -182,3 +182,27 @@ def test_load_run_and_perplexity_take_the_dtype(tmp_path, tiny_run, pretrain_dir
     loss32, loss16 = (results[d]["metrics"]["loss"] for d in ("float32", "bfloat16"))
     assert results["bfloat16"]["settings"]["dtype"] == "bfloat16"
     assert loss32 != loss16 and abs(loss32 - loss16) < 0.01 * loss32
+
+
+# ----------------------------------------------------------------------------- the MLP option (item 5)
+
+
+def test_relu2_mlp_has_swiglus_parameter_count_and_trains(tmp_path, pretrain_dir):
+    shape = dict(block_size=64, vocab_size=96, n_layer=2, n_head=6, n_embd=192, arch="qwen3", bias=False)
+    swiglu, relu2 = GPT(GPTConfig(**shape)), GPT(GPTConfig(**shape, mlp_act="relu2"))
+    assert abs(relu2.num_params() / swiglu.num_params() - 1) < 0.01
+    x = torch.tensor([[1, 2, 3, 4]])
+    h = relu2.transformer.h[0].mlp
+    assert torch.equal(h(relu2.transformer.wte(x)), h.down_proj(F.relu(h.up_proj(relu2.transformer.wte(x))) ** 2))
+    with pytest.raises(ValueError, match="mlp_act must be"):
+        GPTConfig(**shape, mlp_act="gelu")
+    with pytest.raises(ValueError, match="qwen3 setting"):
+        GPTConfig(block_size=64, vocab_size=96, n_layer=1, n_head=2, n_embd=32, mlp_act="relu2")
+    out = tmp_path / "relu2"
+    train.main([f"--data_dir={pretrain_dir}", f"--out_dir={out}", *TINY, "--mlp_act=relu2", "--compile=False"])
+    run = load_run(out, device="cpu")
+    assert run.model.config.mlp_act == "relu2" and run.complete("北京", max_new_tokens=3, temperature=0) is not None
+    from export import hf_config
+
+    with pytest.raises(ValueError, match="cannot be exported"):
+        hf_config(run.model.config, run.tok)
