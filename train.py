@@ -35,6 +35,10 @@ Design choices:
   `configurator.ConfigError`) with a message saying what to do; only `main` turns them into a
   one-line message and exit status 1. A resumed run drops log lines it will write again and any
   torn line (a kill mid-write) from log.jsonl; every line records `"schema"` (docs/FORMATS.md).
+- Precision and compilation decide by measurement (issue 20): `dtype=auto` is `inference.auto_dtype`,
+  the rule the evaluations and the engine share (bf16 only where the GPU or CPU computes it
+  natively); `compile=auto` compiles on a Linux CPU only when the run is long enough to repay the
+  measured warm-up (`choose_compile`). The run prints both choices and why.
 - The host reads values from the accelerator only at log steps (loss, gradient norm, the stop
   flag that DDP ranks agree on), so the GPU is never made to wait in between.
 - LoRA and DPO live in lora.py and dpo.py; this file only wires them in. `lora_rank > 0` trains

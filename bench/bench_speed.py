@@ -14,6 +14,9 @@ Design:
   compiler works in this process, so its warm-up is counted too (its worker processes are not).
 - "warm-up" is the time of each variant's first `--warmup` steps (compilation for the compiled
   ones); those steps are not in the median.
+- `--generation RUN`: instead, the run's greedy generation in bf16 (weights cast, as
+  `load_run(dtype="bfloat16")`) against float32: whether the tokens agree, and the largest
+  |logprob difference| of the bf16 engine's chosen tokens against a float32 forward over the same text.
 - Output: a markdown table (tokens/s, ratio to eager fp32, warm-up) and a JSON
   (bench/speed_results.json) that train.py's `compile=auto` rule quotes.
 """
@@ -67,6 +70,35 @@ def make_variant(name, shape, block, vocab, batch, seed):
     return step
 
 
+def compare_generation(run_dir, prompts, n_tokens):
+    """bf16 vs float32 greedy generation of a trained run (see the module docstring)."""
+    from torch.nn import functional as F
+
+    from engine import Engine
+    from inference import load_run
+
+    runs = {d: load_run(run_dir, device="cpu", dtype=d) for d in ("float32", "bfloat16")}
+    rows = [runs["float32"].prompt_ids(p) for p in prompts]
+    chosen = {}
+    for dtype, run in runs.items():
+        engine = Engine(run.model, max_batch=len(rows))
+        ids = [engine.add(r, n_tokens, temperature=0, logprobs=1) for r in rows]
+        events = {i: [] for i in ids}
+        while engine.has_work():
+            for e in engine.step():
+                events[e.request].append(e)
+        chosen[dtype] = [events[i] for i in ids]
+    worst, same = 0.0, 0
+    for row, ev16, ev32 in zip(rows, chosen["bfloat16"], chosen["float32"]):
+        same += [e.token for e in ev16] == [e.token for e in ev32]
+        seq = torch.tensor([row + [e.token for e in ev16]])
+        with torch.no_grad():
+            ref = F.log_softmax(runs["float32"].model(seq)[0][0].float(), -1)
+        worst = max([worst] + [abs(e.logprob - float(ref[len(row) - 1 + k, e.token])) for k, e in enumerate(ev16)])
+    print(f"{run_dir}: {len(rows)} prompts x {n_tokens} greedy tokens; bf16 tokens equal float32's in {same} of "
+          f"{len(rows)} rows; largest |bf16 logprob - float32 logprob| of the chosen tokens: {worst:.4f} nats")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Training tokens/s of eager/compiled, fp32/bf16 on the CPU preset.")
     ap.add_argument("--rounds", type=int, default=5)
@@ -83,8 +115,13 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument("--out", default="bench/speed_results.json")
+    ap.add_argument("--generation", default=None, metavar="RUN", help="compare bf16 and float32 generation of RUN")
+    ap.add_argument("--tokens", type=int, default=32, help="--generation: greedy tokens per prompt")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.generation:
+        compare_generation(args.generation, ["长江是中国", "北京大学", "数学是", "他出生于"], args.tokens)
+        return
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     shape = dict(arch="qwen3", n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, mlp_act=args.mlp_act)
     names = args.variants.split(",")
