@@ -50,6 +50,7 @@ Design choices:
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -153,14 +154,15 @@ class TrainingError(Exception):
 
 
 # compile=auto on a CPU: torch.compile's measured speed-up of a training step and its warm-up (the
-# extra seconds of the first steps), per dtype, from bench/bench_speed.py at the CPU preset's shape
-# (BENCHMARKS.md "bf16 and torch.compile on the CPU"). float32: this avx2-only machine; bfloat16: the
-# issue-20 machine with avx512_bf16 (compile + bf16 against eager bf16).
-CPU_COMPILE = {"float32": {"speedup": 2044 / 1935, "warmup_s": 65.0},
+# first step's extra seconds), per dtype, at the CPU preset's shape (BENCHMARKS.md "bf16 and
+# torch.compile on the CPU"). float32: bench/bench_recipe.py on this avx2-only 2-core machine, one
+# thread, CPU clock (medians 6.128 s/step eager, 5.721 compiled; first compiled step 33.1 s); bfloat16: the
+# issue-20 machine with avx512_bf16 (compile + bf16 3,362 tokens/s against eager bf16's 2,624, 46 s).
+CPU_COMPILE = {"float32": {"speedup": 6.128 / 5.721, "warmup_s": 33.1 - 5.721},
                "bfloat16": {"speedup": 3362 / 2624, "warmup_s": 46.0}}
-# eager float32 FLOP/s of one thread on this machine at the CPU preset (tokens/s x FLOPs per token),
-# to estimate how long a run would take before it starts
-CPU_EAGER_FLOPS_PER_THREAD = 2e9
+# eager float32 FLOP/s of one thread, the same measurement: 4,080 tokens per 6.128 s at the preset's
+# 31.9M training FLOPs per token (model.flops_per_token(255)); it turns a run's FLOPs into seconds
+CPU_EAGER_FLOPS_PER_THREAD = 4080 / 6.128 * 31.9e6
 
 
 def choose_compile(setting, device_type, dtype, run_flops=None, threads=1):
@@ -177,6 +179,8 @@ def choose_compile(setting, device_type, dtype, run_flops=None, threads=1):
         return on, "CUDA under Linux" if on else "torch.compile needs Linux here"
     if device_type != "cpu" or not sys.platform.startswith("linux"):
         return False, f"auto compiles only on CUDA and on Linux CPUs, not {device_type} on {sys.platform}"
+    if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        return False, "no C++ compiler (torch.compile's CPU code is C++)"
     measured = CPU_COMPILE.get(dtype)
     if measured is None or run_flops is None:
         return False, "no measurement for this case"

@@ -18,7 +18,8 @@ Design:
   `load_run(dtype="bfloat16")`) against float32: whether the tokens agree, and the largest
   |logprob difference| of the bf16 engine's chosen tokens against a float32 forward over the same text.
 - Output: a markdown table (tokens/s, ratio to eager fp32, warm-up) and a JSON
-  (bench/speed_results.json) that train.py's `compile=auto` rule quotes.
+  (bench/speed_results.json). The table in BENCHMARKS.md ("bf16 and torch.compile on the CPU") came
+  from bench_recipe.py instead, whose run also gives the learning curves.
 """
 import argparse
 import json
