@@ -540,7 +540,9 @@ def train(cfg, rt, argv):
                                                     torch.get_num_threads())
     if rt.compile:
         model = torch.compile(model)
-    eval_model = model
+    # on a CPU the evaluation runs eager: compiling its no-grad forward too would add a second warm-up
+    # that compile=auto's measured one (the training step's) does not include
+    eval_model = raw_model if rt.compile and rt.device_type == "cpu" else model
     if rt.ddp:
         model = DDP(model, device_ids=[rt.device] if rt.device_type == "cuda" else None)
 
