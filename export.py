@@ -173,6 +173,9 @@ def hf_config(cfg, tok):
                           attn_pdrop=cfg.dropout, tie_word_embeddings=True, **ids)
     from transformers import Qwen3Config
 
+    if getattr(cfg, "mlp_act", "swiglu") != "swiglu":  # model.py's ReLU-squared MLP has no Qwen3 counterpart
+        raise ValueError(f"mlp_act={cfg.mlp_act!r}: Qwen3ForCausalLM has only a SwiGLU MLP, so this run cannot be "
+                         f"exported (train with mlp_act='swiglu' to export)")
     return Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
                        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                        num_key_value_heads=cfg.n_kv_head, head_dim=cfg.n_embd // cfg.n_head, hidden_act="silu",
@@ -278,7 +281,10 @@ def main(argv=None):
         run_dir = args.run or args.out_dir
         if not run_dir:
             ap.error("an export needs --run DIR (the run directory to export)")
-        export_hf(run_dir, folder, args.which)
+        try:
+            export_hf(run_dir, folder, args.which)
+        except ValueError as e:
+            raise SystemExit(f"export failed: {e}") from None
         return
     if args.run:
         ap.error("an import writes --out DIR; --run is for exports")

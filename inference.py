@@ -14,6 +14,10 @@
   searches a retrieval.py index and packs the hits before the question (`retrieval.rag_prompt`,
   the passage + question layout of SFT --with_context), returning the ids and the sources; the ids
   then go to `stream_ids` / `complete_ids` in "qa" mode (the answer stops where a qa answer does).
+- Precision: `auto_dtype` is the one `dtype=auto` rule (train.py, the evaluations, the engine):
+  bf16 on GPUs that have it and on CPUs with native bf16 (AVX512-BF16, AMX), float32 elsewhere.
+  `load_run(..., dtype=)` casts the weights, and the engine's KV cache takes the weights' dtype;
+  sampling and logprobs are computed in float32 from the logits either way.
 - Dependencies run one way: checkpoint.py (the format) <- lora.py <- this module <- front ends;
   retrieval.py <- this module (retrieval never imports it).
 """
@@ -41,6 +45,70 @@ def pick_device(device="auto"):
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+# CPU features that run bf16 matmuls natively (x86: AVX512-BF16 or AMX; Arm: the BF16 extension).
+# Without them PyTorch emulates bf16 through float32 plus conversions, which is slower than float32.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_features():
+    """This CPU's feature flags, lower case: /proc/cpuinfo's `flags`/`Features` (Linux) plus what
+    PyTorch itself detects (its own check also works where /proc is absent)."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("flags", "features"):
+                    flags.update(value.lower().split())
+    except OSError:
+        pass
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        flags.add("avx512_bf16")
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        flags.add("amx_bf16")
+    return flags
+
+
+def cpu_bf16_native(flags=None):
+    """(True/False, why): does this CPU (or one with feature `flags`) compute bf16 natively?"""
+    flags = cpu_features() if flags is None else {f.lower() for f in flags}
+    found = [f for f in BF16_CPU_FLAGS if f in flags]
+    if found:
+        return True, f"the CPU has {', '.join(found)}"
+    return False, (f"the CPU has none of {', '.join(BF16_CPU_FLAGS)} (PyTorch capability "
+                   f"{torch.backends.cpu.get_cpu_capability()}): bf16 would be emulated, slower than float32")
+
+
+def auto_dtype(device, flags=None):
+    """(dtype name, why) for `dtype=auto`: the one rule of train.py, the evaluations and the engine.
+
+    cuda: bfloat16 on Ampere and newer, float16 before (train.py adds a GradScaler); mps: float32
+    (its autocast is partial); cpu: bfloat16 autocast only where the CPU has native bf16
+    (`cpu_bf16_native`, `flags` overrides the detected features), float32 elsewhere
+    (BENCHMARKS.md "bf16 and torch.compile on the CPU" has the numbers behind it).
+    """
+    device_type = str(device).split(":")[0]
+    if device_type == "cuda":
+        major = torch.cuda.get_device_capability(device)[0]
+        return ("bfloat16", f"CUDA capability {major}.x has bf16") if major >= 8 else \
+            ("float16", f"CUDA capability {major}.x has no bf16")
+    if device_type == "cpu":
+        native, why = cpu_bf16_native(flags)
+        return ("bfloat16" if native else "float32"), why
+    return "float32", f"{device_type} autocast is partial"
+
+
+def inference_dtype(device, dtype="auto", flags=None):
+    """The dtype the weights are cast to for inference (the engine's cache follows the weights).
+    `auto` is `auto_dtype`, except float16, which would overflow without training's GradScaler: float32."""
+    if dtype == "auto":
+        dtype = auto_dtype(device, flags)[0]
+        dtype = "float32" if dtype == "float16" else dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    return dtype
 
 
 def tokenizer_for(ckpt, out_dir):
@@ -151,13 +219,17 @@ def drop_vocab_padding(model, n_vocab):
     model.config.n_vocab = n_vocab
 
 
-def load_run(out_dir, which="best", device="cpu"):
+def load_run(out_dir, which="best", device="cpu", dtype="auto"):
+    """The run in `out_dir` on `device`, its weights in `dtype` (`inference_dtype`: auto is
+    train.py's rule, so bf16 only on a GPU or a CPU with native bf16)."""
+    dtype = inference_dtype(device, dtype)
     path = find_checkpoint(out_dir, which)
     ckpt = load_checkpoint(path, device)
     model = model_from_checkpoint(ckpt, device)
     tok = tokenizer_for(ckpt, out_dir)
     if model.config.vocab_size > tok.n_vocab:
         drop_vocab_padding(model, tok.n_vocab)
+    model.to(getattr(torch, dtype))
     cfg = ckpt["model_args"]
     info = {
         "name": Path(out_dir).resolve().name,
@@ -170,5 +242,6 @@ def load_run(out_dir, which="best", device="cpu"):
         "kind": ckpt.get("kind", "pretrain"),
         "iter": ckpt.get("iter_num", 0),
         "val_loss": ckpt.get("best_val_loss"),
+        "dtype": dtype,
     }
     return Run(model, tok, info)

@@ -9,7 +9,9 @@ Two architectures, one `GPT` class, chosen by `GPTConfig.arch` (checkpoints with
   rotary embeddings (RoPE, `rope_theta`) on queries and keys, RMSNorm, a per-head RMSNorm on queries
   and keys before RoPE (QK-norm keeps attention logits bounded at high learning rates), a SwiGLU MLP,
   no biases, `n_kv_head` key/value heads shared by groups of query heads (GQA: a smaller KV cache),
-  and a tied or untied output layer (`tie_embeddings`).
+  and a tied or untied output layer (`tie_embeddings`). `mlp_act='relu2'` swaps SwiGLU for a
+  ReLU-squared MLP of the same parameter count (measured in BENCHMARKS.md; not exportable, since
+  Qwen3ForCausalLM has no such MLP).
 
 Both use GPT-2's init (normal 0.02, residual projections scaled by 1/sqrt(2 * n_layer)) and
 `F.scaled_dot_product_attention`: `is_causal` in training (flash / memory-efficient kernels on GPU),
@@ -34,6 +36,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 ARCHS = ("gpt2", "qwen3")
+MLP_ACTS = ("swiglu", "relu2")
 
 
 @dataclass
@@ -51,7 +54,8 @@ class GPTConfig:
     n_kv_head: int = None  # key/value heads (GQA); None: n_head
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
-    mlp_hidden: int = None  # SwiGLU width; None: 8/3 * n_embd rounded up to a multiple of 64 (GELU's 4x in parameters)
+    mlp_hidden: int = None  # MLP width; None: GELU's 4x in parameters (SwiGLU: 8/3 * n_embd up to a multiple of 64)
+    mlp_act: str = "swiglu"  # qwen3's MLP: 'swiglu' (Qwen3's, exports) or 'relu2' (ReLU squared, nanochat's; no export)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -65,7 +69,13 @@ class GPTConfig:
             raise ValueError("arch gpt2 has n_kv_head == n_head and tied embeddings (the GPT-2 format)")
         if self.arch == "qwen3" and (self.n_embd // self.n_head) % 2:
             raise ValueError("the head size n_embd // n_head must be even (RoPE rotates pairs)")
-        self.mlp_hidden = self.mlp_hidden or 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.mlp_act not in MLP_ACTS:
+            raise ValueError(f"mlp_act must be one of {MLP_ACTS}, not {self.mlp_act!r}")
+        if self.arch == "gpt2" and self.mlp_act != "swiglu":
+            raise ValueError("arch gpt2 has GPT-2's GELU MLP: mlp_act is a qwen3 setting")
+        # the same parameter count either way: 3 matrices of 8/3 n_embd (SwiGLU) or 2 of 4 n_embd (ReLU^2)
+        gated = self.mlp_act == "swiglu"
+        self.mlp_hidden = self.mlp_hidden or (64 * math.ceil(8 * self.n_embd / 3 / 64) if gated else 4 * self.n_embd)
 
 
 # ----------------------------------------------------------------------------- gpt2
@@ -176,6 +186,19 @@ class SwiGLU(nn.Module):
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
+class ReLU2(nn.Module):
+    """ReLU squared (Primer; nanochat's MLP): up, relu(x)^2, down. No gate, so two matrices."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.up_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(F.relu(self.up_proj(x)).square()))
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -187,7 +210,7 @@ class Block(nn.Module):
         self.ln_1 = norm()
         self.attn = RotaryAttention(config) if qwen else CausalSelfAttention(config)
         self.ln_2 = norm()
-        self.mlp = SwiGLU(config) if qwen else MLP(config)
+        self.mlp = (SwiGLU if config.mlp_act == "swiglu" else ReLU2)(config) if qwen else MLP(config)
 
     def forward(self, x, rope=None, cache=None, layer=None, attn_mask=None):
         x = x + self.attn(self.ln_1(x), rope, cache, layer, attn_mask)

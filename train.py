@@ -35,6 +35,10 @@ Design choices:
   `configurator.ConfigError`) with a message saying what to do; only `main` turns them into a
   one-line message and exit status 1. A resumed run drops log lines it will write again and any
   torn line (a kill mid-write) from log.jsonl; every line records `"schema"` (docs/FORMATS.md).
+- Precision and compilation decide by measurement (issue 20): `dtype=auto` is `inference.auto_dtype`,
+  the rule the evaluations and the engine share (bf16 only where the GPU or CPU computes it
+  natively); `compile=auto` compiles on a Linux CPU only when the run is long enough to repay the
+  measured warm-up (`choose_compile`). The run prints both choices and why.
 - The host reads values from the accelerator only at log steps (loss, gradient norm, the stop
   flag that DDP ranks agree on), so the GPU is never made to wait in between.
 - LoRA and DPO live in lora.py and dpo.py; this file only wires them in. `lora_rank > 0` trains
@@ -46,6 +50,7 @@ Design choices:
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -63,7 +68,7 @@ from checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_c
 from configurator import ConfigError, configure, settings_help
 from data_utils import BadLines, BlockData, atomic_write, evaluate_blocks, load_meta, parse_jsonl_line
 from dpo import DPO, pair_rows
-from inference import pick_device
+from inference import auto_dtype, pick_device
 from lora import adapter_entries, setup_training
 from model import GPT, GPTConfig
 from tokenizer import TokenizerId, load_tokenizer
@@ -96,6 +101,7 @@ bias = True  # gpt2 only
 arch = "gpt2"  # 'gpt2' (GPT-2: learned positions, LayerNorm, GELU) or 'qwen3' (RoPE, RMSNorm, QK-norm, SwiGLU)
 n_kv_head = None  # qwen3: key/value heads for grouped-query attention (None: n_head)
 rope_theta = 10000.0  # qwen3
+mlp_act = "swiglu"  # qwen3: 'swiglu' (Qwen3's; exports) or 'relu2' (ReLU squared; BENCHMARKS.md, no export)
 tie_embeddings = True  # qwen3: share the token embedding with the output layer (gpt2 always does and ignores
 # the qwen3-only settings, so `--arch=gpt2` alone turns a qwen3 config back into the GPT-2 model)
 # optimizer: 'adamw' for every weight, or 'muon' (torch.optim.Muon) for the blocks' weight matrices
@@ -123,8 +129,9 @@ lora_dropout = 0.0
 dpo_beta = 0.1
 # system
 device = "auto"  # auto: cuda > mps > cpu
-dtype = "auto"  # auto: bfloat16 on Ampere+, float16 (with a GradScaler) on older GPUs, float32 otherwise
-compile = "auto"  # auto: torch.compile on CUDA under Linux
+# auto: bfloat16 on Ampere+ and on CPUs with native bf16, float16 (GradScaler) on older GPUs, else float32
+dtype = "auto"
+compile = "auto"  # auto: torch.compile on CUDA under Linux; on a Linux CPU when the run repays the warm-up
 seed = 1337
 
 DEFAULTS = {k: v for k, v in globals().items()
@@ -147,8 +154,50 @@ class TrainingError(Exception):
 # ----------------------------------------------------------------------------- set-up
 
 
+# compile=auto on a CPU: torch.compile's measured speed-up of a training step and its warm-up (the
+# first step's extra seconds), per dtype, at the CPU preset's shape (BENCHMARKS.md "bf16 and
+# torch.compile on the CPU"). float32: bench/bench_recipe.py on this avx2-only 2-core machine, one
+# thread, CPU clock (medians 6.128 s/step eager, 5.721 compiled; first compiled step 33.1 s); bfloat16: the
+# issue-20 machine with avx512_bf16 (compile + bf16 3,362 tokens/s against eager bf16's 2,624, 46 s).
+CPU_COMPILE = {"float32": {"speedup": 6.128 / 5.721, "warmup_s": 33.1 - 5.721},
+               "bfloat16": {"speedup": 3362 / 2624, "warmup_s": 46.0}}
+# eager float32 FLOP/s of one thread, the same measurement: 4,080 tokens per 6.128 s at the preset's
+# 31.9M training FLOPs per token (model.flops_per_token(255)); it turns a run's FLOPs into seconds
+CPU_EAGER_FLOPS_PER_THREAD = 4080 / 6.128 * 31.9e6
+
+
+def choose_compile(setting, device_type, dtype, run_flops=None, threads=1):
+    """(compile?, why) for the `compile` setting. auto: on CUDA under Linux always; on a CPU when the
+    run is long enough to repay the warm-up: the estimated eager run time T (`run_flops` at
+    CPU_EAGER_FLOPS_PER_THREAD x `threads`) saves T x (1 - 1/speedup) seconds, which must exceed the
+    warm-up (CPU_COMPILE). Elsewhere (MPS, Windows, macOS) off."""
+    if isinstance(setting, bool):
+        return setting, "set"
+    if setting != "auto":
+        raise TrainingError(f"compile must be auto, True or False, not {setting!r}")
+    if device_type == "cuda":
+        on = sys.platform.startswith("linux")
+        return on, "CUDA under Linux" if on else "torch.compile needs Linux here"
+    if device_type != "cpu" or not sys.platform.startswith("linux"):
+        return False, f"auto compiles only on CUDA and on Linux CPUs, not {device_type} on {sys.platform}"
+    if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        return False, "no C++ compiler (torch.compile's CPU code is C++)"
+    measured = CPU_COMPILE.get(dtype)
+    if measured is None or run_flops is None:
+        return False, "no measurement for this case"
+    speedup, warmup = measured["speedup"], measured["warmup_s"]
+    if speedup <= 1:
+        return False, f"compiled {dtype} steps were measured {speedup:.2f}x eager on a CPU: no gain to repay"
+    eager_s = run_flops / (CPU_EAGER_FLOPS_PER_THREAD * max(1, threads))
+    saved = eager_s * (1 - 1 / speedup)
+    verdict = "repays" if saved > warmup else "does not repay"
+    return saved > warmup, (f"the run is ~{eager_s:,.0f} s eager; compile ({speedup:.2f}x for {dtype}) saves "
+                            f"~{saved:,.0f} s, which {verdict} its ~{warmup:.0f} s warm-up")
+
+
 def setup_runtime(cfg):
-    """Processes, device, precision and compilation: what the run executes on."""
+    """Processes, device and precision: what the run executes on. Compilation is chosen in
+    `train` (choose_compile), once the run's length is known; `rt.compile` is the setting until then."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # started by torchrun
     rank, world, local_rank = 0, 1, 0
     device = pick_device(cfg.device)
@@ -159,24 +208,19 @@ def setup_runtime(cfg):
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     device_type = device.split(":")[0]
-    dtype = cfg.dtype
+    dtype, dtype_why = cfg.dtype, "set"
     if dtype == "auto":
-        if device_type == "cuda":
-            dtype = "bfloat16" if torch.cuda.get_device_capability()[0] >= 8 else "float16"
-        else:
-            dtype = "float32"  # CPU autocast is slower than fp32 on most CPUs; MPS autocast is partial
+        dtype, dtype_why = auto_dtype(device)  # bf16 on a CPU only with native bf16 (inference.auto_dtype)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise TrainingError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
-    use_compile = cfg.compile
-    if use_compile == "auto":
-        use_compile = device_type == "cuda" and sys.platform.startswith("linux")
-    elif not isinstance(use_compile, bool):
-        raise TrainingError(f"compile must be auto, True or False, not {use_compile!r}")
+    if not isinstance(cfg.compile, bool) and cfg.compile != "auto":
+        raise TrainingError(f"compile must be auto, True or False, not {cfg.compile!r}")
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
     return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device,
-                           device_type=device_type, dtype=dtype, ctx=ctx, compile=use_compile)
+                           device_type=device_type, dtype=dtype, dtype_why=dtype_why, ctx=ctx,
+                           compile=cfg.compile is True, compile_why="set")
 
 
 def check_compatible(ckpt, source, meta, data_dir, vocab_size):
@@ -209,7 +253,7 @@ def build_model(cfg, meta, out_dir):
                       arch=cfg.arch)
     if cfg.arch == "qwen3":  # the qwen3-only fields; gpt2 runs record what they always did, plus arch
         model_args.update(bias=False, n_kv_head=cfg.n_kv_head, rope_theta=cfg.rope_theta,
-                          tie_embeddings=cfg.tie_embeddings)
+                          tie_embeddings=cfg.tie_embeddings, mlp_act=cfg.mlp_act)
     ckpt = source = None
     if cfg.init_from == "resume":
         source = out_dir / "last.pt"
@@ -490,9 +534,16 @@ def train(cfg, rt, argv):
         restore_rng(ckpt["rng"], rng, rt, cfg, iter_num)
     ckpt = None  # free the loaded copy of the weights
     raw_model = model
+    if cfg.compile == "auto":
+        steps_left = max(0, cfg.max_iters - iter_num)
+        run_flops = raw_model.flops_per_token(meta["block_size"] - 1) * tokens_per_iter * steps_left
+        rt.compile, rt.compile_why = choose_compile("auto", rt.device_type, rt.dtype, run_flops,
+                                                    torch.get_num_threads())
     if rt.compile:
         model = torch.compile(model)
-    eval_model = model
+    # on a CPU the evaluation runs eager: compiling its no-grad forward too would add a second warm-up
+    # that compile=auto's measured one (the training step's) does not include
+    eval_model = raw_model if rt.compile and rt.device_type == "cpu" else model
     if rt.ddp:
         model = DDP(model, device_ids=[rt.device] if rt.device_type == "cuda" else None)
 
@@ -522,6 +573,7 @@ def train(cfg, rt, argv):
         say(f"LoRA {adapter['lora_config']}: {trainable:,} trainable parameters on {adapter['base']['path']}")
     if dpo:
         say(f"DPO: beta {cfg.dpo_beta}, reference model {dpo.reference['path']}")
+    say(f"precision: {rt.dtype} ({rt.dtype_why}); compile {'on' if rt.compile else 'off'} ({rt.compile_why})")
     say(f"training: {rt.device}, {rt.dtype}, compile {'on' if rt.compile else 'off'}, {rt.world} process(es); "
         f"{tokens_per_iter:,} tokens per step ({cfg.batch_size} x {cfg.gradient_accumulation_steps} x {rt.world} "
         f"blocks); {cfg.max_iters} steps = {cfg.max_iters * blocks_per_iter / train_data.n_blocks:.2f} epochs; "

@@ -1,4 +1,6 @@
-"""Which recipe learns most per second: GPT-2 + AdamW against the Qwen3 decoder with AdamW and Muon.
+"""Which recipe learns most per second: GPT-2 + AdamW against the Qwen3 decoder with AdamW and Muon,
+and the default against its fast variants (bf16 autocast, torch.compile) and its next steps (ReLU^2,
+batch size / learning rate).
 
     # a slice of zhwiki with the CPU path's 8k tokenizer, into ignored folders (about 1 minute)
     python tokenizer.py --input ../shared/data/zhwiki/zhwiki-00.jsonl --out data/tokenizer_recipe \\
@@ -20,13 +22,18 @@ Design:
   length in advance, so the first `--calibrate` steps of each recipe (trained, and counted in its
   time) measure its step time; its max_iters is then the budget divided by that time.
 - Validation every `--eval_every` steps and at the end; evaluation time is not training time.
+- Variants with `dtype` train under `torch.autocast` and are validated under it; with `compile`
+  they step a `torch.compile`d model (validated eager, same weights). The compiler's warm-up falls
+  in the first step and counts in the budget (TORCHINDUCTOR_COMPILE_THREADS=1 keeps it in this
+  process, so `--clock cpu` sees it); the budget's steps are planned from the later steps' median.
 - Output: a markdown table (final bpc, steps, seconds; the time each recipe first reaches the
-  GPT-2 run's final bpc), a JSON of every curve and a PNG of val bpc against training seconds and
-  against steps.
+  first recipe's final bpc; bpc at the fewest steps any recipe took, i.e. at equal steps), a JSON
+  of every curve and a PNG of val bpc against training seconds and against steps.
 """
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -35,7 +42,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import torch
+
+# torch.compile's workers would run in other processes, out of reach of `--clock cpu`: compile here
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
@@ -48,20 +58,31 @@ BASE = dict(batch_size=16, gradient_accumulation_steps=1, sampling="random", lea
             warmup_iters=10, lr_decay_iters=None, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
             optimizer="adamw", muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0, lr_schedule="cosine",
             decay_frac=0.3)
+DEFAULT = dict(arch="qwen3", optimizer="muon", lr_schedule="wsd", tie_embeddings=False)
 RECIPES = {
     "gpt2 + adamw (old default)": dict(arch="gpt2"),
     "qwen3 + adamw": dict(arch="qwen3"),
     "qwen3 + muon": dict(arch="qwen3", optimizer="muon"),
-    "qwen3 + muon + wsd + untied": dict(arch="qwen3", optimizer="muon", lr_schedule="wsd", tie_embeddings=False),
+    "qwen3 + muon + wsd + untied": DEFAULT,
+    # issue 20: the default with bf16 autocast and/or torch.compile (`dtype`, `compile` are runtime keys)
+    "default + bf16": dict(DEFAULT, dtype="bfloat16"),
+    "default + compile": dict(DEFAULT, compile=True),
+    "default + compile + bf16": dict(DEFAULT, compile=True, dtype="bfloat16"),
+    # the next step of the recipe: the MLP, and batch size / learning rate (Muon's and AdamW's scaled together)
+    "default + relu2": dict(DEFAULT, mlp_act="relu2"),
+    "default batch 8 lr x0.7": dict(DEFAULT, batch_size=8, learning_rate=1.4e-3, muon_lr=0.014, min_lr=1.4e-4),
+    "default batch 32 lr x1.4": dict(DEFAULT, batch_size=32, learning_rate=2.8e-3, muon_lr=0.028, min_lr=2.8e-4),
+    "default lr x2": dict(DEFAULT, learning_rate=4e-3, muon_lr=0.04, min_lr=4e-4),
 }
-MODEL_KEYS = ("arch", "tie_embeddings", "n_kv_head")
+MODEL_KEYS = ("arch", "tie_embeddings", "n_kv_head", "mlp_act")
+RUNTIME_KEYS = ("dtype", "compile")
 
 
 class Recipe:
     def __init__(self, name, overrides, meta, data_dir, seed):
         self.name = name
-        self.cfg = SimpleNamespace(**{**BASE, **{k: v for k, v in overrides.items() if k not in MODEL_KEYS}},
-                                   max_iters=10**9)
+        self.cfg = SimpleNamespace(**{**BASE, **{k: v for k, v in overrides.items()
+                                                 if k not in MODEL_KEYS + RUNTIME_KEYS}}, max_iters=10**9)
         vocab = math.ceil(meta["vocab_size"] / 64) * 64
         torch.manual_seed(seed)
         model_args = {k: v for k, v in overrides.items() if k in MODEL_KEYS}
@@ -75,14 +96,19 @@ class Recipe:
         self.rng = np.random.default_rng(seed)  # the same draws for every recipe
         self.steps, self.seconds, self.step_times, self.curve = 0, 0.0, [], []
         self.clock = time.perf_counter
+        dtype = overrides.get("dtype", "float32")
+        ctx = nullcontext() if dtype == "float32" else torch.autocast("cpu", dtype=getattr(torch, dtype))
+        self.rt = SimpleNamespace(world=1, rank=0, ddp=False, device="cpu", compile=overrides.get("compile", False),
+                                  ctx=ctx)
+        self.step_model = torch.compile(self.model) if self.rt.compile else self.model
 
-    def step(self, rt):
+    def step(self):
         lr = train.lr_at(self.steps, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         start = self.clock()
-        batches = train.next_batches(self.data, self.cfg, rt, self.rng)
-        loss, count, _ = train.train_step(self.model, batches, self.optimizer, self.scaler, self.cfg, rt)
+        batches = train.next_batches(self.data, self.cfg, self.rt, self.rng)
+        loss, count, _ = train.train_step(self.step_model, batches, self.optimizer, self.scaler, self.cfg, self.rt)
         loss = float(loss / count)  # a host sync, so the step is over when the clock stops
         elapsed = self.clock() - start
         self.steps += 1
@@ -103,10 +129,10 @@ def reach_time(curve, target):
     return None
 
 
-def bpc_at(curve, seconds):
-    """Val bpc at `seconds` of training, interpolated (None past the curve's end)."""
-    xs, ys = [c[0] for c in curve], [c[2] for c in curve]
-    return float(np.interp(seconds, xs, ys)) if seconds <= xs[-1] + 1e-9 else None
+def bpc_at(curve, x, axis=0):
+    """Val bpc at `x` training seconds (axis 0) or steps (axis 1), interpolated (None past the curve's end)."""
+    xs, ys = [c[axis] for c in curve], [c[2] for c in curve]
+    return float(np.interp(x, xs, ys)) if x <= xs[-1] + 1e-9 else None
 
 
 def plot(results, path):
@@ -147,9 +173,14 @@ def main(argv=None):
     ap.add_argument("--batch_size", type=int, default=BASE["batch_size"],
                     help="blocks per step (the CPU preset's 16; fewer gives more steps on a crowded machine)")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="give every recipe this many steps instead of a time budget (equal steps)")
+    ap.add_argument("--early_evals", default="",
+                    help="comma-separated extra steps to validate at (slow recipes end after few steps)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1 avoids waiting on descheduled peers on a crowded machine)")
     args = ap.parse_args(argv)
+    args.early_evals = {int(x) for x in args.early_evals.split(",") if x}
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = load_meta(args.data)
@@ -157,7 +188,6 @@ def main(argv=None):
     val = BlockData(args.data, "val", args.seed)
     val_idx = np.sort(np.random.default_rng(args.seed).choice(val.n_blocks, min(args.val_blocks, val.n_blocks),
                                                               replace=False))
-    rt = SimpleNamespace(world=1, rank=0, ddp=False, device="cpu", compile=False, ctx=nullcontext())
     BASE["batch_size"] = args.batch_size
     recipes = [Recipe(name, RECIPES[name], meta, args.data, args.seed) for name in args.recipes.split(",")]
     for r in recipes:
@@ -166,8 +196,8 @@ def main(argv=None):
           f"{args.data}: block {meta['block_size']}, "
           f"vocab {meta['vocab_size']}; batch {args.batch_size}; {args.seconds:g} s per recipe")
 
-    def evaluate(r):
-        bpc = evaluate_blocks(r.model, val, val_idx, tok, 16, "cpu")["bpc"]
+    def evaluate(r):  # the eager model, in the recipe's precision (evaluation is not training time)
+        bpc = evaluate_blocks(r.model, val, val_idx, tok, 16, "cpu", r.rt.ctx)["bpc"]
         r.curve.append((round(r.seconds, 2), r.steps, bpc))
         print(f"  {r.name}: step {r.steps}, {r.seconds:.1f} s, val bpc {bpc:.4f}", flush=True)
 
@@ -175,38 +205,57 @@ def main(argv=None):
         evaluate(r)
     for _ in range(args.calibrate):
         for r in recipes:
-            r.step(rt)
+            r.step()
+            if r.steps in args.early_evals:
+                evaluate(r)
     for r in recipes:
-        r.cfg.max_iters = max(r.steps + 1, int(args.seconds / statistics.median(r.step_times)))
-        print(f"{r.name}: {statistics.median(r.step_times):.3f} s/step -> max_iters {r.cfg.max_iters}")
+        # the first step (compilation, warm-up) is spent already and counted; the rest fills the budget
+        # at the median of the later steps
+        per_step = statistics.median(r.step_times[1:] or r.step_times)
+        r.cfg.max_iters = args.steps or r.steps + max(0, int((args.seconds - r.seconds) / per_step))
+        print(f"{r.name}: first step {r.step_times[0]:.1f} s, then {per_step:.3f} s/step -> max_iters "
+              f"{r.cfg.max_iters}")
+        if r.done and r.curve[-1][1] != r.steps:  # the budget went in calibration: its final point now
+            evaluate(r)
     while not all(r.done for r in recipes):
         for r in recipes:
             if not r.done:
-                loss = r.step(rt)
+                loss = r.step()
                 if not math.isfinite(loss):
                     raise SystemExit(f"{r.name}: the loss is not finite at step {r.steps}")
-                if r.steps % args.eval_every == 0 or r.done:
+                if r.steps % args.eval_every == 0 or r.steps in args.early_evals or r.done:
                     evaluate(r)
 
     results = {r.name: r.curve for r in recipes}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out, "w") as f:
-        json.dump({"seconds": args.seconds, "threads": torch.get_num_threads(), "curves": results,
-                   "median_step_s": {r.name: statistics.median(r.step_times) for r in recipes}}, f, indent=1)
+        json.dump({"seconds": args.seconds, "steps": args.steps, "clock": args.clock, "data": args.data,
+                   "threads": torch.get_num_threads(), "curves": results,
+                   "first_step_s": {r.name: r.step_times[0] for r in recipes},
+                   "median_step_s": {r.name: statistics.median(r.step_times[1:] or r.step_times) for r in recipes}},
+                  f, indent=1)
     plot(results, args.png)
+    print_table(recipes, statistics)
+    print(f"\nwrote {args.out} and {args.png}")
+
+
+def print_table(recipes, statistics):
+    """The markdown table: against the first recipe's final bpc and time, and at the fewest steps any
+    recipe took (equal steps: what a precision or compiler costs in quality, apart from speed)."""
     base = recipes[0]
     target, base_time = base.curve[-1][2], base.seconds
-    print(f"\n| recipe | steps | s/step (median) | train s | final val bpc | bpc at {base_time:.0f} s "
-          f"| s to reach {target:.3f} bpc ({recipes[0].name}'s final) | fraction of its time |")
-    print("|---|---|---|---|---|---|---|---|")
+    few = min(r.steps for r in recipes)
+    print(f"\n| recipe | steps | first step s | s/step (median) | train s | final val bpc | bpc at step {few} "
+          f"| bpc at {base_time:.0f} s | s to reach {target:.3f} bpc ({base.name}'s final) | fraction of its time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in recipes:
         reach = reach_time(r.curve, target)
-        at = bpc_at(r.curve, base_time)
-        print(f"| {r.name} | {r.steps} | {statistics.median(r.step_times):.3f} | {r.seconds:.0f} "
-              f"| {r.curve[-1][2]:.4f} "
+        at, at_step = bpc_at(r.curve, base_time), bpc_at(r.curve, few, axis=1)
+        per_step = statistics.median(r.step_times[1:] or r.step_times)
+        print(f"| {r.name} | {r.steps} | {r.step_times[0]:.1f} | {per_step:.3f} "
+              f"| {r.seconds:.0f} | {r.curve[-1][2]:.4f} | {at_step:.4f} "
               f"| {'-' if at is None else f'{at:.4f}'} | {'not reached' if reach is None else f'{reach:.0f}'} "
               f"| {'-' if reach is None else f'{reach / base_time:.2f}'} |")
-    print(f"\nwrote {args.out} and {args.png}")
 
 
 if __name__ == "__main__":

@@ -39,4 +39,9 @@ weight_decay = 0.1
 grad_clip = 1.0
 
 device = "cpu"
-compile = False
+# precision and compilation are measured choices (issue 20, BENCHMARKS.md "bf16 and torch.compile on the
+# CPU"): dtype 'auto' is bf16 autocast only on a CPU with native bf16 (on this avx2-only machine bf16
+# steps measured 5x slower than float32), and compile 'auto' compiles when the run repays the warm-up
+# (here: 1.07x per step for ~27 s, so the 800-step run compiles and a --max_iters=50 try does not)
+dtype = "auto"
+compile = "auto"

@@ -111,6 +111,8 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights' precision; auto: bf16 where the GPU/CPU computes it natively (as train.py)")
     p.add_argument("--which", default="best")
     p.add_argument("--output", default=None, help="result JSON (default OUT_DIR/eval_qa[_context].json)")
     args = p.parse_args(argv)
@@ -139,7 +141,7 @@ def main(argv=None):
             sys.exit(f"error: --with_context, but {missing} questions in {args.input} have no context "
                      "(SQuAD-style JSON, or jsonl lines with a 'context' field, carry one)")
 
-    run = load_run(args.out_dir, args.which, pick_device(args.device))
+    run = load_run(args.out_dir, args.which, pick_device(args.device), args.dtype)
     prompts = [q["question"].strip() for q in questions]
     extra, recall, texts = [{} for _ in questions], {}, None
     if args.with_context:
