@@ -56,9 +56,10 @@ def chunks(text, max_chars):
     return out
 
 
-def chunk_for(text, at, length, max_chars):
-    """The chunk of `text` (see `chunks`) that holds text[at:at+length] whole, or None."""
-    for a, b in chunks(text, max_chars):
+def chunk_for(text, at, length, max_chars, spans=None):
+    """The chunk of `text` (see `chunks`; `spans`: those chunks, when known) that holds
+    text[at:at+length] whole, or None."""
+    for a, b in spans if spans is not None else chunks(text, max_chars):
         if a <= at and at + length <= b:
             return text[a:b]
     return None
@@ -165,9 +166,14 @@ def _question(title, sentence, a, b, wh, rng):
         a, b = a - 1, b + 1  # the quote marks go with the quoted answer
     start, end = clauses[k]
     # a clause that is little more than the answer ("1950年，") takes the next one as its predicate
-    while (end - start) - (b - a) < 6 and k + 1 < len(clauses):
-        k += 1
-        end = clauses[k][1]
+    first = last = k
+    while (end - start) - (b - a) < 6 and (last + 1 < len(clauses) or first > 0):
+        if last + 1 < len(clauses):  # the next clause, else the one before
+            last += 1
+            end = clauses[last][1]
+        else:
+            first -= 1
+            start = clauses[first][0]
     text = sentence[start:a] + "\ue000" + sentence[b:end]
     text = _ASIDE.sub("", text).strip(_TAIL)
     if start == 0:
@@ -186,36 +192,36 @@ def _question(title, sentence, a, b, wh, rng):
     return text + "？"
 
 
-def cloze_pairs(title, text, seed, max_question_chars=48, max_answer_chars=20):
+def cloze_pairs(title, text, seed, max_question_chars=48, max_answer_chars=20, limit=None):
     """Candidate pairs {question, answer, family, at} from every sentence of `text`, families
-    interleaved (round robin, shuffled within a family by `seed`)."""
-    rng, by_family, seen = random.Random(seed), {}, set()
+    interleaved (round robin, shuffled within a family by `seed`); at most `limit` of them (the
+    questions are only built for the spans taken, so a long article costs little more)."""
+    rng, by_family = random.Random(seed), {}
     for s, e in sentence_spans(text):
         sentence = text[s:e]
         for family, a, b, wh in _spans(sentence):
-            answer = sentence[a:b].strip()
-            if not answer or len(answer) > max_answer_chars:
+            if len(sentence[a:b].strip()) <= max_answer_chars:
+                by_family.setdefault(family, []).append((s, sentence, a, b, wh))
+    for items in by_family.values():
+        rng.shuffle(items)
+    families, out, seen = sorted(by_family), [], set()
+    rng.shuffle(families)
+    while any(by_family.values()) and (limit is None or len(out) < limit):
+        for family in families:
+            if not by_family[family] or (limit is not None and len(out) >= limit):
                 continue
+            s, sentence, a, b, wh = by_family[family].pop()
+            answer = sentence[a:b].strip()
             if family == "alias":
                 base = _base(title)
-                opens = s == 0 or sentence.startswith((title, base))
-                question = f"{base}{wh}？" if opens and base else None
+                question = f"{base}{wh}？" if base and (s == 0 or sentence.startswith((title, base))) else None
             else:
                 question = _question(title, sentence, a, b, wh, rng)
             if not question or len(question) > max_question_chars or answer in question or question in seen:
                 continue
             seen.add(question)
-            by_family.setdefault(family, []).append({"question": question, "answer": answer, "family": family,
-                                                     "at": s + a})
-    for items in by_family.values():
-        rng.shuffle(items)
-    order, families = [], sorted(by_family)
-    rng.shuffle(families)
-    while any(by_family.values()):
-        for family in families:
-            if by_family[family]:
-                order.append(by_family[family].pop())
-    return order
+            out.append({"question": question, "answer": answer, "family": family, "at": s + a})
+    return out
 
 
 def family_counts(pairs):

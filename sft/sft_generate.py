@@ -68,7 +68,7 @@ from tqdm import tqdm
 if not __package__:  # run as a script (python sft/sft_generate.py): the modules live in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import BadLines, clean_article, find_jsonl, iter_jsonl, split_sentences  # noqa: E402
-from sft.reading_pairs import Balance, chunk_for, cloze_pairs, position_histogram, sentence_spans  # noqa: E402
+from sft.reading_pairs import Balance, chunk_for, chunks, cloze_pairs, position_histogram, sentence_spans  # noqa: E402
 
 DEFAULT_PROMPT = Path(__file__).with_name("prompt_zh.txt")
 Article = namedtuple("Article", "id title text")
@@ -410,30 +410,35 @@ class LLMBackend:
 
 # ----------------------------------------------------------------------------- extractive backend
 
-def extract_candidates(article, max_question_chars=48, max_answer_chars=20):
+def extract_candidates(article, max_question_chars=48, max_answer_chars=20, limit=None):
     """Rule-based cloze pairs from every sentence of the article (`reading_pairs.cloze_pairs`);
     answers verbatim, each with its offset `at` in the article."""
-    return cloze_pairs(article.title, article.text, article.id, max_question_chars, max_answer_chars)
+    return cloze_pairs(article.title, article.text, article.id, max_question_chars, max_answer_chars, limit)
 
 
 def extractive_outcome(article, limits, balance=None):
     """Up to `max_qa` valid pairs of the article, each with its chunk as passage; `balance` (a
     `reading_pairs.Balance` shared by the run) skips pairs whose answer would sit in a tenth of the
     passage that already holds more than its share, so the run's positions stay spread."""
-    candidates = extract_candidates(article, limits.max_question_chars, limits.max_answer_chars)
-    kept = []
+    # a few more candidates than kept: the balance may skip some
+    candidates = extract_candidates(article, limits.max_question_chars, limits.max_answer_chars, 3 * limits.max_qa)
+    spans, kept = chunks(article.text, limits.context_chars), []
     for candidate in candidates:
-        valid, _ = validate([candidate], article, limits)
-        context = chunk_for(article.text, candidate["at"], len(candidate["answer"]), limits.context_chars)
-        if not valid or context is None:
+        # answers are verbatim spans of the article, so `validate`'s support check is moot (and costly)
+        context = chunk_for(article.text, candidate["at"], len(candidate["answer"]), limits.context_chars, spans)
+        if context is None or candidate["question"].startswith(PRONOUNS):
             continue
-        pair = valid[0]
+        pair = {"question": candidate["question"], "answer": candidate["answer"]}
         pair.update(context=context, answer_in_context=True, family=candidate["family"])
         if balance is None or balance.take(pair):
             kept.append(pair)
         if len(kept) >= limits.max_qa:
             break
-    return Outcome("done", kept, None) if len(kept) >= limits.min_qa else Outcome("failed", [], "no_pairs")
+    if len(kept) >= limits.min_qa or (balance is not None and candidates):
+        # pairs refused by the balance alone are a decision, not a failure: a resumed run must not
+        # retry the article and decide differently
+        return Outcome("done", kept, None)
+    return Outcome("failed", [], "no_pairs")
 
 
 # ----------------------------------------------------------------------------- output and resume

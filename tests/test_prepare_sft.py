@@ -95,7 +95,8 @@ def test_squad_with_and_without_context(tmp_path, tiny_tokenizer):
     assert sorted(unpadded(r, tok) for r in rows["val"]) == sorted(
         [tok.encode_qa("北京是哪国的首都？", "中华人民共和国"), tok.encode_qa("长江有多长？", "约6300公里")])
     meta, rows, val_pairs = run(tmp_path, tok, path, extra=["--val_fraction", "1", "--with_context"], block_size=96)
-    assert unpadded(rows["val"][0], tok) == tok.encode_qa("北京是中华人民共和国的首都。\n北京是哪国的首都？", "中华人民共和国")
+    shown = "北京是中华人民共和国的首都。\n北京是哪国的首都？"
+    assert unpadded(rows["val"][0], tok) == tok.encode_qa(shown, "中华人民共和国")
     # a held-out passage too long for the block is cut around the question, as qa_eval.py shows it,
     # even when the answer is not in it: what a held-out question is shown never looks at its answer
     assert len(rows["val"]) == 2 and tok.decode(unpadded(rows["val"][1], tok)).startswith("长江长江")
