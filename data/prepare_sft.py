@@ -33,6 +33,9 @@ Design:
   theirs: their questions are written about the passage, and their articles are mostly not in the
   pretraining corpus, so closed-book they teach only guessing. meta.json counts `with_passage`
   and `passages_cut`.
+- `--human_weight N` writes each human-written (SQuAD-style) training row N times: about 4,500 of
+  them beside 170k generated ones would otherwise be a few percent of SFT (issue 23's "human sets
+  weighted up"); held-out rows are never repeated. meta.json counts `human_repeats`.
 - Pairs are deduplicated on their normalised text. The split is by source: the pair's `id` (else
   title), the SQuAD article title, or the dialogue, hashed with `data_utils.split_of` like
   data/prepare.py, so generated pairs of a wiki article held out of pretraining are held out here too.
@@ -314,7 +317,10 @@ def prepare_sft(args):
         for split, ids, record in build_examples(records, tok, args, counts, keys_read):
             row = np.full(args.block_size, tok.pad, dtype=dtype)
             row[: len(ids)] = ids
-            rows[split].append(row)
+            # human-written reading pairs weighted up: their training row repeated (never a held-out one)
+            repeat = args.human_weight if split == "train" and record["source"] == "squad" else 1
+            rows[split].extend([row] * repeat)
+            counts["human_repeats"] += repeat - 1
             keys[split].add(record["key"])
             counts["tokens"] += len(ids)
             if split == "val" and record["kind"] == "qa":
@@ -339,6 +345,7 @@ def prepare_sft(args):
         "read_by_source": {k[5:]: v for k, v in counts.items() if k.startswith("read_")},
         "dialogues_split": counts["dialogues_split"], "with_passage": counts["with_passage"],
         "passages_cut": counts["passages_cut"], "held_out_files": counts["held_out_files"],
+        "human_repeats": counts["human_repeats"],
         "skipped_paths": skipped.examples, "blocks_train": len(rows["train"]),
         "blocks_val": len(rows["val"]), "tokens": counts["tokens"],
         "pad_fraction": round(1 - counts["tokens"] / (n_rows * args.block_size), 4), "bad_lines": bad.examples,
@@ -370,11 +377,15 @@ def main(argv=None):
                     help="with --with_context: the fraction of the jsonl pairs with a passage that are shown it "
                          "(the rest closed-book; SQuAD-style pairs always are)")
     ap.add_argument("--seed", type=int, default=1337, help="for where the answer sits in a cut passage")
+    ap.add_argument("--human_weight", type=int, default=1,
+                    help="write each SQuAD-style (human-written) training row this many times (1-100)")
     ap.add_argument("--val_fraction", type=float, default=0.05, help="share of source articles/dialogues held out")
     ap.add_argument("--pretrain_data", help="a prepared pretraining folder whose tokenizer must match")
     args = ap.parse_args(argv)
     if not 0 <= args.context_mix <= 1:
         ap.error("--context_mix must be between 0 and 1")
+    if not 1 <= args.human_weight <= 100:
+        ap.error("--human_weight must be between 1 and 100")
     prepare_sft(args)
 
 

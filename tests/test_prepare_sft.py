@@ -299,6 +299,12 @@ def test_with_context_cuts_passages_around_the_answer_and_mixes_closed_book(tmp_
     assert meta["counts"]["with_passage"] == len(squad_read) + len(generated_read)
     assert {p["source"] for p in val_pairs} == {"qa", "squad"}  # the evaluations tell generated from human apart
     assert all("context" in p for p in val_pairs if p["source"] == "squad")
+    # --human_weight: each human-written training row written N times, the held-out ones once
+    heavy = run(tmp_path, tok, path, many, extra=["--val_fraction", "0.5", "--with_context", "--context_mix", "0.5",
+                                                    "--human_weight", "3"], block_size=80, out="heavy")
+    human_train = sum("问题" in tok.decode(unpadded(r, tok)) for r in rows["train"])
+    assert sum("问题" in tok.decode(unpadded(r, tok)) for r in heavy[1]["train"]) == 3 * human_train > 0
+    assert np.array_equal(heavy[1]["val"], rows["val"]) and heavy[0]["counts"]["human_repeats"] == 2 * human_train
     # val.jsonl keeps the whole passage: qa_eval.py fits it around the question, never the answer
     contexts = {d["title"]: d["paragraphs"][0]["context"] for d in SQUAD_LONG["data"]}
     assert all(p["context"] in contexts.values() for p in val_pairs if p["source"] == "squad")
