@@ -24,20 +24,9 @@ import random
 import re
 from collections import Counter
 
-from data_utils import split_sentences
+from retrieval import sentence_spans  # noqa: F401 (re-exported: sft_generate uses it)
 
 # ----------------------------------------------------------------------------- passages
-
-
-def sentence_spans(text):
-    """(start, end) offsets of each sentence of `text`; paragraphs' newlines fall between them."""
-    spans, at = [], 0
-    for paragraph in text.split("\n"):
-        for sentence in split_sentences(paragraph):
-            spans.append((at, at + len(sentence)))
-            at += len(sentence)
-        at += 1
-    return spans
 
 
 def chunks(text, max_chars):

@@ -5,8 +5,9 @@
     python sft/sft_generate.py --input ../shared/data/zhwiki --backend extractive
 
 Output: one line per pair, `{"question", "answer", "context", "answer_in_context", "id", "title"}`
-(`id` = the article's id; `context` = the source passage, whole sentences of the article around the
-answer, at most `--context_chars`), which `data/prepare_sft.py` reads directly.
+(`id` = the article's id; `context` = the source passage: the chunk of the article, whole sentences
+of at most `--context_chars` cut before any question, that holds the answer; extractive pairs also
+carry their question `family`), which `data/prepare_sft.py` reads directly.
 
 Design choices:
 - Two backends behind one validator. `llm` sends one article per request to any OpenAI-compatible
@@ -14,11 +15,13 @@ Design choices:
   one small stdlib HTTP call (`post_json`) that holds every limit: a total deadline for the whole
   request (`--timeout`: a timer shuts the socket, since per-read timeouts never stop a server that
   sends a byte a second) and a cap on the reply's size (`--max_reply_bytes`, read in chunks and
-  refused past it). The backoff policy below is the only retry policy. `extractive` turns
-  definitional and factual sentences that start with the article's title ("X位于…", "X成立于…",
-  "X由…开发") into pairs by rule, so the pipeline runs without any model; it yields fewer and
-  simpler pairs.
-- Every candidate pair, from either backend, passes the same checks (`validate`): JSON objects
+  refused past it). The backoff policy below is the only retry policy. `extractive` asks short-answer
+  cloze questions (who, when, where, how many, what, aliases) about sentences anywhere in the
+  article by rule (`sft/reading_pairs.py`), so the pipeline runs without any model; a run-wide
+  `Balance` keeps the answers' places in their passages spread (the summary prints the histogram
+  by tenths and the question families).
+- Every LLM candidate pair passes the same checks (`validate`; extractive pairs are built within
+  the same length limits and pronoun rule, and are verbatim): JSON objects
   are pulled out of a reply tolerantly (code fences, prose, a list or one object per line), lengths
   are bounded, questions opening with a pronoun are rejected (they cannot be understood without
   the article), an answer must be supported by the article (the share of its character bigrams
@@ -30,10 +33,11 @@ Design choices:
   up to `--max_attempts`; then the article is recorded as failed with the reason. 401/403 (and 404:
   a wrong URL or model) stop the run at once: every later request would fail the same way.
 - Each pair keeps its source passage, for reading-comprehension examples (passage + question ->
-  answer, the layout `prepare_sft.py --with_context` gives SQuAD-style data). Extractive answers
-  are verbatim, so their passage always holds them; an LLM's answer may paraphrase, so the passage
-  is built around its best-supported sentence and `answer_in_context` records whether the answer
-  occurs in it verbatim.
+  answer, the layout `prepare_sft.py --with_context` gives SQuAD-style data): the same chunks for
+  both backends (`passage`). Extractive answers are verbatim, so their passage always holds them
+  (and `validate`'s support check is skipped for them); an LLM's answer may paraphrase, so its
+  passage is the chunk of its best-supported sentence and `answer_in_context` records whether the
+  answer occurs in it verbatim.
 - Resumable append-only output rather than write-then-rename: a run over 100k articles must
   survive Ctrl-C or a kill. Only the main thread writes; each article's lines go out in one write
   and flush, then one line in the sidecar `OUTPUT.state.jsonl` (`{"id", "status", "reason",
