@@ -27,6 +27,14 @@ Design:
   passage (`*_context`, cut to the window around the sentences that match the question) and with
   retrieved passages (`*_rag`, which also scores recall@1/@5). The report's "Reading" table puts
   them side by side.
+- Reading data without shortcuts (issue 23): the offline generator asks short-answer questions
+  (who, when, where, how many, what, aliases; cloze style) about sentences anywhere in an article,
+  and shows each pair the fixed chunk of its article that holds the answer, so the answer's place
+  in the passage is spread (sft_generate.py prints the histogram by tenths). Held-out pairs keep
+  their whole passage, which qa_eval.py fits around the question, never the answer
+  (`retrieval.fit_passage`, the one windowing function). The `shortcuts` stage prints the no-model
+  rules (evaluations/baselines.py) on the held-out generated pairs, and every qa_eval.py result
+  carries the rules' scores on its own questions, which the report's Reading table shows as rows.
 - Corpus order: --corpus; data/wiki/ when it holds jsonl; ../shared/data/zhwiki; else download a
   public subset with data/download_wiki.py.
 - Presets: with no GPU the CPU configs (about 11 minutes of pretraining on 2 cores, with an 8k-token
@@ -208,6 +216,12 @@ def main(argv=None):
     held_out = ROOT / "data" / "held_out_with_passage.jsonl"
     kept = with_passage(ROOT / "data" / "sft" / "val.jsonl", held_out)
     print(f"{kept} held-out pairs carry their passage -> {held_out}")
+    # the shortcuts a reader must beat, on the held-out generated pairs as qa_eval shows them (the
+    # whole passage fitted around the question): answering with the passage's first sentence, with
+    # the sentence that best matches the question, or with the question itself
+    run("shortcuts", [PY, "evaluations/baselines.py", "--input", held_out, "--max_examples", args.eval_questions,
+                      "--tokenizer", "data/tokenizer", "--budget", block - 64,
+                      "--output", "out/pipeline/shortcuts_qa.json"], marker=False)
     question_sets = {"qa": (held_out, args.eval_questions, 64)}
     index_inputs = [corpus]
     drcd = SHARED_QA / "drcd_test.zh-hans.json"

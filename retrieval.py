@@ -392,46 +392,89 @@ def rag_prompt(tok, question, hits, block_size, max_new_tokens, min_chars=16):
     return ids, sources
 
 
-def fit_passage(tok, passage, question, budget, how="bigram"):
-    """(text, cut): the passage, or the run of its sentences that best matches the question, such that
-    `tok.encode_passage_qa(text, question)` fits `budget` tokens (qa_eval.py --with_context: a DRCD
-    paragraph is often longer than a small model's window, and cutting blindly loses the answer).
+def sentence_spans(text):
+    """(start, end) offsets of each sentence of `text` (`split_sentences`); a paragraph's newline
+    falls between two spans, so text[spans[i][0]:spans[j][1]] keeps the paragraphs."""
+    spans, at = [], 0
+    for paragraph in text.split("\n"):
+        for sentence in split_sentences(paragraph):
+            spans.append((at, at + len(sentence)))
+            at += len(sentence)
+        at += 1
+    return spans
 
-    No gold answer is used: the window starts at the sentence sharing most terms (`analyze`) with the
-    question and grows one sentence at a time, after then before, while it fits. A best sentence too
-    long alone keeps its longest prefix that fits. On DRCD test with the CPU tokenizer and a 224-token
-    budget the answer stays inside for 226 of 231 cut passages (the window's tail: 184). PromptTooLong
-    when the question alone does not fit.
+
+def best_sentence(sentences, question, how="bigram"):
+    """Index of the sentence sharing most terms (`analyze`: Han characters and bigrams) with the
+    question; the first on ties. The best-overlap rule of evaluations/baselines.py, and the anchor
+    of a question-anchored `fit_passage`."""
+    wanted = set(analyze(question, how))
+    scores = [len(wanted & set(analyze(s, how))) for s in sentences]
+    return max(range(len(sentences)), key=scores.__getitem__)
+
+
+def fit_passage(tok, passage, question, budget, how="bigram", answer=None, answer_start=None, place=None):
+    """(text, cut): the passage, or a window of it, such that `tok.encode_passage_qa(text, question,
+    answer)` fits `budget` tokens. The one passage-windowing function: evaluation, RAG and SFT.
+
+    The window is whole sentences grown around an anchor while they fit (the paragraphs' newlines
+    kept); a sentence too long alone keeps the longest run of characters around the anchor that fits.
+    - Evaluation and RAG (`answer` None): the anchor is the sentence sharing most terms with the
+      question (`best_sentence`). No gold answer is used, so what a held-out question is shown
+      never depends on its answer: the paragraph as a user would give it, fitted around the
+      question. The window grows after, then before, in turn.
+    - SFT training (`answer` and `answer_start` given, the answer counted in the budget): the
+      anchor is the answer span, and `place` (in [0, 1], drawn per example by the caller) is the
+      share of the free room put before it, so the answer's place in the window is spread and the
+      model cannot learn "the answer is in the middle" (or "in the opening").
+    PromptTooLong when the question (and answer) alone do not fit.
     """
     def fits(text):
-        return len(tok.encode_passage_qa(text, question)) <= budget
+        return len(tok.encode_passage_qa(text, question, answer)) <= budget
 
     if fits(passage):
         return passage, False
     if not fits(""):
         raise PromptTooLong(f"the question alone is over the {budget}-token prompt budget")
-    sentences = split_sentences(passage)
-    if not sentences:
+    spans = sentence_spans(passage)
+    if not spans:
         return "", True
-    wanted = set(analyze(question, how))
-    scores = [len(wanted & set(analyze(s, how))) for s in sentences]
-    best = max(range(len(sentences)), key=scores.__getitem__)
-    lo, hi = best, best + 1
-    if not fits(sentences[best]):
-        text = sentences[best]
-        short, long = 0, len(text)  # the longest prefix that fits: binary search over characters
-        while short < long:
-            mid = (short + long + 1) // 2
-            short, long = (mid, long) if fits(text[:mid]) else (short, mid - 1)
-        return text[:short], True
-    grown = True
-    while grown:
-        grown = False
-        if hi < len(sentences) and fits("".join(sentences[lo:hi + 1])):
-            hi, grown = hi + 1, True
-        if lo > 0 and fits("".join(sentences[lo - 1:hi])):
-            lo, grown = lo - 1, True
-    return "".join(sentences[lo:hi]), True
+    if answer and answer_start is not None and passage[answer_start:answer_start + len(answer)] == answer:
+        a, b = answer_start, answer_start + len(answer)
+    else:
+        k = best_sentence([passage[s:e] for s, e in spans], question, how)
+        a, b, place = spans[k][0], spans[k][1], None
+    lo = next((k for k, s in enumerate(spans) if s[1] > a), len(spans) - 1)
+    hi = next((k for k, s in enumerate(spans) if s[1] >= b), len(spans) - 1) + 1
+    if not fits(passage[spans[lo][0]:spans[hi - 1][1]]):
+        return _char_window(passage, a, b, fits, 0.0 if place is None else place), True
+    turn = 0
+    while True:
+        before, after = a - spans[lo][0], spans[hi - 1][1] - b
+        turn += 1  # the question's window: after, then before, in turn
+        grow_before = turn % 2 == 0 if place is None else before < place * (before + after + 1)
+        for side in ((-1, 1) if grow_before else (1, -1)):
+            new_lo, new_hi = (lo - 1, hi) if side < 0 else (lo, hi + 1)
+            if 0 <= new_lo and new_hi <= len(spans) and fits(passage[spans[new_lo][0]:spans[new_hi - 1][1]]):
+                lo, hi = new_lo, new_hi
+                break
+        else:
+            return passage[spans[lo][0]:spans[hi - 1][1]], True
+
+
+def _char_window(passage, a, b, fits, place):
+    """The widest window of `passage` holding [a, b) (as much of it as fits) that `fits`, with the
+    share `place` of its free room before the anchor: binary search over the width."""
+    def window(width):
+        start = a - int(place * max(width - (b - a), 0))
+        start = min(max(start, 0), max(len(passage) - width, 0))
+        return passage[start:start + width]
+
+    short, long = 0, len(passage)
+    while short < long:
+        mid = (short + long + 1) // 2
+        short, long = (mid, long) if fits(window(mid)) else (short, mid - 1)
+    return window(short)
 
 
 def sources_text(sources):

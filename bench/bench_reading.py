@@ -3,7 +3,8 @@
     python bench/bench_reading.py --tokenizer data/tokenizer      # DRCD test's first 300, as the pipeline
 
 - Sentence baseline: the answer is the passage sentence sharing most terms (`retrieval.analyze`:
-  Han unigrams + bigrams) with the question, scored with the evaluations' F1 (CMRC2018 definition;
+  Han unigrams + bigrams) with the question (evaluations/baselines.py's `best_overlap` rule),
+  scored with the evaluations' F1 (CMRC2018 definition;
   a long prediction holding the answer gets partial credit). A model reading the passage should beat it.
 - Cutting: for the passages that do not fit the prompt budget (`block_size - max_new_tokens` tokens
   with the question), how often the gold answer stays inside the text the model is shown, two ways:
@@ -17,16 +18,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_utils import load_qa, split_sentences  # noqa: E402
+from data_utils import load_qa  # noqa: E402
+from evaluations.baselines import rule_answers  # noqa: E402
 from evaluations.metrics import f1  # noqa: E402
-from retrieval import analyze, fit_passage  # noqa: E402
+from retrieval import fit_passage  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
-
-
-def best_sentence(passage, question):
-    """The sentence of `passage` sharing most analyzer terms with `question` (the first of ties)."""
-    wanted = set(analyze(question))
-    return max(split_sentences(passage) or [passage], key=lambda s: len(wanted & set(analyze(s))))
 
 
 def main(argv=None):
@@ -41,7 +37,8 @@ def main(argv=None):
 
     tok = load_tokenizer(args.tokenizer)
     questions = load_qa(args.input)[: args.max_examples]
-    baseline = statistics.mean(f1(best_sentence(q["context"], q["question"]), q["answers"]) for q in questions)
+    baseline = statistics.mean(f1(rule_answers(q["context"], q["question"])["best_overlap"], q["answers"])
+                               for q in questions)
     budget = args.block_size - args.max_new_tokens
     long = kept_fit = kept_tail = 0
     for q in questions:

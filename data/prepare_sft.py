@@ -22,16 +22,20 @@ Design:
   starting with a user turn, keeping the system message); a single exchange too long is dropped.
 - Reading (`--with_context`): a pair that carries its passage is laid out by
   `tok.encode_passage_qa(passage, question, answer)` (the passage, a newline, the question: the one
-  layout qa_eval.py and prepare_dpo.py use too). A passage too long for the block is cut around the
-  answer span (`cut_passage`), the answer's place in the cut drawn from a per-example seeded
-  generator, so the data is deterministic but the answer is not always in the middle. A pair whose
-  answer is not in its passage keeps the whole passage if it fits, else is dropped as too long.
+  layout qa_eval.py and prepare_dpo.py use too). A passage too long for the block is cut by the one
+  windowing function (`retrieval.fit_passage`, through `window`): a training pair's around its
+  answer, the answer's place in the cut drawn from a per-example seeded generator (deterministic,
+  but not always in the middle); a held-out pair's around its question, never its answer, as
+  qa_eval.py cuts it, and val.jsonl keeps the whole passage for qa_eval.py to fit.
   `--context_mix F` gives the passage to a fraction F of the generated pairs (a hash of the question
   decides, so it does not depend on order) and leaves the rest closed-book: one model learns both
   to read and to remember. Reading-comprehension sets (SQuAD-style: CMRC2018, DRCD) always carry
   theirs: their questions are written about the passage, and their articles are mostly not in the
   pretraining corpus, so closed-book they teach only guessing. meta.json counts `with_passage`
   and `passages_cut`.
+- `--human_weight N` writes each human-written (SQuAD-style) training row N times: about 4,500 of
+  them beside 170k generated ones would otherwise be a few percent of SFT (issue 23's "human sets
+  weighted up"); held-out rows are never repeated. meta.json counts `human_repeats`.
 - Pairs are deduplicated on their normalised text. The split is by source: the pair's `id` (else
   title), the SQuAD article title, or the dialogue, hashed with `data_utils.split_of` like
   data/prepare.py, so generated pairs of a wiki article held out of pretraining are held out here too.
@@ -74,6 +78,7 @@ from data_utils import (  # noqa: E402
 )
 
 OUTPUTS = ("train.bin", "val.bin", "val.jsonl", "meta.json")
+from retrieval import PromptTooLong, fit_passage  # noqa: E402
 from tokenizer import TokenizerId, load_tokenizer  # noqa: E402
 
 
@@ -172,36 +177,31 @@ def read_inputs(paths, bad, counts, skipped):
                 yield from read_json(path, bad, counts)
 
 
-def cut_passage(tok, passage, answer, answer_start, question, block_size, rng, max_tries=8):
-    """The passage, or a window of it around the answer, such that the whole example
-    `tok.encode_passage_qa(window, question, answer)` fits `block_size` tokens.
+HELD_OUT_ANSWER_ROOM = 64  # tokens a held-out window leaves for the answer: qa_eval.py's --max_new_tokens
 
-    The answer's position inside the window is drawn from `rng` (seeded per example, so the data is
-    deterministic), so the model cannot learn "the answer is in the middle". Returns None when no
-    window holding the answer fits (the question and answer alone are too long), or when the
-    answer is not in the passage and the passage does not fit whole.
-    """
-    if len(tok.encode_passage_qa(passage, question, answer)) <= block_size:
-        return passage
-    if answer_start is None or passage[answer_start:answer_start + len(answer)] != answer:
+
+def window(tok, record, question, answer, block_size, rng, split):
+    """The passage a pair is shown in its example, through the one windowing function
+    (`retrieval.fit_passage`), so that the whole example fits `block_size`, or None when it cannot.
+
+    Training pairs are cut around their answer, its place in the window drawn from `rng` (seeded per
+    example: deterministic, and the answer is not always in the middle or the opening); None when the
+    answer is not inside the cut. Held-out pairs are cut as qa_eval.py --with_context cuts them:
+    around the question, never the answer, leaving `HELD_OUT_ANSWER_ROOM` tokens for it, so the
+    passage a held-out question is shown does not depend on its answer; None when the example with
+    its answer then does not fit."""
+    passage, answer_start = record["context"], record["answer_start"]
+    if answer_start is None and answer in passage:  # generated pairs: the answer is a span of the passage
+        answer_start = passage.find(answer)
+    try:
+        if split == "val":
+            text, _ = fit_passage(tok, passage, question, block_size - HELD_OUT_ANSWER_ROOM)
+            return text if len(tok.encode_passage_qa(text, question, answer)) <= block_size else None
+        text, _ = fit_passage(tok, passage, question, block_size, answer=answer, answer_start=answer_start,
+                              place=rng.random())
+    except PromptTooLong:
         return None
-    budget = block_size - len(tok.encode_passage_qa("", question, answer))
-    if budget <= 0:
-        return None
-    chars_per_token = len(passage) / max(len(tok.encode(passage)), 1)
-    width = int(budget * chars_per_token)
-    place = rng.random()  # where the answer sits in the window, as a fraction of the free room
-    for _ in range(max_tries):
-        if width < len(answer):
-            return None
-        start = answer_start - int(place * (width - len(answer)))
-        start = min(max(start, 0), len(passage) - width)
-        window = passage[start:start + width]
-        excess = len(tok.encode_passage_qa(window, question, answer)) - block_size
-        if excess <= 0:
-            return window
-        width -= max(int(excess * chars_per_token), 1)
-    return None
+    return None if answer_start is not None and answer not in text else text
 
 
 def chat_pieces(tok, messages, block_size, counts):
@@ -247,7 +247,8 @@ def build_examples(records, tok, args, counts, keys_read):
 
     With `--with_context`, a SQuAD-style pair is shown its passage, and a jsonl pair that carries
     one is with probability `--context_mix` (decided by a hash of the question, so independent of
-    order); the passage is cut around the answer to fit the block (`cut_passage`). Other pairs are
+    order); the passage is cut to fit the block (`window`: around the answer for training, around the
+    question for held-out pairs). Other pairs are
     closed-book.
     """
     seen = set()
@@ -273,11 +274,7 @@ def build_examples(records, tok, args, counts, keys_read):
         reads = record["source"] == "squad" or carries_passage(record, args.context_mix)
         if args.with_context and record["context"] and reads:
             rng = random.Random(f"{args.seed}\0{record['key']}\0{question}")
-            answer_start = record["answer_start"]
-            if answer_start is None:  # generated pairs: the answer is a span of the passage, or nowhere
-                answer_start = record["context"].find(answer) if answer in record["context"] else None
-            record["passage"] = cut_passage(tok, record["context"], answer, answer_start, question,
-                                            args.block_size, rng)
+            record["passage"] = window(tok, record, question, answer, args.block_size, rng, split)
             if record["passage"] is None:
                 counts["too_long"] += 1
                 continue
@@ -320,14 +317,17 @@ def prepare_sft(args):
         for split, ids, record in build_examples(records, tok, args, counts, keys_read):
             row = np.full(args.block_size, tok.pad, dtype=dtype)
             row[: len(ids)] = ids
-            rows[split].append(row)
+            # human-written reading pairs weighted up: their training row repeated (never a held-out one)
+            repeat = args.human_weight if split == "train" and record["source"] == "squad" else 1
+            rows[split].extend([row] * repeat)
+            counts["human_repeats"] += repeat - 1
             keys[split].add(record["key"])
             counts["tokens"] += len(ids)
             if split == "val" and record["kind"] == "qa":
                 pair = {"id": record.get("id") or record["key"], "question": record["question"],
                         "answer": record["answers"][0], "answers": record["answers"], "source": record["source"]}
-                if record["passage"] is not None:  # for qa_eval --with_context: the passage it was shown
-                    pair["context"] = record["passage"]
+                if record["passage"] is not None:  # for qa_eval --with_context: the whole passage, which
+                    pair["context"] = record["context"]  # it fits around the question (never the answer)
                 val_pairs.write(json.dumps(pair, ensure_ascii=False) + "\n")
         n_rows = len(rows["train"]) + len(rows["val"])
         skipped.report("inputs not read")
@@ -345,6 +345,7 @@ def prepare_sft(args):
         "read_by_source": {k[5:]: v for k, v in counts.items() if k.startswith("read_")},
         "dialogues_split": counts["dialogues_split"], "with_passage": counts["with_passage"],
         "passages_cut": counts["passages_cut"], "held_out_files": counts["held_out_files"],
+        "human_repeats": counts["human_repeats"],
         "skipped_paths": skipped.examples, "blocks_train": len(rows["train"]),
         "blocks_val": len(rows["val"]), "tokens": counts["tokens"],
         "pad_fraction": round(1 - counts["tokens"] / (n_rows * args.block_size), 4), "bad_lines": bad.examples,
@@ -376,11 +377,15 @@ def main(argv=None):
                     help="with --with_context: the fraction of the jsonl pairs with a passage that are shown it "
                          "(the rest closed-book; SQuAD-style pairs always are)")
     ap.add_argument("--seed", type=int, default=1337, help="for where the answer sits in a cut passage")
+    ap.add_argument("--human_weight", type=int, default=1,
+                    help="write each SQuAD-style (human-written) training row this many times (1-100)")
     ap.add_argument("--val_fraction", type=float, default=0.05, help="share of source articles/dialogues held out")
     ap.add_argument("--pretrain_data", help="a prepared pretraining folder whose tokenizer must match")
     args = ap.parse_args(argv)
     if not 0 <= args.context_mix <= 1:
         ap.error("--context_mix must be between 0 and 1")
+    if not 1 <= args.human_weight <= 100:
+        ap.error("--human_weight must be between 1 and 100")
     prepare_sft(args)
 
 

@@ -1,11 +1,15 @@
 """Scores and plumbing shared by the evaluation scripts (perplexity, rouge_l, qa_eval, report).
 
 Scoring (all per example in [0, 1]; the scripts report means in percent, as CMRC2018 does):
-- `normalize` / `mixed_segment` follow the CMRC2018 official evaluation script: lowercase, strip,
-  drop punctuation, then every CJK character is its own token while runs of Latin letters and
-  digits stay one word. Two deliberate differences: punctuation is every Unicode punctuation
-  character plus the script's few symbols (^ ` ~ + = ～), a superset of its fixed list, so English
-  punctuation goes too; and whitespace runs collapse to one space (for EM).
+- `normalize` / `mixed_segment` follow the official CMRC2018 evaluation script
+  (cmrc2018_evaluate.py: `remove_punctuation`, `mixed_segmentation(rm_punc=True)`): lowercase,
+  strip, then drop exactly the characters of its list `sp_char` (`CMRC_PUNCTUATION` below):
+  - : _ * ^ / \\ ~ ` + = ， 。 ： ？ ！ “ ” ； ’ 《 》 · 、 「 」 （ ） － ～ 『 』 (its item '……' is two
+  characters, so it never equals one character and a lone … stays, as there). Nothing else goes:
+  not '%' ("50%" is not an exact match for "50"), not '.', ',', '(' or the left quote ‘. EM compares
+  these strings as they are (inner spaces kept). For F1 each character of U+4E00-U+9FA5 is one
+  token; the runs between are split as nltk.word_tokenize does for these texts (on whitespace, each
+  ASCII punctuation mark its own token, numbers with inner '.' or ',' one token), without nltk.
 - `f1`: from the longest common *substring* of the two token lists (the official `find_lcs`),
   P = lcs/len(prediction), R = lcs/len(gold), max over gold answers. `exact_match`: normalised
   strings equal, max over gold answers. `sub_exact_match`: a normalised gold answer occurs inside
@@ -26,7 +30,6 @@ here for the evaluation scripts), batched generation through
 import json
 import math
 import re
-import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -34,23 +37,33 @@ from tqdm import tqdm
 
 from data_utils import atomic_write, load_qa, write_json  # noqa: F401 (load_qa: the evaluations' QA reader)
 
-_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff"
-# a CJK character, else a run of letters/digits that are not CJK, else any other visible character
-_TOKEN = re.compile(rf"[{_CJK}]|(?:(?![{_CJK}])[^\W_])+|\S")
-_EXTRA_PUNCTUATION = set("^`~+=～")
-
-
-def _is_punctuation(ch):
-    return unicodedata.category(ch).startswith("P") or ch in _EXTRA_PUNCTUATION
+# cmrc2018_evaluate.py's sp_char, in its order
+CMRC_PUNCTUATION = ("-", ":", "_", "*", "^", "/", "\\", "~", "`", "+", "=", "，", "。", "：", "？", "！", "“", "”",
+                    "；", "’", "《", "》", "……", "·", "、", "「", "」", "（", "）", "－", "～", "『", "』")
+_DROPPED = frozenset(c for c in CMRC_PUNCTUATION if len(c) == 1)
+_ASCII_PUNCT = r"!-/:-@\[-`{-~"
+# between Han characters: a number with inner . or , (nltk keeps "3.14", "1,000"), else a run of
+# anything but spaces and ASCII punctuation, else one ASCII punctuation mark
+_WORD = re.compile(rf"[0-9]+(?:[.,][0-9]+)+|[^\s{_ASCII_PUNCT}]+|[{_ASCII_PUNCT}]")
 
 
 def normalize(text):
-    text = "".join(ch for ch in text.lower().strip() if not _is_punctuation(ch))
-    return " ".join(text.split())
+    """The official `remove_punctuation`: lowercase, strip, drop the `CMRC_PUNCTUATION` characters."""
+    return "".join(ch for ch in text.lower().strip() if ch not in _DROPPED)
 
 
 def mixed_segment(text):
-    return _TOKEN.findall(normalize(text))
+    """The official `mixed_segmentation(text, rm_punc=True)`: one token per Han character
+    (U+4E00-U+9FA5), the runs between split into words (`_WORD`)."""
+    tokens, run = [], []
+    for ch in normalize(text):
+        if "\u4e00" <= ch <= "\u9fa5":
+            tokens += _WORD.findall("".join(run))
+            tokens.append(ch)
+            run = []
+        else:
+            run.append(ch)
+    return tokens + _WORD.findall("".join(run))
 
 
 def segment(text, how="char"):
@@ -207,10 +220,13 @@ def write_predictions(path, rows):
             f.write(json.dumps({"schema": 1, **row}, ensure_ascii=False) + "\n")  # docs/FORMATS.md
 
 
-def write_results(output, name, run, input_path, settings, metrics):
-    """The result file the report reads: which run, on what, with which settings, and the numbers."""
+def write_results(output, name, run, input_path, settings, metrics, baselines=None):
+    """The result file the report reads: which run, on what, with which settings, and the numbers
+    (`baselines`: the no-model rules' {rule: {em, f1}} on the same questions, evaluations/baselines.py)."""
     result = {"eval": name, "run": {k: run.info[k] for k in ("name", "iter", "params", "kind", "checkpoint")},
               "input": str(input_path), "settings": settings, "metrics": metrics}
+    if baselines is not None:
+        result["baselines"] = baselines
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     write_json(output, result)
     return result

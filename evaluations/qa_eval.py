@@ -20,6 +20,10 @@
   likeliest (`extractive.answer_spans`, searched by the engine): the model still chooses where the
   answer starts and ends, but cannot invent text that is not there. The plain numbers measure
   what the model writes; these, the reader it becomes when held to the text.
+- Beside the model, the no-model rules (evaluations/baselines.py: the passage's first sentence,
+  the sentence sharing most characters and bigrams with the question, the question itself) are
+  scored on the same questions and the same passages shown, printed under the table and written
+  as `baselines` in the result file, so no number is read without them.
 - Greedy decoding, batched through `Run.complete_batch`, stopping at <|endoftext|>.
 - Writes `OUT_DIR/eval_<name>.json`, name `qa` (`qa_context` with context, `qa_rag` with RAG,
   `_span` added with --extractive, or `--name`): means in percent, and every question's
@@ -33,6 +37,7 @@ from pathlib import Path
 if not __package__:  # run as a script (python evaluations/qa_eval.py): the modules live in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import BadLines  # noqa: E402
+from evaluations.baselines import format_rules, score_rules  # noqa: E402
 from evaluations.metrics import (  # noqa: E402
     complete_all,
     default_output,
@@ -171,8 +176,11 @@ def main(argv=None):
     if index is not None:
         settings |= {"rag": str(args.rag), "rag_k": args.rag_k, "index_passages": len(index),
                      "index_inputs": index.meta.get("inputs")}
-    write_results(output, name, run, args.input, settings, metrics)
+    # the no-model rules on the same questions and the same passages the model was shown
+    baselines = score_rules(questions, texts if texts is not None else [None] * len(questions))
+    write_results(output, name, run, args.input, settings, metrics, baselines)
     print(format_table({"run": run.info["name"], **metrics}))
+    print(format_rules(baselines, {"em": metrics["em"], "f1": metrics["f1"]}))
     print(f"wrote {output} and {predictions_path(output)}")
 
 

@@ -14,7 +14,8 @@
   `<set>` closed-book, `<set>_context` with the gold passage, `<set>_rag` with retrieved passages
   and `_span` of the last two with extractive decoding (the pipeline's `qa` = held-out generated
   questions and `drcd` = DRCD test), one row per run and set: EM/F1 of each way, retrieval
-  recall@1/@5 and the index the RAG numbers used.
+  recall@1/@5 and the index the RAG numbers used; under each set, the no-model rules' rows
+  (`baseline_rows`, from the `baselines` qa_eval.py wrote beside the model's numbers).
 - Bar charts use the Agg backend (no display needed) and ASCII labels only: a CJK run name would
   need a CJK font, so such a run is labelled by its position ("run 2") and the table gives its name.
 """
@@ -118,6 +119,24 @@ def reading_rows(runs, columns):
             rows.append([r["name"], name, *cells, _cell(value(r, f"{name}_rag", "recall_at_1")),
                          _cell(value(r, f"{name}_rag", "recall_at_5")),
                          ", ".join(f"`{Path(p).name}`" for p in index) if index else "–"])
+        rows += baseline_rows(runs, name)
+    return rows
+
+
+def baseline_rows(runs, name):
+    """Rows `rule: R` of the Reading table for set `name`: the no-model rules (evaluations/baselines.py)
+    as qa_eval.py scored them beside the model on the same questions and passages, taken from the
+    first run that has them for each way ("–" where a rule does not apply, e.g. passages closed-book)."""
+    rules = {}
+    for way, _ in READING_WAYS:
+        found = next((r["results"][name + way]["baselines"] for r in runs
+                      if isinstance(r["results"].get(name + way, {}).get("baselines"), dict)), {})
+        for rule, scores in found.items():
+            rules.setdefault(rule, {})[way] = scores
+    rows = []
+    for rule, by_way in rules.items():
+        cells = [_cell((by_way.get(way) or {}).get(m)) for way, _ in READING_WAYS for m in ("em", "f1")]
+        rows.append([f"rule: {rule}", name, *cells, "–", "–", "–"])
     return rows
 
 
@@ -140,7 +159,10 @@ def markdown(runs, columns, images):
         ways = [w for _, w in READING_WAYS]
         lines += ["", "## Reading: closed-book, with the passage, with retrieved passages (RAG)", "",
                   ("EM / F1 in percent; recall@k: percent of questions with a gold answer inside one of the "
-                   "top-k retrieved passages; index: what the RAG passages were retrieved from."), "",
+                   "top-k retrieved passages; index: what the RAG passages were retrieved from. Rows `rule: …` "
+                   "are no-model answerers on the same questions and passages (evaluations/baselines.py): "
+                   "the passage's first sentence, the sentence sharing most characters and bigrams with the "
+                   "question, the question itself; a model that reads must beat them."), "",
                   "| run | questions | " + " | ".join(f"{w} {m}" for w in ways for m in ("EM", "F1"))
                   + " | recall@1 | recall@5 | index |", "|---|---|" + "---|" * (2 * len(ways) + 3)]
         lines += ["| " + " | ".join(row) + " |" for row in reading]

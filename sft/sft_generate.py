@@ -5,8 +5,9 @@
     python sft/sft_generate.py --input ../shared/data/zhwiki --backend extractive
 
 Output: one line per pair, `{"question", "answer", "context", "answer_in_context", "id", "title"}`
-(`id` = the article's id; `context` = the source passage, whole sentences of the article around the
-answer, at most `--context_chars`), which `data/prepare_sft.py` reads directly.
+(`id` = the article's id; `context` = the source passage: the chunk of the article, whole sentences
+of at most `--context_chars` cut before any question, that holds the answer; extractive pairs also
+carry their question `family`), which `data/prepare_sft.py` reads directly.
 
 Design choices:
 - Two backends behind one validator. `llm` sends one article per request to any OpenAI-compatible
@@ -14,11 +15,13 @@ Design choices:
   one small stdlib HTTP call (`post_json`) that holds every limit: a total deadline for the whole
   request (`--timeout`: a timer shuts the socket, since per-read timeouts never stop a server that
   sends a byte a second) and a cap on the reply's size (`--max_reply_bytes`, read in chunks and
-  refused past it). The backoff policy below is the only retry policy. `extractive` turns
-  definitional and factual sentences that start with the article's title ("X位于…", "X成立于…",
-  "X由…开发") into pairs by rule, so the pipeline runs without any model; it yields fewer and
-  simpler pairs.
-- Every candidate pair, from either backend, passes the same checks (`validate`): JSON objects
+  refused past it). The backoff policy below is the only retry policy. `extractive` asks short-answer
+  cloze questions (who, when, where, how many, what, aliases) about sentences anywhere in the
+  article by rule (`sft/reading_pairs.py`), so the pipeline runs without any model; a run-wide
+  `Balance` keeps the answers' places in their passages spread (the summary prints the histogram
+  by tenths and the question families).
+- Every LLM candidate pair passes the same checks (`validate`; extractive pairs are built within
+  the same length limits and pronoun rule, and are verbatim): JSON objects
   are pulled out of a reply tolerantly (code fences, prose, a list or one object per line), lengths
   are bounded, questions opening with a pronoun are rejected (they cannot be understood without
   the article), an answer must be supported by the article (the share of its character bigrams
@@ -31,10 +34,11 @@ Design choices:
   as failed with the reason. 401/403 (and 404: a wrong URL or model) stop the run at once: every
   later request would fail the same way.
 - Each pair keeps its source passage, for reading-comprehension examples (passage + question ->
-  answer, the layout `prepare_sft.py --with_context` gives SQuAD-style data). Extractive answers
-  are verbatim, so their passage always holds them; an LLM's answer may paraphrase, so the passage
-  is built around its best-supported sentence and `answer_in_context` records whether the answer
-  occurs in it verbatim.
+  answer, the layout `prepare_sft.py --with_context` gives SQuAD-style data): the same chunks for
+  both backends (`passage`). Extractive answers are verbatim, so their passage always holds them
+  (and `validate`'s support check is skipped for them); an LLM's answer may paraphrase, so its
+  passage is the chunk of its best-supported sentence and `answer_in_context` records whether the
+  answer occurs in it verbatim.
 - Resumable append-only output rather than write-then-rename: a run over 100k articles must
   survive Ctrl-C or a kill. Only the main thread writes; each article's lines go out in one write
   and flush, then one line in the sidecar `OUTPUT.state.jsonl` (`{"id", "status", "reason",
@@ -68,6 +72,7 @@ from tqdm import tqdm
 if not __package__:  # run as a script (python sft/sft_generate.py): the modules live in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import BadLines, clean_article, find_jsonl, iter_jsonl, split_sentences  # noqa: E402
+from sft.reading_pairs import Balance, chunk_for, chunks, cloze_pairs, position_histogram, sentence_spans  # noqa: E402
 
 DEFAULT_PROMPT = Path(__file__).with_name("prompt_zh.txt")
 Article = namedtuple("Article", "id title text")
@@ -236,37 +241,17 @@ def validate(candidates, article, limits):
     return pairs[: limits.max_qa], rejected
 
 
-def _sentence_spans(text):
-    """(start, end) offsets of each sentence of `text`; paragraphs' newlines fall between them."""
-    spans, at = [], 0
-    for paragraph in text.split("\n"):
-        for sentence in split_sentences(paragraph):
-            spans.append((at, at + len(sentence)))
-            at += len(sentence)
-        at += 1
-    return spans
-
-
 def passage(answer, text, max_chars):
-    """The source passage of a pair: whole sentences of `text`, at most `max_chars`, around where
-    `answer` occurs, or around the sentence supporting it best when it is not verbatim (an LLM's
-    paraphrase). A sentence longer than `max_chars` is cut to a window around the answer."""
-    spans = _sentence_spans(text) or [(0, len(text))]
-    at = text.find(answer)
-    a, b = (at, at + len(answer)) if at >= 0 else max(spans, key=lambda s: support(answer, text[s[0] : s[1]]))
-    first = next((k for k, s in enumerate(spans) if s[1] > a), len(spans) - 1)
-    last = next((k for k, s in enumerate(spans) if s[1] >= b), len(spans) - 1)
-    if spans[last][1] - spans[first][0] > max_chars:
-        start = max(0, min(a - (max_chars - (b - a)) // 2, len(text) - max_chars, a))
-        return text[start : start + max_chars]
-    grew = True
-    while grew:  # one sentence before, one after, while they fit
-        grew = False
-        if first > 0 and spans[last][1] - spans[first - 1][0] <= max_chars:
-            first, grew = first - 1, True
-        if last + 1 < len(spans) and spans[last + 1][1] - spans[first][0] <= max_chars:
-            last, grew = last + 1, True
-    return text[spans[first][0] : spans[last][1]]
+    """The passage a pair is shown with: the chunk of `text` (`reading_pairs.chunks`, runs of whole
+    sentences of at most `max_chars`, fixed before any question) that holds `answer`, or, when it is
+    not verbatim (an LLM's paraphrase), the chunk of the sentence that supports it best. The chunk
+    does not depend on where the answer sits in it, so answers are spread over the passage."""
+    at = text.find(answer) if answer else -1
+    if at < 0:
+        spans = sentence_spans(text) or [(0, len(text))]
+        at, end = max(spans, key=lambda s: support(answer, text[s[0]:s[1]]))
+        answer = text[at:end]
+    return chunk_for(text, at, min(len(answer), max_chars), max_chars) or text[at:at + max_chars]
 
 
 def judge(candidates, article, limits, nothing="malformed_json"):
@@ -431,83 +416,35 @@ class LLMBackend:
 
 # ----------------------------------------------------------------------------- extractive backend
 
-_BRACKETS = r"(?:\s*[（(][^（）()]*[)）])*\s*"  # asides after the subject: "X（英语：…；1900年－1950年）"
-_ASIDE = _BRACKETS + r"[，,]?\s*"
-_OPENING = re.compile(_BRACKETS + r"[，,]\s*")  # "X（…），中国演员。": a definition without 是
-_ON = r"(?:(?:在|于)[^，,；;。]{0,20}?)?(?:最初|最早|主要|目前|现|原|曾|也)?"  # "X在1919年出生于…"
-_BY = re.compile(_ASIDE + _ON + r"由([^，,；;。]{1,30})(开发|创作|执导|导演|编剧|设计|制作|出版|"
-                 r"发行|编写|撰写|创办|创立|创建|建造|兴建|主演|主持|作曲|作词|演唱|经营|"
-                 r"运营|管理|主办|研发|生产|制造|发明|提出|发现|命名)(?![人者师商院])")
-_WHEN_WHERE = re.compile(_ASIDE + _ON + r"(位于|坐落于|座落于|地处|毕业于|成立于|创立于|创办于|"
-                         r"创建于|始建于|建于|建成于|落成于|开业于|启用于|开通于|出版于|发行于|"
-                         r"首播于|出生于|生于|逝世于|去世于|卒于)")
-_DATE = r"(?:公元前?|西元前?)?[0-9０-９]{1,4}年(?:[0-9０-９]{1,2}月)?(?:[0-9０-９]{1,2}日)?"
-_DATED = re.compile(_ASIDE + r"(?:于|在)(" + _DATE + r")(?:在[^，,；;。]{1,20}?)?(?:正式|首次|首度|开始|共同)?"
-                    r"(成立|创立|创办|建立|建成|落成|出生|逝世|去世|开业|开通|通车|启用|开播|首播|首映|"
-                    r"上映|发行|出版|发布|推出|召开|举行|创刊|出道)")
-_ALIAS = re.compile(_ASIDE + r"(又称|又名|又译|亦称|也称|通称|简称|别称|旧称|原名|俗称)")
-_DEFINE = re.compile(_ASIDE + r"(?:也|现|曾|乃|即)?(?:是|为(?![了何]))")
-_LIFE_DATES = re.compile(r"^[（(][^）)]*\d+年[^）)]*[－\-—–至~][^）)]*[)）]")
-_TIME = re.compile(r"[0-9０-９]|年|世纪|时期|时代|[朝代]$")  # "1938年", "清乾隆二十九年", "唐贞观时期", "清代"
-_PLACE_VERBS = ("位于", "坐落于", "座落于", "地处", "毕业于")
-_PERSON_NOUN = ("人", "人物", "家", "员", "者", "手", "师", "官", "将", "帝", "王", "相", "臣", "干部", "男性", "女性",
-                "将领", "声优")
-_CLAUSE = re.compile(r"[^，,；;。！？!?]+")
+def extract_candidates(article, max_question_chars=48, max_answer_chars=20, limit=None):
+    """Rule-based cloze pairs from every sentence of the article (`reading_pairs.cloze_pairs`);
+    answers verbatim, each with its offset `at` in the article."""
+    return cloze_pairs(article.title, article.text, article.id, max_question_chars, max_answer_chars, limit)
 
 
-def _subjects(title):
-    """Ways the title may open a sentence, longest first: 'X (消歧义)', 'X', '《X》'."""
-    base = re.sub(r"\s*[（(][^（）()]*[)）]$", "", title).strip()
-    return sorted({s for s in (title, base, f"《{base}》") if s}, key=len, reverse=True)
-
-
-def _is_person(rest, definition):
-    """Whether to ask 是谁 rather than 是什么: life dates in the aside, "一位…", "男，…", a courtesy
-    name "字…", or one of the first clauses naming a kind of person ("河北平山人", "日本女演员")."""
-    if _LIFE_DATES.match(rest.lstrip()) or definition.startswith(("一位", "一名", "男，", "女，", "字")):
-        return True
-    clauses = [c.strip() for c in _CLAUSE.findall(definition)[:3]]
-    return any(c.endswith(_PERSON_NOUN) and not c.endswith(("国家", "世家")) for c in clauses)
-
-
-def _pair_from(subject, rest, opening):
-    """The pair one sentence "subject + rest" gives, or None; the first rule that matches wins."""
-    if m := _BY.match(rest):
-        # "由三宅精一于1965年发明": the agent alone answers 由谁
-        agent = re.split(r"[于在](?=[0-9０-９])", m.group(1))[0].strip()
-        return f"{subject}由谁{m.group(2)}？", agent
-    if m := _DATED.match(rest):
-        return f"{subject}什么时候{m.group(2)}？", m.group(1)
-    if m := _WHEN_WHERE.match(rest):
-        answer = _CLAUSE.match(rest[m.end() :].lstrip())
-        answer = answer.group().strip() if answer else ""
-        # "成立于1938年" but also "出生于上海": the answer tells which was asked
-        asked = "什么时候" if m.group(1) not in _PLACE_VERBS and _TIME.search(answer) else "哪里"
-        return f"{subject}{m.group(1)}{asked}？", answer
-    if m := _ALIAS.match(rest):
-        answer = _CLAUSE.match(rest[m.end() :].lstrip())
-        return f"{subject}{m.group(1)}什么？", answer.group().strip() if answer else ""
-    if (m := _DEFINE.match(rest)) or (opening and (m := _OPENING.match(rest))):
-        # "X是…" anywhere; "X（…），…" only as the article's opening definition
-        answer = rest[m.end() :].strip()
-        return f"{subject}是{'谁' if _is_person(rest, answer) else '什么'}？", answer
-    return None
-
-
-def extract_candidates(article):
-    """Rule-based pairs from sentences that open with the article's title; answers verbatim."""
-    subjects, found = _subjects(article.title), []
-    for n, sentence in enumerate(split_sentences(article.text)):
-        subject = next((s for s in subjects if sentence.startswith(s)), None)
-        pair = subject and _pair_from(subject, sentence[len(subject) :], opening=n == 0)
-        if pair and len(_NOT_WORD.sub("", pair[1])) >= 2:
-            found.append({"question": pair[0], "answer": pair[1]})
-    return found
-
-
-def extractive_outcome(article, limits):
-    outcome = judge(extract_candidates(article), article, limits)
-    return outcome if outcome.status == "done" else Outcome("failed", [], "no_pairs")
+def extractive_outcome(article, limits, balance=None):
+    """Up to `max_qa` valid pairs of the article, each with its chunk as passage; `balance` (a
+    `reading_pairs.Balance` shared by the run) skips pairs whose answer would sit in a tenth of the
+    passage that already holds more than its share, so the run's positions stay spread."""
+    # a few more candidates than kept: the balance may skip some
+    candidates = extract_candidates(article, limits.max_question_chars, limits.max_answer_chars, 3 * limits.max_qa)
+    spans, kept = chunks(article.text, limits.context_chars), []
+    for candidate in candidates:
+        # answers are verbatim spans of the article, so `validate`'s support check is moot (and costly)
+        context = chunk_for(article.text, candidate["at"], len(candidate["answer"]), limits.context_chars, spans)
+        if context is None or candidate["question"].startswith(PRONOUNS):
+            continue
+        pair = {"question": candidate["question"], "answer": candidate["answer"]}
+        pair.update(context=context, answer_in_context=True, family=candidate["family"])
+        if balance is None or balance.take(pair):
+            kept.append(pair)
+        if len(kept) >= limits.max_qa:
+            break
+    if len(kept) >= limits.min_qa or (balance is not None and candidates):
+        # pairs refused by the balance alone are a decision, not a failure: a resumed run must not
+        # retry the article and decide differently
+        return Outcome("done", kept, None)
+    return Outcome("failed", [], "no_pairs")
 
 
 # ----------------------------------------------------------------------------- output and resume
@@ -612,8 +549,9 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="work on the first N articles long enough to use")
     p.add_argument("--min_qa", type=int, help="fewest valid pairs per article (default 3; 1 for extractive)")
     p.add_argument("--max_qa", type=int, default=6, help="pairs kept per article at most")
-    p.add_argument("--max_question_chars", type=int, default=15)
-    p.add_argument("--max_answer_chars", type=int, default=300)
+    p.add_argument("--max_question_chars", type=int, help="default 15 (llm), 48 (extractive: cloze questions)")
+    p.add_argument("--max_answer_chars", type=int,
+                   help="default 300 (llm), 20 (extractive: short spans, as DRCD/CMRC2018's)")
     p.add_argument("--min_support", type=float, default=0.6,
                    help="least share of an answer's character bigrams that must occur in the article")
     p.add_argument("--context_chars", type=int, default=DEFAULT_CONTEXT_CHARS,
@@ -633,8 +571,13 @@ def parse_args(argv=None):
                    help="longest wait before a retry, a server's Retry-After included")
     p.add_argument("--dry_run", action="store_true", help="print the request for one article and exit")
     args = p.parse_args(argv)
+    extractive = args.backend == "extractive"
     if args.min_qa is None:
-        args.min_qa = 1 if args.backend == "extractive" else 3
+        args.min_qa = 1 if extractive else 3
+    if args.max_question_chars is None:
+        args.max_question_chars = 48 if extractive else 15
+    if args.max_answer_chars is None:
+        args.max_answer_chars = 20 if extractive else 300
     if args.backend == "llm" and not args.model:
         p.error("--model is required with --backend llm (the name the server lists at /v1/models)")
     if not 1 <= args.min_qa <= args.max_qa or args.workers < 1 or args.max_attempts < 1:
@@ -667,7 +610,7 @@ def load_prompt(args):
     return prompt
 
 
-def summarize(done, failures, pairs, verbatim, reader, store, elapsed):
+def summarize(done, failures, pairs, verbatim, reader, store, elapsed, histogram=None, families=None):
     finished = done + sum(failures.values())
     reasons = ", ".join(f"{r} {n}" for r, n in failures.most_common()) or "none"
     print(f"articles: {done} done, {sum(failures.values())} failed ({reasons}); "
@@ -675,6 +618,11 @@ def summarize(done, failures, pairs, verbatim, reader, store, elapsed):
     print(f"pairs: {pairs} new ({pairs / max(done, 1):.2f} per done article, {verbatim} with the answer verbatim in "
           f"its context), {store.pairs_before} before; {finished / max(elapsed, 1e-9):.1f} articles/s, "
           f"{pairs / max(elapsed, 1e-9):.1f} pairs/s in {elapsed:.1f}s -> {store.output}")
+    if histogram and sum(histogram):
+        print("answer position in its passage, by tenths: " + " ".join(
+            f"{10 * k}-{10 * k + 10}%:{n}" for k, n in enumerate(histogram)))
+    if families:
+        print("question families: " + ", ".join(f"{f} {n}" for f, n in families.most_common()))
     reader.bad.report("malformed input lines")
 
 
@@ -710,8 +658,10 @@ def generate(args):
     if backend:
         results = run_concurrently(backend, todo(), args.workers, stop)
     else:
-        results = ((a, extractive_outcome(a, limits)) for a in todo())
+        balance = Balance()
+        results = ((a, extractive_outcome(a, limits, balance)) for a in todo())
     done, pairs, verbatim, failures, started = 0, 0, 0, Counter(), time.time()
+    histogram, families = [0] * 10, Counter()
     bar = tqdm(total=args.limit or reader.count_lines(), unit="article", mininterval=0.5)
     try:
         for article, outcome in results:
@@ -719,6 +669,8 @@ def generate(args):
             if outcome.status == "done":
                 done, pairs = done + 1, pairs + len(outcome.pairs)
                 verbatim += sum(p["answer_in_context"] for p in outcome.pairs)
+                histogram = [x + y for x, y in zip(histogram, position_histogram(outcome.pairs))]
+                families.update(p.get("family", "llm") for p in outcome.pairs)
             else:
                 failures[outcome.reason] += 1
             bar.n = reader.eligible if args.limit else reader.lines
@@ -734,7 +686,7 @@ def generate(args):
         results.close()  # stops the workers' retries and cancels articles not yet sent
         bar.close()
         store.close()
-        summarize(done, failures, pairs, verbatim, reader, store, time.time() - started)
+        summarize(done, failures, pairs, verbatim, reader, store, time.time() - started, histogram, families)
 
 
 def main(argv=None):

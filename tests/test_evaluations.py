@@ -125,6 +125,13 @@ def test_qa_eval_with_context_writes_scored_predictions(tmp_path, tiny_run):
     for key in ("em", "f1", "subem", "rouge_l", "bleu4"):
         assert result["metrics"][key] == pytest.approx(100 * sum(r[key] for r in rows) / 3)
     assert result["metrics"]["n"] == 3 and result["settings"]["with_context"] is True
+    # the no-model rules beside the model, on the same questions and the passages it was shown
+    from evaluations.baselines import RULES
+    from evaluations.metrics import f1
+    assert set(result["baselines"]) == set(RULES)
+    copy_question = 100 * sum(f1(q["question"], [a["text"] for a in q["answers"]])
+                              for p in SQUAD["data"][0]["paragraphs"] for q in p["qas"]) / 3
+    assert result["baselines"]["copy_question"]["f1"] == pytest.approx(copy_question)
     # the prompt is context + newline + question in the qa layout, decoded greedily
     run = load_run(tiny_run)
     expected = run.complete("北京是中华人民共和国的首都。\n中国的首都是哪里？", "qa", max_new_tokens=8, temperature=0.0)

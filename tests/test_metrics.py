@@ -18,16 +18,33 @@ def test_mixed_segmentation_splits_cjk_keeps_latin_words_and_digits_and_drops_pu
     text = "Python是一种编程语言，由Guido van Rossum创建于1991年。"
     assert m.mixed_segment(text) == ["python", "是", "一", "种", "编", "程", "语", "言", "由", "guido", "van",
                                      "rossum", "创", "建", "于", "1991", "年"]
-    assert m.normalize("  「北京」（Beijing）!  ") == "北京beijing"
-    assert m.mixed_segment("《三体》--GPT-2……") == ["三", "体", "gpt2"]
+    assert m.normalize("  「北京」（Beijing）！  ") == "北京beijing"
+    assert m.mixed_segment("《三体》--GPT-2") == ["三", "体", "gpt2"]
 
 
 def test_exact_match_normalises_case_punctuation_and_takes_the_best_gold():
-    assert m.exact_match("Beijing!", ["beijing"]) == 1.0
+    assert m.exact_match("Beijing！", ["beijing"]) == 1.0
     assert m.exact_match(" 北京。", ["上海", "北京"]) == 1.0
     assert m.exact_match("北京市", ["北京"]) == 0.0
     assert m.exact_match("", ["北京"]) == 0.0
     assert m.exact_match("", [""]) == 1.0 and m.exact_match("。", [""]) == 1.0  # both empty after normalising
+
+
+def test_normalisation_is_the_official_cmrc2018_scripts():
+    """Cases worked through cmrc2018_evaluate.py's remove_punctuation / mixed_segmentation: only its
+    sp_char list goes (lowercased, stripped), so '%', '.', '!' and the left quote stay."""
+    assert m.exact_match("50%", ["50"]) == 0.0  # '%' is not in the list (the old normalisation said 1)
+    assert m.f1("50%", ["50"]) == pytest.approx(2 / 3)  # nltk splits '%' off: 50/% vs 50, P 1/2, R 1
+    assert m.exact_match("《红楼梦》", ["红楼梦"]) == 1.0 and m.exact_match("「北京」", ["“北京”"]) == 1.0
+    assert m.exact_match("北京.", ["北京"]) == 0.0 and m.f1("北京.", ["北京"]) == pytest.approx(0.8)
+    assert m.exact_match("‘北京’", ["北京"]) == 0.0  # ’ is in the list, ‘ is not
+    assert m.exact_match("北京……", ["北京"]) == 0.0  # the list's '……' is two characters: never one
+    assert m.exact_match("1,000", ["1000"]) == 0.0 and m.mixed_segment("1,000米") == ["1,000", "米"]
+    assert m.exact_match("New  York", ["new york"]) == 0.0  # EM keeps inner spaces
+    assert m.f1("New  York", ["new york"]) == 1.0  # F1's words do not
+    assert m.normalize(" A-B_C*D^E/F\\G~H`I+J=K ") == "abcdefghijk"
+    dropped = "".join(ch for ch in m.CMRC_PUNCTUATION if len(ch) == 1)
+    assert dropped == "-:_*^/\\~`+=，。：？！“”；’《》·、「」（）－～『』"
 
 
 def test_f1_is_the_cmrc2018_longest_common_substring_f1():
@@ -96,7 +113,7 @@ def test_bleu4_with_add_one_smoothing_on_hand_cases():
     # several references: clipped counts from any of them, the closest length (2, not 5) for BP
     assert m.bleu4("北京", ["长江黄河山", "北京"]) == pytest.approx(1.0)
     assert m.bleu4("上海", ["北京"]) == 0.0  # no unigram matches
-    assert m.bleu4("Beijing!", ["beijing"]) == pytest.approx(1.0)  # case and punctuation normalised
+    assert m.bleu4("Beijing！", ["beijing"]) == pytest.approx(1.0)  # case and punctuation normalised
 
 
 def test_score_qa_and_means_in_percent():

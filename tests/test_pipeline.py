@@ -7,8 +7,10 @@ import pytest
 from conftest import WIKI_ARTICLES
 
 import pipeline
-from evaluations import report
-from retrieval import Index, build_index
+from data_utils import load_qa
+from evaluations import baselines, report
+from inference import load_run
+from retrieval import Index, build_index, fit_passage
 
 SQUAD = {"version": "tiny", "data": [{"title": "天坛", "paragraphs": [
     {"context": "天坛位于北京市东城区，是明清两代皇帝祭天的场所。", "qas": [
@@ -74,8 +76,19 @@ def test_reading_stages_write_what_the_report_tables(tmp_path, tiny_run):
     md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
     table = md.split("## Reading")[1].split("\n\n")[2].splitlines()
     assert table[0].startswith("| run | questions | closed-book EM | closed-book F1 | with passage EM |")
-    rows = {line.split(" | ")[1]: line.split(" | ") for line in table[2:]}
+    cells_of = [line.split(" | ") for line in table[2:]]
+    rows = {cells[1]: cells for cells in cells_of if not cells[0].startswith("| rule: ")}
     assert set(rows) == {"qa", "drcd"}
+    # under the models, the no-model rules on the same questions and passages (evaluations/baselines.py)
+    rules = {(cells[0][len("| rule: "):], cells[1]): cells for cells in cells_of if cells[0].startswith("| rule: ")}
+    assert set(rules) == {(r, s) for r in baselines.RULES for s in ("qa", "drcd")}
+    questions, tok = load_qa(drcd), load_run(tiny_run).tok
+    budget = load_run(tiny_run).model.config.block_size - 4  # the passages as qa_eval.py showed them
+    expected = baselines.score_rules(questions, [fit_passage(tok, q["context"], q["question"], budget)[0]
+                                                 for q in questions])
+    for rule in baselines.RULES:
+        assert rules[rule, "drcd"][4:6] == [report._cell(expected[rule][k]) for k in ("em", "f1")]
+    assert rules["copy_question", "drcd"][2] != "–" and rules["best_overlap", "drcd"][2] == "–"  # closed-book
     for name, cells in rows.items():
         measured = [json.loads((tiny_run / f"eval_{name}{w}.json").read_text())["metrics"] for w in ways]
         assert cells[2:12] == [report._cell(m[k]) for m in measured for k in ("em", "f1")]

@@ -95,12 +95,16 @@ def test_squad_with_and_without_context(tmp_path, tiny_tokenizer):
     assert sorted(unpadded(r, tok) for r in rows["val"]) == sorted(
         [tok.encode_qa("北京是哪国的首都？", "中华人民共和国"), tok.encode_qa("长江有多长？", "约6300公里")])
     meta, rows, val_pairs = run(tmp_path, tok, path, extra=["--val_fraction", "1", "--with_context"], block_size=96)
-    assert [unpadded(r, tok) for r in rows["val"]] == [
-        tok.encode_qa("北京是中华人民共和国的首都。\n北京是哪国的首都？", "中华人民共和国")]
-    assert meta["counts"]["dropped"] == {"malformed": 0, "duplicate": 0, "too_long": 1, "no_answer": 1}
-    # val.jsonl keeps the question and the passage apart, as qa_eval.py --with_context reads them
-    assert val_pairs == [{"id": "q1", "question": "北京是哪国的首都？", "answer": "中华人民共和国",
-                          "answers": ["中华人民共和国"], "source": "squad", "context": "北京是中华人民共和国的首都。"}]
+    shown = "北京是中华人民共和国的首都。\n北京是哪国的首都？"
+    assert unpadded(rows["val"][0], tok) == tok.encode_qa(shown, "中华人民共和国")
+    # a held-out passage too long for the block is cut around the question, as qa_eval.py shows it,
+    # even when the answer is not in it: what a held-out question is shown never looks at its answer
+    assert len(rows["val"]) == 2 and tok.decode(unpadded(rows["val"][1], tok)).startswith("长江长江")
+    assert meta["counts"]["dropped"] == {"malformed": 0, "duplicate": 0, "too_long": 0, "no_answer": 1}
+    # val.jsonl keeps the question and the whole passage apart, as qa_eval.py --with_context reads them
+    assert val_pairs[0] == {"id": "q1", "question": "北京是哪国的首都？", "answer": "中华人民共和国",
+                            "answers": ["中华人民共和国"], "source": "squad", "context": "北京是中华人民共和国的首都。"}
+    assert val_pairs[1]["context"] == "长江" * 200
 
 
 CHAT = [{"id": "c1", "messages": [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"},
@@ -219,10 +223,10 @@ def test_hostile_lines_are_malformed_not_crashes(tmp_path, tiny_tokenizer):
         "not a readable JSON file (JSON nested too deeply)"]
 
 
-def test_cut_passage_keeps_the_answer_and_fits_the_block(tiny_tokenizer):
+def test_window_keeps_the_answer_for_training_and_ignores_it_for_held_out_pairs(tiny_tokenizer):
     import random
 
-    from data.prepare_sft import cut_passage
+    from data.prepare_sft import HELD_OUT_ANSWER_ROOM, window
 
     tok, rng = tiny_tokenizer, random.Random(0)
     words = ["北京", "上海", "长江", "黄河", "故宫", "Python", "，", "。", "1991年", "中国"]
@@ -232,18 +236,29 @@ def test_cut_passage_keeps_the_answer_and_fits_the_block(tiny_tokenizer):
         answer_start = rng.randrange(0, len(passage) - 4)
         answer = passage[answer_start:answer_start + rng.randint(1, 4)]
         block_size = rng.choice([48, 64, 96, 128])
-        window = cut_passage(tok, passage, answer, answer_start, "问题是什么？", block_size, random.Random(case))
-        assert window is not None and window in passage
-        ids = tok.encode_passage_qa(window, "问题是什么？", answer)
-        assert len(ids) <= block_size
-        offset = passage.index(window) if window != passage else 0
-        assert offset <= answer_start and answer_start + len(answer) <= offset + len(window)  # the answer is inside
-        if window != passage:
-            starts.append((answer_start - offset) / max(len(window) - len(answer), 1))
+        record = {"context": passage, "answer_start": answer_start}
+        cut = window(tok, record, "问题是什么？", answer, block_size, random.Random(case), "train")
+        assert cut is not None and cut in passage
+        assert len(tok.encode_passage_qa(cut, "问题是什么？", answer)) <= block_size
+        offset = passage.index(cut) if cut != passage else 0
+        assert offset <= answer_start and answer_start + len(answer) <= offset + len(cut)  # the answer is inside
+        if cut != passage:
+            starts.append((answer_start - offset) / max(len(cut) - len(answer), 1))
     assert len(starts) > 100  # most cases had to be cut
     assert min(starts) < 0.2 and max(starts) > 0.8  # the answer's place in the cut varies
-    assert cut_passage(tok, "长" * 500, "长" * 400, 0, "问题？", 64, random.Random(0)) is None  # cannot fit
-    assert cut_passage(tok, "长" * 500, "短", None, "问题？", 64, random.Random(0)) is None  # not in the passage
+    long = {"context": "长" * 500, "answer_start": 0}
+    assert window(tok, long, "问题？", "长" * 400, 64, random.Random(0), "train") is None  # cannot fit
+
+    # held out: the window is the question's, whatever the answer (and wherever it is)
+    passage = "黄河是中国第二长河。" * 6 + "长江全长约6300公里，是中国第一长河。" + "故宫位于北京。" * 8
+    held_out = {w for answer, at in (("6300公里", passage.index("6300")), ("故宫", 0), ("黄河", 0), ("北京", None))
+                for w in [window(tok, {"context": passage, "answer_start": at}, "长江全长多少公里？", answer, 128,
+                                 random.Random(answer), "val")]}
+    assert len(held_out) == 1 and "长江全长约6300公里" in held_out.pop()
+    from retrieval import fit_passage
+    shown, _ = fit_passage(tok, passage, "长江全长多少公里？", 128 - HELD_OUT_ANSWER_ROOM)  # as qa_eval.py cuts it
+    assert window(tok, {"context": passage, "answer_start": None}, "长江全长多少公里？", "x", 128,
+                  random.Random(1), "val") == shown
 
 
 SQUAD_LONG = {"data": [{"title": f"文章{i}", "paragraphs": [{
@@ -284,6 +299,15 @@ def test_with_context_cuts_passages_around_the_answer_and_mixes_closed_book(tmp_
     assert meta["counts"]["with_passage"] == len(squad_read) + len(generated_read)
     assert {p["source"] for p in val_pairs} == {"qa", "squad"}  # the evaluations tell generated from human apart
     assert all("context" in p for p in val_pairs if p["source"] == "squad")
+    # --human_weight: each human-written training row written N times, the held-out ones once
+    heavy = run(tmp_path, tok, path, many, extra=["--val_fraction", "0.5", "--with_context", "--context_mix", "0.5",
+                                                    "--human_weight", "3"], block_size=80, out="heavy")
+    human_train = sum("问题" in tok.decode(unpadded(r, tok)) for r in rows["train"])
+    assert sum("问题" in tok.decode(unpadded(r, tok)) for r in heavy[1]["train"]) == 3 * human_train > 0
+    assert np.array_equal(heavy[1]["val"], rows["val"]) and heavy[0]["counts"]["human_repeats"] == 2 * human_train
+    # val.jsonl keeps the whole passage: qa_eval.py fits it around the question, never the answer
+    contexts = {d["title"]: d["paragraphs"][0]["context"] for d in SQUAD_LONG["data"]}
+    assert all(p["context"] in contexts.values() for p in val_pairs if p["source"] == "squad")
 
 
 def test_drcd_test_is_never_read_for_training(tmp_path, tiny_tokenizer, capsys):

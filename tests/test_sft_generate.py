@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -26,6 +27,8 @@ from conftest import ROOT, need_shared
 
 sys.path.insert(0, str(ROOT / "sft"))
 import sft_generate as gen  # noqa: E402
+
+from data_utils import split_sentences  # noqa: E402
 
 SCRIPT = ROOT / "sft" / "sft_generate.py"
 FAST = ["--backoff", "0.01", "--max_backoff", "0.05", "--timeout", "0.5", "--max_attempts", "3", "--min_chars", "50"]
@@ -463,18 +466,22 @@ def test_truncate_at_sentence_keeps_whole_sentences():
     assert gen.truncate_at_sentence("没有句号的很长一段文字" * 5, 10) == "没有句号的很长一段文"
 
 
-def test_extractive_rules_on_a_written_article():
-    text = ("东富山站（）是隶属于爱之风富山铁道的铁路车站，座落于富山县富山市。东富山站位于富山市北部，靠近富山湾。"
-            "东富山站于1908年正式开业。东富山站由日本国有铁道于1908年兴建，现由富山铁道管理。它的站房是木造建筑。")
+def test_extractive_rules_ask_short_questions_about_sentences_anywhere():
+    text = ("东富山站（）是隶属于爱之风富山铁道的铁路车站，座落于富山县富山市。该站靠近富山湾。\n"
+            "车站于1908年正式开业，站房由日本国有铁道兴建。2015年，车站每日约有1200人次使用。"
+            "车站简称“东富”，曾出现在小说《雪国》中。")
     pairs = gen.extract_candidates(gen.Article("1", "东富山站", text))
-    assert pairs == [{"question": "东富山站是什么？", "answer": "隶属于爱之风富山铁道的铁路车站，座落于富山县富山市。"},
-                     {"question": "东富山站位于哪里？", "answer": "富山市北部"},
-                     {"question": "东富山站什么时候开业？", "answer": "1908年"},
-                     {"question": "东富山站由谁兴建？", "answer": "日本国有铁道"}]
-    person = gen.extract_candidates(gen.Article("2", "张三 (演员)",
-                                                "张三（1950年－2010年），中国男演员。张三出生于上海。"))
-    assert person == [{"question": "张三是谁？", "answer": "中国男演员。"},
-                      {"question": "张三出生于哪里？", "answer": "上海"}]
+    by_answer = {p["answer"]: p for p in pairs}
+    assert set(by_answer) >= {"1908年", "1200人次", "《雪国》", "日本国有铁道", "富山县富山市"}
+    assert by_answer["1908年"]["family"] == "when" and "哪一年" in by_answer["1908年"]["question"]
+    assert "多少人次" in by_answer["1200人次"]["question"] and by_answer["1200人次"]["family"] == "how_many"
+    assert "谁" in by_answer["日本国有铁道"]["question"] and "哪里" in by_answer["富山县富山市"]["question"]
+    for p in pairs:
+        assert p["answer"] not in p["question"] and p["question"].endswith("？") and len(p["answer"]) <= 20
+        assert text[p["at"]:p["at"] + len(p["answer"])] == p["answer"]  # verbatim, where it was found
+        assert "东富山" in p["question"]  # the title stands in for a missing subject: askable closed-book
+    assert {p["family"] for p in pairs} >= {"when", "how_many", "who", "where", "what"}
+    assert gen.extract_candidates(gen.Article("1", "东富山站", text)) == pairs  # deterministic
 
 
 def test_extractive_backend_on_shared_wiki_slice(tmp_path, capsys):
@@ -487,9 +494,18 @@ def test_extractive_backend_on_shared_wiki_slice(tmp_path, capsys):
     argv = ["--input", str(articles), "--output", str(output), "--backend", "extractive"]
     assert gen.main(argv) == 0
     articles_by_id = {a.id: a for a in gen.ArticleReader(articles, 200, 2000)}
-    limits = gen.Limits(1, 6, 15, 300, 0.6)
+    limits = gen.Limits(1, 6, 48, 20, 0.6)
     rows = read_jsonl(output)
-    assert len(rows) >= 250, f"only {len(rows)} pairs from {len(articles_by_id)} usable articles"
+    assert len(rows) >= 1000, f"only {len(rows)} pairs from {len(articles_by_id)} usable articles"
+    # the answers are short and sit anywhere in their passage: each tenth holds a fair share, and a
+    # rule answering with the passage's first sentence finds few of them
+    assert statistics.median(len(r["answer"]) for r in rows) <= 8
+    histogram = gen.position_histogram(rows)
+    assert min(histogram) >= 0.05 * len(rows) and max(histogram) <= 0.15 * len(rows), histogram
+    in_first = sum(r["answer"] in split_sentences(r["context"])[0] for r in rows)
+    assert in_first <= 0.25 * len(rows), in_first
+    families = Counter(r["family"] for r in rows)
+    assert len(families) >= 5 and max(families.values()) <= 0.5 * len(rows), families
     for row in rows:
         kept, _ = gen.validate([row], articles_by_id[row["id"]], limits)
         assert kept, row
@@ -535,18 +551,21 @@ def test_library_errors_are_typed_and_main_turns_them_into_exit_codes(tmp_path, 
     assert "no {text} placeholder" in capsys.readouterr().err
 
 
-def test_passage_holds_the_answer_in_whole_sentences():
+def test_passage_is_the_fixed_chunk_that_holds_the_answer():
     text = ("甲河是一条河流。甲河长约480公里。\n"
             "甲河发源于青石山脉的北坡，流经三座城市。甲河最后注入白鹭湖。甲河流域盛产稻米。")
     context = gen.passage("青石山脉的北坡", text, 30)
     assert "青石山脉的北坡" in context and len(context) <= 30 and context in text
     assert context.startswith("甲河") and context.endswith("。")  # whole sentences
+    # the chunks are cut before any question: every answer of a chunk is shown the same passage
+    assert gen.passage("三座城市", text, 30) == context and gen.passage("白鹭湖", text, 30) == context
+    assert gen.passage("稻米", text, 30) != context and gen.passage("480公里", text, 30) != context
     assert gen.passage("青石山脉的北坡", text, 1000) == text
-    # a paraphrase is not verbatim: the passage is built around the sentence that supports it best
+    # a paraphrase is not verbatim: the passage is the chunk of the sentence that supports it best
     assert "发源于青石山脉的北坡" in gen.passage("青石山脉北坡", text, 30)
     long_sentence = "前" * 300 + "答案在这里" + "后" * 300 + "。"
     window = gen.passage("答案在这里", long_sentence, 40)
-    assert "答案在这里" in window and len(window) == 40
+    assert len(window) <= 40 and window in long_sentence
     assert gen.passage("答案", "", 40) == "" and gen.passage("不在文中", "只有一句。", 40) == "只有一句。"
 
 
