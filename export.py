@@ -1,6 +1,8 @@
-"""Export a run to the Hugging Face `transformers` format, and import such a model back.
+"""Export a run to the Hugging Face `transformers` format or to GGUF (llama.cpp, Ollama, LM Studio),
+and import a `transformers` model back.
 
     python export.py --run out/sft --to hf exports/sft_hf
+    python export.py --run out/sft --to gguf exports/sft.gguf      # + exports/Modelfile for Ollama
     python export.py --from hf exports/sft_hf --out out/imported --tokenizer data/tokenizer
 
 `--run` is always a run directory that is read, `--out` a run directory that is written (the old
@@ -28,6 +30,15 @@ Design choices:
   ByteLevel without its own regex, so both split text identically. Special tokens keep their ids.
   One deliberate difference: the HF tokenizer turns a literal "<|endoftext|>" in text into the
   special token, while our `encode` keeps user text ordinary.
+- The transformers export carries our chat layout as a Jinja `chat_template` in tokenizer_config.json
+  (`apply_chat_template` gives `Tokenizer.encode_chat`'s ids), pads on the left (batched generation
+  equals unbatched), and its generation_config.json stops at <|endoftext|> or <|end|>.
+- GGUF is written with the `gguf` package, named as llama.cpp's convert_hf_to_gguf.py names the
+  transformers export. It is exact only because the tokenizer's split pattern is one llama.cpp
+  implements (tokenizer.LLAMA_CPP_PRE_TOKENIZERS: our pattern is its kimi-k2 pre-tokenizer); a
+  tokenizer with another pattern is refused rather than exported to tokenise differently. The merge
+  list holds every split of every token (`gguf_merges`), so llama.cpp's pair-rank BPE replays
+  tiktoken's; bench/bench_llama_cpp.py and tests/test_export.py compare llama.cpp with us.
 - The vocabulary stays padded as train.py trained it (ids past the tokenizer's never occur), so an
   export imported back fits train.py's checks. A LoRA run exports merged
   (`inference.model_from_checkpoint` folds the adapter in).
