@@ -1,6 +1,8 @@
-"""Export a run to the Hugging Face `transformers` format, and import such a model back.
+"""Export a run to the Hugging Face `transformers` format or to GGUF (llama.cpp, Ollama, LM Studio),
+and import a `transformers` model back.
 
     python export.py --run out/sft --to hf exports/sft_hf
+    python export.py --run out/sft --to gguf exports/sft.gguf      # + exports/Modelfile for Ollama
     python export.py --from hf exports/sft_hf --out out/imported --tokenizer data/tokenizer
 
 `--run` is always a run directory that is read, `--out` a run directory that is written (the old
@@ -28,6 +30,15 @@ Design choices:
   ByteLevel without its own regex, so both split text identically. Special tokens keep their ids.
   One deliberate difference: the HF tokenizer turns a literal "<|endoftext|>" in text into the
   special token, while our `encode` keeps user text ordinary.
+- The transformers export carries our chat layout as a Jinja `chat_template` in tokenizer_config.json
+  (`apply_chat_template` gives `Tokenizer.encode_chat`'s ids), pads on the left (batched generation
+  equals unbatched), and its generation_config.json stops at <|endoftext|> or <|end|>.
+- GGUF is written with the `gguf` package, named as llama.cpp's convert_hf_to_gguf.py names the
+  transformers export. It is exact only because the tokenizer's split pattern is one llama.cpp
+  implements (tokenizer.LLAMA_CPP_PRE_TOKENIZERS: our pattern is its kimi-k2 pre-tokenizer); a
+  tokenizer with another pattern is refused rather than exported to tokenise differently. The merge
+  list holds every split of every token (`gguf_merges`), so llama.cpp's pair-rank BPE replays
+  tiktoken's; bench/bench_llama_cpp.py and tests/test_export.py compare llama.cpp with us.
 - The vocabulary stays padded as train.py trained it (ids past the tokenizer's never occur), so an
   export imported back fits train.py's checks. A LoRA run exports merged
   (`inference.model_from_checkpoint` folds the adapter in).
@@ -38,14 +49,15 @@ Design choices:
 """
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from inference import model_from_checkpoint, tokenizer_for
+from inference import SAMPLING_DEFAULTS, load_run, model_from_checkpoint, tokenizer_for
 from model import GPT, GPTConfig
-from tokenizer import load_tokenizer
+from tokenizer import LLAMA_CPP_PRE_TOKENIZERS, load_tokenizer
 
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # our name piece -> Qwen3's, applied in this order (and backwards, reversed, for an import)
@@ -145,17 +157,56 @@ def hf_tokenizer(tok):
     return hf
 
 
+def special_spelling(tok, name):
+    """How the special token `name` (eot, user, end, ...) of `tok` is written."""
+    return tok.enc.decode_single_token_bytes(tok.special[name]).decode()
+
+
+def chat_template(tok):
+    """The Jinja chat template of our chat layout (`Tokenizer.encode_chat`): <|role|> content <|end|> per
+    message, then <|assistant|> for a prompt or <|endoftext|> for a finished conversation. The
+    OpenAI `developer` role is a system message, as the server treats it."""
+    s = {name: special_spelling(tok, name) for name in ("system", "user", "assistant", "end", "eot")}
+    return (
+        "{%- for message in messages -%}"
+        "{%- set role = 'system' if message['role'] == 'developer' else message['role'] -%}"
+        f"{{%- if role == 'system' -%}}{{{{- '{s['system']}' -}}}}"
+        f"{{%- elif role == 'user' -%}}{{{{- '{s['user']}' -}}}}"
+        f"{{%- elif role == 'assistant' -%}}{{{{- '{s['assistant']}' -}}}}"
+        "{%- else -%}{{- raise_exception('unknown chat role ' + role + ' (expected system, user or assistant)') -}}"
+        "{%- endif -%}"
+        f"{{{{- message['content'] + '{s['end']}' -}}}}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{- '{s['assistant']}' -}}}}"
+        f"{{%- else -%}}{{{{- '{s['eot']}' -}}}}{{%- endif -%}}"
+    )
+
+
 def save_hf_tokenizer(tok, folder, max_length):
+    """tokenizer.json + tokenizer_config.json (with the chat template, padding on the left so that a
+    batch of prompts ends where generation starts) + special_tokens_map.json."""
     from transformers import PreTrainedTokenizerFast
 
     spelling = {i: s for s, i in tok.enc._special_tokens.items()}
     named = {"eot", "pad"}
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=hf_tokenizer(tok), model_max_length=max_length,
+        tokenizer_object=hf_tokenizer(tok), model_max_length=max_length, padding_side="left",
         bos_token=spelling[tok.eot], eos_token=spelling[tok.eot], pad_token=spelling[tok.pad],
         additional_special_tokens=[spelling[i] for n, i in tok.special.items() if n not in named],
+        chat_template=chat_template(tok),
     )
-    fast.save_pretrained(folder)
+    # in tokenizer_config.json, where every tool looks (not transformers' newer chat_template.jinja)
+    fast.save_pretrained(folder, save_jinja_files=False)
+
+
+def save_generation_config(cfg, tok, folder):
+    """generation_config.json: generation stops at <|endoftext|> or <|end|> (a chat turn's end), and
+    never picks a vocabulary padding id (train.py pads the vocabulary; those rows are no tokens)."""
+    from transformers import GenerationConfig
+
+    padding = list(range(tok.n_vocab, cfg.vocab_size))
+    GenerationConfig(bos_token_id=tok.eot, eos_token_id=[tok.eot, tok.end], pad_token_id=tok.pad,
+                     suppress_tokens=padding or None).save_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------- model
@@ -167,7 +218,9 @@ def hf_config(cfg, tok):
     if cfg.arch == "gpt2":
         from transformers import GPT2Config
 
-        return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+        # n_ctx: llama.cpp's convert_hf_to_gguf.py reads the context length from it
+        return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_ctx=cfg.block_size,
+                          n_embd=cfg.n_embd,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
                           layer_norm_epsilon=1e-5, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
                           attn_pdrop=cfg.dropout, tie_word_embeddings=True, **ids)
@@ -203,7 +256,156 @@ def export_hf(run_dir, folder, which="best"):
     folder = Path(folder)
     hf_model.save_pretrained(folder)
     save_hf_tokenizer(tok, folder, cfg.block_size)
+    save_generation_config(cfg, tok, folder)
     print(f"exported {run_dir} ({path}) -> {folder} ({type(hf_model).__name__})")
+
+
+# ----------------------------------------------------------------------------- GGUF (llama.cpp, Ollama, LM Studio)
+
+
+def gguf_pre_tokenizer(tok):
+    """llama.cpp's name (`tokenizer.ggml.pre`) for how `tok` splits text before BPE, or a ValueError:
+    llama.cpp splits text only in the ways its source implements, so a GGUF of a tokenizer whose
+    pattern has no twin there would give other token ids than training did."""
+    if tok.identity.is_gpt2:
+        return "gpt-2"
+    pre = LLAMA_CPP_PRE_TOKENIZERS.get(tok.enc._pat_str)
+    if pre is None:
+        raise ValueError(
+            "this run's tokenizer splits text with a pattern llama.cpp does not implement (tokenizers "
+            "trained before the llama.cpp export kept Han runs by Unicode script, HAN_RUNS_PATTERN), so "
+            "llama.cpp would tokenise it differently; retrain the tokenizer with the current tokenizer.py "
+            "(its pattern is llama.cpp's kimi-k2) and the model on it, or use `--to hf`")
+    return pre
+
+
+def gguf_merges(ranks, spell):
+    """llama.cpp's BPE merges that replay tiktoken exactly. tiktoken joins any two adjacent pieces whose
+    concatenation is a token, the lowest-ranked first; llama.cpp joins only listed pairs, the
+    lowest-listed first. So every split of every token into two tokens is listed, in the token's rank
+    order (not only the pair the trainer merged, which is all the HF tokenizer needs)."""
+    merges = []
+    for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
+        for cut in range(1, len(token)):
+            if token[:cut] in ranks and token[cut:] in ranks:
+                merges.append(spell(token[:cut]) + " " + spell(token[cut:]))
+    return merges
+
+
+def add_gguf_tokenizer(writer, tok):
+    """The tokenizer in GGUF's terms: byte-level BPE ("gpt2" model), its pre-tokenizer, tokens by id in
+    GPT-2's byte spelling, special tokens as control tokens, merges, and the chat template."""
+    import gguf
+
+    ranks, byte_char = tok.enc._mergeable_ranks, byte_spelling()
+    spell = lambda b: "".join(byte_char[x] for x in b)  # noqa: E731
+    text_of = {rank: spell(token) for token, rank in ranks.items()}
+    text_of.update({i: special_spelling(tok, name) for name, i in tok.special.items()})
+    if sorted(text_of) != list(range(tok.n_vocab)):
+        raise ValueError("the tokenizer's ids are not 0..n_vocab-1; GGUF lists tokens by id")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(gguf_pre_tokenizer(tok))
+    writer.add_token_list([text_of[i] for i in range(tok.n_vocab)])
+    writer.add_token_types([gguf.TokenType.CONTROL if tok.is_special(i) else gguf.TokenType.NORMAL
+                            for i in range(tok.n_vocab)])
+    writer.add_token_merges(gguf_merges(ranks, spell))
+    writer.add_bos_token_id(tok.eot)
+    writer.add_eos_token_id(tok.eot)
+    writer.add_eot_token_id(tok.end)  # with eos, where llama.cpp stops generating (a chat turn's end)
+    writer.add_pad_token_id(tok.pad)
+    writer.add_add_bos_token(False)  # our prompts start with no BOS
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(chat_template(tok))
+
+
+def add_gguf_model(writer, model, tok):
+    """Hyperparameters and float32 weights, named as llama.cpp's convert_hf_to_gguf.py names those of
+    our `--to hf` export (gguf's tensor name map; GPT-2's Conv1D matrices back to (out, in))."""
+    import gguf
+
+    cfg = model.config
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if cfg.arch == "gpt2":
+        writer.add_feed_forward_length(4 * cfg.n_embd)
+        writer.add_layer_norm_eps(1e-5)
+    else:
+        writer.add_feed_forward_length(cfg.mlp_hidden)
+        writer.add_head_count_kv(cfg.n_kv_head)
+        writer.add_key_length(cfg.n_embd // cfg.n_head)
+        writer.add_value_length(cfg.n_embd // cfg.n_head)
+        writer.add_rope_freq_base(float(cfg.rope_theta))
+        writer.add_layer_norm_rms_eps(1e-6)
+    arch = gguf.MODEL_ARCH.GPT2 if cfg.arch == "gpt2" else gguf.MODEL_ARCH.QWEN3
+    names = gguf.get_tensor_name_map(arch, cfg.n_layer)
+    theirs = hf_model_class(cfg.arch)(hf_config(cfg, tok)).state_dict()
+    for name, tensor in hf_state_dict(model, theirs).items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # llama.cpp uses the token embedding when there is no output matrix
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # GPT-2's causal-mask buffers
+        if _transposed(name, cfg.arch):
+            tensor = tensor.t()
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"no GGUF name for {name}")
+        writer.add_tensor(gguf_name, tensor.contiguous().numpy())
+
+
+def ollama_modelfile(gguf_name, tok, block_size):
+    """An Ollama Modelfile for the GGUF: our chat layout as a Go template, the turn-ending stop tokens,
+    and sample.py's sampling defaults (Ollama's own differ: top_p 0.9, repeat_penalty 1.1)."""
+    s = {name: special_spelling(tok, name) for name in ("system", "user", "assistant", "end", "eot")}
+    template = ("{{- range .Messages }}"
+                f'{{{{- if eq .Role "system" }}}}{s["system"]}'
+                f'{{{{- else if eq .Role "assistant" }}}}{s["assistant"]}'
+                f"{{{{- else }}}}{s['user']}{{{{- end }}}}"
+                f"{{{{ .Content }}}}{s['end']}"
+                f"{{{{- end }}}}{s['assistant']}")
+    return "\n".join([
+        f"FROM ./{gguf_name}",
+        f'TEMPLATE """{template}"""',
+        f'PARAMETER stop "{s["end"]}"',
+        f'PARAMETER stop "{s["eot"]}"',
+        f"PARAMETER num_ctx {block_size}",
+        f"PARAMETER temperature {SAMPLING_DEFAULTS['temperature']}",
+        f"PARAMETER top_k {SAMPLING_DEFAULTS['top_k']}",
+        "PARAMETER top_p 1.0",
+        f"PARAMETER repeat_penalty {SAMPLING_DEFAULTS['repetition_penalty']}",
+        "",
+    ])
+
+
+def export_gguf(run_dir, path, which="best"):
+    """A GGUF file for llama.cpp / Ollama / LM Studio, float32, the vocabulary padding dropped, a LoRA
+    run merged (`load_run`); an Ollama `Modelfile` beside it. Written to a temporary file, then renamed."""
+    import gguf
+
+    run = load_run(run_dir, which)
+    model, tok, path = run.model, run.tok, Path(path)
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2 if model.config.arch == "gpt2" else gguf.MODEL_ARCH.QWEN3]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        writer.add_name(run.info["name"])
+        add_gguf_tokenizer(writer, tok)
+        add_gguf_model(writer, model, tok)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    modelfile = path.parent / "Modelfile"
+    modelfile.with_name("Modelfile.tmp").write_text(ollama_modelfile(path.name, tok, model.config.block_size),
+                                                    encoding="utf-8")
+    os.replace(modelfile.with_name("Modelfile.tmp"), modelfile)
+    print(f"exported {run_dir} ({run.info['checkpoint']}) -> {path} ({arch}, pre-tokenizer "
+          f"{gguf_pre_tokenizer(tok)}) and {modelfile}")
 
 
 def model_args_from_hf(c, folder):
@@ -260,29 +462,31 @@ def import_hf(folder, run_dir, tokenizer, kind="pretrain"):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Export a run to Hugging Face transformers format, or import one.")
+    ap = argparse.ArgumentParser(description="Export a run to Hugging Face transformers format or GGUF, or import "
+                                             "a transformers model.")
     ap.add_argument("--run", help="export: the run directory to read")
     ap.add_argument("--out", help="import: the run directory to write")
     ap.add_argument("--out_dir", help="the older spelling: --run for an export, --out for an import")
-    ap.add_argument("--to", nargs=2, metavar=("FORMAT", "DIR"), help="export: `--to hf DIR`")
+    ap.add_argument("--to", nargs=2, metavar=("FORMAT", "PATH"),
+                    help="export: `--to hf DIR` (transformers folder) or `--to gguf FILE` (llama.cpp, Ollama)")
     ap.add_argument("--from", dest="source", nargs=2, metavar=("FORMAT", "DIR"), help="import: `--from hf DIR`")
     ap.add_argument("--tokenizer", help="import: our tokenizer folder (or gpt2) for the model")
     ap.add_argument("--kind", default="pretrain", help="import: the kind recorded in the checkpoint (pretrain/sft)")
     ap.add_argument("--which", default="best", help="export: best or last checkpoint")
     args = ap.parse_args(argv)
     if bool(args.to) == bool(args.source):
-        ap.error("give exactly one of --to hf DIR and --from hf DIR")
+        ap.error("give exactly one of --to FORMAT PATH and --from hf DIR")
     fmt, folder = args.to or args.source
-    if fmt != "hf":
-        ap.error(f"the only format is hf, not {fmt!r}")
+    if fmt not in (("hf", "gguf") if args.to else ("hf",)):
+        ap.error(f"an export's formats are hf and gguf, an import's hf; not {fmt!r}")
     if args.to:
         if args.out:
-            ap.error("an export reads --run DIR and writes the --to folder; --out is for imports")
+            ap.error("an export reads --run DIR and writes the --to path; --out is for imports")
         run_dir = args.run or args.out_dir
         if not run_dir:
             ap.error("an export needs --run DIR (the run directory to export)")
         try:
-            export_hf(run_dir, folder, args.which)
+            (export_hf if fmt == "hf" else export_gguf)(run_dir, folder, args.which)
         except ValueError as e:
             raise SystemExit(f"export failed: {e}") from None
         return

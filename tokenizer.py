@@ -7,7 +7,9 @@ Design:
   ids (tests/test_tokenizer.py checks it on held-out wiki text).
 - `PATTERN` keeps runs of Han characters together (so BPE can learn multi-character words, which
   is where the characters-per-token gain on Chinese comes from), separates them from Latin
-  letters, digits (1-3 at a time) and punctuation.
+  letters, digits (1-3 at a time) and punctuation. It is llama.cpp's "kimi-k2" pre-tokenizer
+  written as a regex, so a GGUF export splits text exactly as we do (export.py); tokenizers
+  trained earlier keep their own pattern (`HAN_RUNS_PATTERN`, recorded in their tokenizer.json).
 - Special tokens sit after the BPE ids. Only code inserts them (by id): user text is always
   encoded as ordinary text, so typing "<|endoftext|>" cannot end a document or fake a role.
 - A tokenizer is a folder: `ranks.tiktoken` (base64 token, rank) + `tokenizer.json` (pattern,
@@ -28,7 +30,9 @@ from pathlib import Path
 import tiktoken
 from tiktoken_ext.openai_public import gpt2 as tiktoken_gpt2
 
-PATTERN = (
+# The split pattern of tokenizers trained before llama.cpp export existed (their tokenizer.json keeps it,
+# so they load and encode as before): Han runs by Unicode script, contractions split off words.
+HAN_RUNS_PATTERN = (
     r"\p{Han}+"
     r"|'(?i:[sdmt]|ll|ve|re)"
     r"|[^\r\n\p{L}\p{N}]?(?:(?!\p{Han})\p{L})+"
@@ -38,6 +42,26 @@ PATTERN = (
     r"|\s+(?!\S)"
     r"|\s+"
 )
+# llama.cpp's "kimi-k2" pre-tokenizer (src/unicode.cpp, unicode_regex_split_custom_kimi_k2) written as
+# the regex it computes: Han is its list of CJK blocks (not the Unicode script: 〇 and 々 are not in
+# it), a word of other letters keeps a trailing English contraction, and the rest is our old pattern.
+_HAN_BLOCKS = "".join(f"{chr(a)}-{chr(b)}" for a, b in (
+    (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF), (0x2A700, 0x2EBEF),
+    (0x2F800, 0x2FA1F)))
+KIMI_K2_PATTERN = (
+    f"[{_HAN_BLOCKS}]+"
+    f"|[^\\r\\n\\p{{L}}\\p{{N}}]?(?:(?![{_HAN_BLOCKS}])\\p{{L}})+(?:'[sStTmMdD]|'[rR][eE]|'[vV][eE]|'[lL][lL])?"
+    r"|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+"
+    r"|\s+(?!\S)"
+    r"|\s+"
+)
+# the pattern new tokenizers are trained with; a tokenizer's own is in its tokenizer.json
+PATTERN = KIMI_K2_PATTERN
+SPLIT_PATTERNS = {"kimi-k2": KIMI_K2_PATTERN, "han-runs": HAN_RUNS_PATTERN}  # by name, for benchmarks
+# llama.cpp's name (GGUF `tokenizer.ggml.pre`) of each split pattern it computes exactly
+LLAMA_CPP_PRE_TOKENIZERS = {KIMI_K2_PATTERN: "kimi-k2"}
 # name -> spelling; the order fixes their ids after the BPE vocabulary
 SPECIAL_TOKENS = {
     "eot": "<|endoftext|>",
@@ -277,14 +301,14 @@ def load_tokenizer(spec="data/tokenizer"):
     return Tokenizer(enc, {name: i for name, (_, i) in specials.items()}, identity)
 
 
-def train_bpe(texts, n_merged_vocab):
-    """The `tokenizers` byte-level BPE trained on `texts`, splitting with `PATTERN` (tests compare it with tiktoken)."""
+def train_bpe(texts, n_merged_vocab, pattern=PATTERN):
+    """The `tokenizers` byte-level BPE trained on `texts`, splitting with `pattern` (tests compare it with tiktoken)."""
     from tokenizers import Regex, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     trainer = trainers.BpeTrainer(vocab_size=n_merged_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -293,10 +317,10 @@ def train_bpe(texts, n_merged_vocab):
     return hf
 
 
-def train_tokenizer(texts, folder, vocab_size=DEFAULT_VOCAB_SIZE):
+def train_tokenizer(texts, folder, vocab_size=DEFAULT_VOCAB_SIZE, pattern=PATTERN):
     """Train byte-level BPE on an iterable of strings and write the tokenizer folder atomically."""
     n_special = len(SPECIAL_TOKENS)
-    ranks = ranks_from_hf(train_bpe(texts, vocab_size - n_special))
+    ranks = ranks_from_hf(train_bpe(texts, vocab_size - n_special, pattern))
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -304,9 +328,9 @@ def train_tokenizer(texts, folder, vocab_size=DEFAULT_VOCAB_SIZE):
     ranks_text = "".join(f"{base64.b64encode(t).decode()} {r}\n"
                          for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
     (tmp / "ranks.tiktoken").write_text(ranks_text)
-    digest = hashlib.sha256(ranks_text.encode() + PATTERN.encode()).hexdigest()
+    digest = hashlib.sha256(ranks_text.encode() + pattern.encode()).hexdigest()
     specials = {name: [s, len(ranks) + i] for i, (name, s) in enumerate(SPECIAL_TOKENS.items())}
-    config = {"pattern": PATTERN, "special_tokens": specials, "vocab_size": len(ranks) + n_special, "sha256": digest}
+    config = {"pattern": pattern, "special_tokens": specials, "vocab_size": len(ranks) + n_special, "sha256": digest}
     (tmp / "tokenizer.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)

@@ -1,6 +1,7 @@
 """Compression of our Chinese BPE against GPT-2 / cl100k / o200k on held-out wiki text, and training time.
 
     python bench/bench_tokenizer.py --max_chars 8000000,30000000
+    python bench/bench_tokenizer.py --patterns han-runs,kimi-k2 --vocab_size 8192   # split patterns side by side
 
 Ours is trained (vocabulary `--vocab_size`) on a sample of every wiki file but the last, at each
 sample size given, and all tokenizers are measured on `--articles` cleaned articles of the last file,
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))
 from data_utils import clean_article, count_chars, find_jsonl, iter_jsonl  # noqa: E402
-from tokenizer import DEFAULT_VOCAB_SIZE, sample_texts, train_tokenizer  # noqa: E402
+from tokenizer import DEFAULT_VOCAB_SIZE, SPLIT_PATTERNS, sample_texts, train_tokenizer  # noqa: E402
 
 HAN_RUN = regex.compile(r"\p{Han}+")
 
@@ -53,6 +54,8 @@ def main():
     ap.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE)
     ap.add_argument("--articles", type=int, default=2000)
     ap.add_argument("--save", help="keep the tokenizer trained on the largest sample here")
+    ap.add_argument("--patterns", default="kimi-k2",
+                    help=f"comma-separated split patterns to train with, of {', '.join(SPLIT_PATTERNS)}")
     args = ap.parse_args()
     files = find_jsonl(args.input)
     train_files, held_out_file = files[:-1], files[-1]
@@ -63,7 +66,8 @@ def main():
     print(f"{'tokenizer':34s} {'vocab':>7s} {'chars/token':>12s} {'Han chars/token':>16s} {'train s':>8s}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = None
-        for max_chars in sorted(int(float(x)) for x in args.max_chars.split(",")):
+        sizes = sorted(int(float(x)) for x in args.max_chars.split(","))
+        for max_chars, pattern in [(m, p) for m in sizes for p in args.patterns.split(",")]:
             folder = Path(tmp) / f"tok{max_chars}"
             sample = Path(tmp) / "train_files"
             shutil.rmtree(sample, ignore_errors=True)
@@ -71,11 +75,11 @@ def main():
             for f in train_files:
                 (sample / f.name).symlink_to(f.resolve())
             t0 = time.perf_counter()
-            tok = train_tokenizer(sample_texts(sample, max_chars), folder, args.vocab_size)
+            tok = train_tokenizer(sample_texts(sample, max_chars), folder, args.vocab_size, SPLIT_PATTERNS[pattern])
             seconds = time.perf_counter() - t0
             ratio, han = measure(tok.encode_batch, texts, han_runs)
-            print(f"{f'ours, {max_chars / 1e6:g}M chars sample':34s} {tok.n_vocab:7d} {ratio:12.2f} {han:16.2f} "
-                  f"{seconds:8.0f}")
+            print(f"{f'ours ({pattern}), {max_chars / 1e6:g}M chars sample':34s} {tok.n_vocab:7d} {ratio:12.2f} "
+                  f"{han:16.2f} {seconds:8.0f}")
         for name in ("gpt2", "cl100k_base", "o200k_base"):
             enc = tiktoken.get_encoding(name)
             ratio, han = measure(enc.encode_ordinary_batch, texts, han_runs)

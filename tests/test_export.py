@@ -3,6 +3,7 @@ special tokens at the same ids), a LoRA run exports merged, and export -> import
 arch=gpt2 as GPT2LMHeadModel, for arch=qwen3 (GQA, untied head) as Qwen3ForCausalLM."""
 import pytest
 import torch
+from conftest import SHARED_DATA
 from test_lora import TINY_TRAIN, trained_sft_run
 
 import export
@@ -187,3 +188,189 @@ def test_import_refuses_a_qwen3_model_it_cannot_compute(tiny_tokenizer, tmp_path
     with pytest.raises(ValueError, match="attention biases.*head_dim 16"):
         import_hf(tmp_path / "hf", tmp_path / "imported", tiny_tokenizer.identity.path)
     assert not (tmp_path / "imported").exists()
+
+
+# ----------------------------------------------------------------------------- chat template, generation
+
+
+CHATS = [[{"role": "user", "content": "北京是"}],
+         [{"role": "system", "content": "你是一个助手。"}, {"role": "user", "content": "长江是中国第一长河吗？"}],
+         [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+          {"role": "user", "content": "Python is a programming language"}],
+         [{"role": "user", "content": "故宫位于北京市中心"}],
+         [{"role": "user", "content": "黄河"}]]
+MAX_NEW = 12
+
+
+def sample_py_chat_replies(run_dir, messages):
+    """sample.py --mode=chat's greedy reply to the last user message after `messages` (system prompt
+    by --system, the history typed in: each earlier user line gets the model's own reply)."""
+    import io
+
+    import sample
+
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    lines = [m["content"] for m in messages if m["role"] == "user"]
+    out = io.StringIO()
+    argv = [f"--out_dir={run_dir}", "--mode=chat", "--temperature=0", f"--max_new_tokens={MAX_NEW}"]
+    sample.main(argv + ([f"--system={system}"] if system else []), out=out, lines=io.StringIO("\n".join(lines) + "\n"))
+    return [part.split("\n你: ")[0] for part in out.getvalue().split("助手: ")[1:]]
+
+
+def _greedy_ours(run, ids):
+    from engine import generate
+
+    return [step[0] for step in generate(run.model, [ids], MAX_NEW, temperature=0.0,
+                                         stop_ids=run.tok.stop_ids("chat"))]
+
+
+def test_export_carries_the_chat_template_and_generates_what_sample_py_does(tiny_run, tiny_tokenizer, tmp_path,
+                                                                             one_thread):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    export_hf(tiny_run, tmp_path / "hf")
+    assert "<|user|>" in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"]
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    gen = GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert gen.eos_token_id == [tiny_tokenizer.eot, tiny_tokenizer.end] and gen.pad_token_id == tiny_tokenizer.pad
+    run = load_run(tiny_run)
+    for messages in CHATS:
+        ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+        assert ids == tiny_tokenizer.encode_chat(messages)
+        ours = _greedy_ours(run, ids)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=MAX_NEW, do_sample=False)
+        theirs = out[0, len(ids):].tolist()
+        assert theirs == ours, messages
+        if len(messages) <= 2:  # one user line: sample.py's reply is this generation, as text
+            assert sample_py_chat_replies(tiny_run, messages) == [hf_tok.decode(theirs, skip_special_tokens=True)]
+    # a finished conversation is our training layout (it ends with <|endoftext|>)
+    done = CHATS[2] + [{"role": "assistant", "content": "是的"}]
+    expected = tiny_tokenizer.encode_chat(done, add_generation_prompt=False)
+    assert hf_tok.apply_chat_template(done)["input_ids"] == expected
+
+
+def test_batched_generate_pads_on_the_left_and_equals_unbatched(tiny_run, tiny_tokenizer, tmp_path, one_thread):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export_hf(tiny_run, tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf_tok.padding_side == "left"
+    batch = hf_tok.apply_chat_template(CHATS, add_generation_prompt=True, padding=True, return_tensors="pt",
+                                       return_dict=True)
+    with torch.no_grad():
+        together = hf.generate(**batch, max_new_tokens=MAX_NEW, do_sample=False)
+    width = batch["input_ids"].size(1)
+    run = load_run(tiny_run)
+    for row, messages in enumerate(CHATS):
+        alone = _greedy_ours(run, tiny_tokenizer.encode_chat(messages))
+        got = together[row, width:].tolist()
+        assert got[:len(alone)] == alone and set(got[len(alone):]) <= {tiny_tokenizer.pad}, messages
+
+
+def test_gpt2_export_records_n_ctx_for_llama_cpp(tiny_run, tmp_path):
+    import json
+
+    export_hf(tiny_run, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["n_ctx"] == config["n_positions"] == load_run(tiny_run).model.config.block_size
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+
+def test_gguf_holds_our_weights_tokens_template_and_an_ollama_modelfile(tiny_run, tiny_tokenizer, tmp_path):
+    import gguf
+
+    from tokenizer import KIMI_K2_PATTERN
+
+    export.main(["--run", str(tiny_run), "--to", "gguf", str(tmp_path / "g" / "tiny.gguf")])
+    reader = gguf.GGUFReader(tmp_path / "g" / "tiny.gguf")
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert tiny_tokenizer.enc._pat_str == KIMI_K2_PATTERN and field("tokenizer.ggml.pre") == "kimi-k2"
+    tokens, spell = field("tokenizer.ggml.tokens"), export.byte_spelling()
+    assert len(tokens) == tiny_tokenizer.n_vocab
+    for i in range(tiny_tokenizer.n_vocab):
+        raw = tiny_tokenizer.enc.decode_single_token_bytes(i)
+        assert tokens[i] == (raw.decode() if tiny_tokenizer.is_special(i) else "".join(spell[b] for b in raw))
+    assert (field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id")) == \
+        (tiny_tokenizer.eot, tiny_tokenizer.end)
+    assert field("tokenizer.ggml.add_bos_token") is False
+    assert field("tokenizer.chat_template") == export.chat_template(tiny_tokenizer)
+    model = load_run(tiny_run).model
+    weights = {t.name: t for t in reader.tensors}
+    torch.testing.assert_close(torch.from_numpy(weights["token_embd.weight"].data.copy()),
+                               model.transformer.wte.weight.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(weights["blk.1.attn_qkv.weight"].data.copy()),
+                               model.transformer.h[1].attn.c_attn.weight.detach(), atol=0, rtol=0)
+    assert "output.weight" not in weights  # tied: llama.cpp reuses the token embedding
+    modelfile = (tmp_path / "g" / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tiny.gguf\n") and 'PARAMETER stop "<|end|>"' in modelfile
+    assert "<|user|>" in modelfile and f"num_ctx {model.config.block_size}" in modelfile
+
+
+def test_gguf_export_refuses_a_tokenizer_llama_cpp_would_split_otherwise(tmp_path):
+    from conftest import TINY_TEXT, make_run
+
+    from tokenizer import HAN_RUNS_PATTERN, train_tokenizer
+
+    old = train_tokenizer([TINY_TEXT] * 20, tmp_path / "old_tok", vocab_size=400, pattern=HAN_RUNS_PATTERN)
+    run = make_run(tmp_path / "old_run", old)
+    with pytest.raises(SystemExit, match="pattern llama.cpp does not implement"):
+        export.main(["--run", str(run), "--to", "gguf", str(tmp_path / "x.gguf")])
+    assert not (tmp_path / "x.gguf").exists()
+    with pytest.raises(SystemExit):
+        export.main(["--run", str(run), "--to", "onnx", str(tmp_path / "x")])
+
+
+# llama.cpp itself (llama-cpp-python, built from its sdist): the GGUF splits text as we do and gives
+# sample.py's greedy tokens. Texts chosen where the split patterns of tokenizers differ.
+SPLIT_CASES = TEXTS + ["I'm sure they'll say it's 'OK', DON'T 'S 've", "一九〇〇年，人々，々〇", "㐀䶵𠀀𪜀丽 豈",
+                       "1234567 ١٢٣ ²³ Ⅻ", "e\u0301 café\u0301 , ,,, !!  ?", "\t\t \n \r\n\n  x\n ",
+                       "かなカナ 한국어 ſ's",
+                       "price: $3.50/kg — “引号”《书名》", "  ", "\n", "a  b   c    "]
+
+
+def wiki_lines(n):
+    from data_utils import iter_jsonl
+
+    path = SHARED_DATA / "zhwiki" / "zhwiki-13.jsonl"
+    if not path.exists():
+        return []
+    lines = []
+    for _, obj in iter_jsonl(path):
+        lines += [line for line in obj["text"].split("\n") if line.strip()]
+        if len(lines) >= n:
+            break
+    return lines[:n]
+
+
+def _llama(path, n_ctx):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                                                        "llama-cpp-python builds llama.cpp from source)")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, seed=0, verbose=False)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_llama_cpp_tokenizes_as_we_do_and_gives_sample_py_greedy_tokens(arch, tiny_run, tiny_tokenizer, tmp_path,
+                                                                         request, one_thread):
+    run_dir = tiny_run if arch == "gpt2" else request.getfixturevalue("qwen3_run")[0]
+    run = load_run(run_dir)
+    export.main(["--run", str(run_dir), "--to", "gguf", str(tmp_path / "m.gguf")])
+    llm = _llama(tmp_path / "m.gguf", run.model.config.block_size)
+    for text in SPLIT_CASES + wiki_lines(200):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tiny_tokenizer.encode(text), text
+    stop = tiny_tokenizer.stop_ids("chat")
+    for messages in CHATS:
+        ids = tiny_tokenizer.encode_chat(messages)
+        theirs = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+            theirs.append(token)
+            if token in stop or len(theirs) == MAX_NEW:
+                break
+        assert theirs == _greedy_ours(run, ids), messages

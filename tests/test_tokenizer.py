@@ -194,3 +194,22 @@ def test_passage_qa_layout_is_one_function(tiny_tokenizer):
     assert tok.encode_passage_qa("北京是首都。", "首都是哪里？", "北京") == \
         tok.encode_qa("北京是首都。\n首都是哪里？", "北京")
     assert tok.encode_passage_qa("北京是首都。", "首都是哪里？")[-1] == tok.answer
+
+
+def test_new_tokenizers_split_as_llama_cpp_does_and_old_ones_keep_their_pattern(tmp_path):
+    """New tokenizers use llama.cpp's kimi-k2 split (src/unicode.cpp: Han = its CJK blocks, so 〇 is a
+    number; a word keeps an English contraction); one trained with the earlier pattern records it in
+    its tokenizer.json and loads and encodes with it."""
+    import regex
+
+    from tokenizer import HAN_RUNS_PATTERN, KIMI_K2_PATTERN, LLAMA_CPP_PRE_TOKENIZERS
+
+    assert PATTERN == KIMI_K2_PATTERN and LLAMA_CPP_PRE_TOKENIZERS[PATTERN] == "kimi-k2"
+    text = "I'm 一九〇〇年"
+    assert regex.findall(PATTERN, text) == ["I'm", " ", "一九", "〇〇", "年"]
+    assert regex.findall(HAN_RUNS_PATTERN, text) == ["I", "'m", " ", "一九〇〇年"]
+    old = train_tokenizer([MIXED[0] * 5, text * 5] * 10, tmp_path / "old", vocab_size=300, pattern=HAN_RUNS_PATTERN)
+    assert json.loads((tmp_path / "old" / "tokenizer.json").read_text())["pattern"] == HAN_RUNS_PATTERN
+    again = load_tokenizer(tmp_path / "old")
+    assert again.enc._pat_str == HAN_RUNS_PATTERN and again.identity == old.identity
+    assert again.decode(again.encode(text)) == text
