@@ -783,7 +783,7 @@ class Service:
         """`POST /generate`: a Stream of plain text (RAG: sources in the X-Sources header), or
         {"text", "tokens", "seconds", "finish_reason", "sources"?}."""
         req = parse_generate(body, self.limits)
-        jobs, sources = self.submit(req, client_gone)
+        jobs, sources = self.submit(req, client_gone=client_gone)
         job = jobs[0]
         pieces = started(job.pieces(req.stops, client_gone), job)
         if req.stream:
@@ -811,7 +811,7 @@ class Service:
         jobs = []
         try:
             for ids, sources, span in prepared:
-                jobs += self.submit(req, (ids, sources, span), client_gone)[0] if req.max_new_tokens else \
+                jobs += self.submit(req, (ids, sources, span), client_gone=client_gone)[0] if req.max_new_tokens else \
                     [finished_job(ids, req.logprobs) for _ in range(req.n)]
         except ApiError:  # the queue filled up part way: the prompts queued already stop too
             for job in jobs:
