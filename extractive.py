@@ -7,8 +7,8 @@
   character (Python str slicing cannot cut one) and is at most `max_chars` characters long; not
   across lines (a RAG prompt puts one passage a line), never starting or ending with whitespace,
   deduplicated by text. `gate` > 0 keeps only substrings of the `gate` sentences sharing most
-  terms with the question (`retrieval.analyze`, the bigrams BM25 and `fit_passage` use). The default
-  is 1: issue 23 measured it best with the pipeline's fine-tuned model (DRCD test F1 14.9, against
+  terms with the question (`retrieval.overlaps`, the bigrams BM25, `fit_passage` and the
+  best-overlap rule use). The default is 1: issue 23 measured it best with the pipeline's fine-tuned model (DRCD test F1 14.9, against
   9.6 over every sentence), and it is 10x cheaper (BENCHMARKS.md, "Max-likelihood span search").
 - Each candidate is written as `tok.encode(text)`: the tokens the model was trained to emit for that
   answer. An answer whose characters sit inside merged passage tokens (the passage has `长江大桥`
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from data_utils import split_sentences
-from retrieval import analyze
+from retrieval import overlaps
 
 MAX_SPAN_CHARS = 24
 NORMS = ("sum", "mean")
@@ -75,8 +75,7 @@ def gated_sentences(text, question, gate):
     sentences = [s for s in split_sentences(text) if s.strip()]
     if not gate or not question or len(sentences) <= gate:
         return sentences
-    wanted = set(analyze(question))
-    overlap = [len(wanted & set(analyze(s))) for s in sentences]
+    overlap = overlaps(sentences, question)
     keep = sorted(sorted(range(len(sentences)), key=lambda i: -overlap[i])[:gate])
     return [sentences[i] for i in keep]
 

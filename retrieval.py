@@ -404,12 +404,17 @@ def sentence_spans(text):
     return spans
 
 
-def best_sentence(sentences, question, how="bigram"):
-    """Index of the sentence sharing most terms (`analyze`: Han characters and bigrams) with the
-    question; the first on ties. The best-overlap rule of evaluations/baselines.py, and the anchor
-    of a question-anchored `fit_passage`."""
+def overlaps(sentences, question, how="bigram"):
+    """How many terms (`analyze`: Han characters and bigrams) each sentence shares with the question."""
     wanted = set(analyze(question, how))
-    scores = [len(wanted & set(analyze(s, how))) for s in sentences]
+    return [len(wanted & set(analyze(s, how))) for s in sentences]
+
+
+def best_sentence(sentences, question, how="bigram"):
+    """Index of the sentence sharing most terms with the question (`overlaps`); the first on ties.
+    The best-overlap rule of evaluations/baselines.py, the anchor of a question-anchored
+    `fit_passage`, and extractive.py's sentence gate (its top `gate` sentences)."""
+    scores = overlaps(sentences, question, how)
     return max(range(len(sentences)), key=scores.__getitem__)
 
 
