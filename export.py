@@ -39,8 +39,11 @@ Design choices:
   tokenizer with another pattern is refused rather than exported to tokenise differently. The merge
   list holds every split of every token (`gguf_merges`), so llama.cpp's pair-rank BPE replays
   tiktoken's; bench/bench_llama_cpp.py and tests/test_export.py compare llama.cpp with us.
-- The vocabulary stays padded as train.py trained it (ids past the tokenizer's never occur), so an
-  export imported back fits train.py's checks. A LoRA run exports merged
+- The vocabulary padding train.py adds (a multiple of 64; the padding ids are no tokens and left
+  out of training's softmax) is cut off, as `inference.load_run` cuts it: otherwise transformers'
+  softmax would give the untrained padding rows probability mass, and `lm-eval --model hf` would
+  score the export up to 0.1 nats away from the server. An import pads it back with zero rows
+  (`pad_vocab`), so an export imported back fits train.py's checks. A LoRA run exports merged
   (`inference.model_from_checkpoint` folds the adapter in).
 - Import requires the run's tokenizer in our format (`--tokenizer`), since a run directory keeps a
   tiktoken tokenizer; when the HF folder has a `tokenizer.json`, its vocabulary must agree with it.
@@ -49,13 +52,14 @@ Design choices:
 """
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 
 from checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from inference import SAMPLING_DEFAULTS, load_run, model_from_checkpoint, tokenizer_for
+from inference import SAMPLING_DEFAULTS, drop_vocab_padding, load_run, model_from_checkpoint, tokenizer_for
 from model import GPT, GPTConfig
 from tokenizer import LLAMA_CPP_PRE_TOKENIZERS, load_tokenizer
 
@@ -247,9 +251,9 @@ def hf_model_class(arch):
 def export_hf(run_dir, folder, which="best"):
     path = find_checkpoint(run_dir, which)
     ckpt = load_checkpoint(path)
-    # the checkpoint's model as trained, padded vocabulary included (load_run would trim it), so that
-    # an imported export fits train.py's data checks again
     model, tok = model_from_checkpoint(ckpt), tokenizer_for(ckpt, run_dir)
+    if model.config.vocab_size > tok.n_vocab:  # the padding rows are no tokens: the softmax must not see them
+        drop_vocab_padding(model, tok.n_vocab)
     cfg = model.config
     hf_model = hf_model_class(cfg.arch)(hf_config(cfg, tok))
     hf_model.load_state_dict(hf_state_dict(model, hf_model.state_dict()))
@@ -435,6 +439,23 @@ def model_args_from_hf(c, folder):
     raise ValueError(f"{folder} holds a {c.model_type!r} model; only gpt2 and qwen3 import")
 
 
+def pad_vocab(model, args, multiple=64):
+    """(model, its args) with the vocabulary padded to a `multiple` as train.py pads it: zero rows
+    for the padding ids, which `n_vocab` keeps out of the loss's softmax and load_run cuts off."""
+    n_vocab = args["vocab_size"]
+    padded = math.ceil(n_vocab / multiple) * multiple
+    args = {**args, "vocab_size": padded, "n_vocab": n_vocab}
+    if padded == n_vocab:
+        return model, args
+    bigger = GPT(GPTConfig(**args))
+    ours = model.state_dict()
+    for name, target in bigger.state_dict().items():
+        if ours[name].shape != target.shape:  # the embedding and the output layer: rows per id
+            ours[name] = torch.cat([ours[name], ours[name].new_zeros(padded - n_vocab, *ours[name].shape[1:])])
+    bigger.load_state_dict(ours)
+    return bigger, args
+
+
 def import_hf(folder, run_dir, tokenizer, kind="pretrain"):
     """A run directory `run_dir` from a GPT-2 or Qwen3 HF model folder and our tokenizer for it."""
     from transformers import AutoConfig
@@ -450,7 +471,7 @@ def import_hf(folder, run_dir, tokenizer, kind="pretrain"):
         theirs = json.loads(hf_vocab.read_text(encoding="utf-8"))["model"]["vocab"]
         if theirs != json.loads(hf_tokenizer(tok).to_str())["model"]["vocab"]:
             raise ValueError(f"the vocabulary in {hf_vocab} is not that of the tokenizer {tokenizer}")
-    model = load_hf_state_dict(GPT(GPTConfig(**args)), hf_model.state_dict())
+    model, args = pad_vocab(load_hf_state_dict(GPT(GPTConfig(**args)), hf_model.state_dict()), args)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok.save(run_dir / "tokenizer")

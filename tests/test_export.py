@@ -76,7 +76,8 @@ def test_lora_run_of_train_py_exports_merged_with_its_padded_vocabulary(tmp_path
     model = model_from_checkpoint(load_checkpoint(tmp_path / "lora" / "best.pt"))  # base + adapter, merged
     assert model.config.vocab_size > tiny_tokenizer.n_vocab  # train.py pads it to a multiple of 64
     ids = _sequences(tiny_tokenizer.n_vocab)
-    torch.testing.assert_close(_hf_logits(tmp_path / "hf", ids), _our_logits(model, ids), atol=1e-4, rtol=0)
+    n = tiny_tokenizer.n_vocab  # the export leaves the padding out
+    torch.testing.assert_close(_hf_logits(tmp_path / "hf", ids), _our_logits(model, ids)[..., :n], atol=1e-4, rtol=0)
     # imported back, it fits train.py again: fine-tune it on the same data
     import_hf(tmp_path / "hf", tmp_path / "imported", tiny_tokenizer.identity.path, kind="sft")
     train.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'again'}", f"--init_from={tmp_path / 'imported'}",
@@ -129,9 +130,14 @@ def test_qwen3_run_exports_to_qwen3_for_causal_lm_and_imports_back(qwen3_run, ti
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert isinstance(hf, Qwen3ForCausalLM) and hf.config.num_key_value_heads == 2
     assert not hf.config.tie_word_embeddings and hf.config.rope_parameters["rope_theta"] == 500.0
-    ids = _sequences(tiny_tokenizer.n_vocab)
+    n = tiny_tokenizer.n_vocab
+    ids = _sequences(n)
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, _our_logits(model, ids), atol=1e-4, rtol=0)
+        assert hf(ids).logits.shape[-1] == n  # the padding rows are cut off, as load_run cuts them
+        torch.testing.assert_close(hf(ids).logits, _our_logits(model, ids)[..., :n], atol=1e-4, rtol=0)
+        # so transformers' log-probabilities are the server's (load_run's), as lm-eval --model hf reads them
+        torch.testing.assert_close(hf(ids).logits.log_softmax(-1),
+                                   _our_logits(load_run(run).model, ids).log_softmax(-1), atol=1e-4, rtol=0)
     loaded = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in TEXTS:
         assert loaded(text)["input_ids"] == tiny_tokenizer.encode(text), text
@@ -143,8 +149,9 @@ def test_qwen3_run_exports_to_qwen3_for_causal_lm_and_imports_back(qwen3_run, ti
     imported = load_checkpoint(tmp_path / "imported" / "best.pt")
     assert {k: imported["model_args"][k] for k in ("arch", "n_kv_head", "tie_embeddings", "rope_theta")} == \
         {"arch": "qwen3", "n_kv_head": 2, "tie_embeddings": False, "rope_theta": 500.0}
-    torch.testing.assert_close(_our_logits(model_from_checkpoint(imported), ids), _our_logits(model, ids),
-                               atol=0, rtol=0)
+    assert imported["model_args"]["vocab_size"] == model.config.vocab_size  # padded again, as train.py pads
+    torch.testing.assert_close(_our_logits(model_from_checkpoint(imported), ids)[..., :n],
+                               _our_logits(model, ids)[..., :n], atol=0, rtol=0)
     a, b = load_run(run).model, load_run(tmp_path / "imported").model
     assert a.lm_head.weight is not a.transformer.wte.weight
     torch.testing.assert_close(_our_logits(b, ids), _our_logits(a, ids), atol=0, rtol=0)
@@ -164,8 +171,9 @@ def test_lora_on_a_qwen3_run_exports_merged(qwen3_run, tiny_tokenizer, tmp_path)
     ids = _sequences(tiny_tokenizer.n_vocab)
     with torch.no_grad():
         theirs = Qwen3ForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits
-    torch.testing.assert_close(theirs, _our_logits(merged, ids), atol=1e-4, rtol=0)
-    assert not torch.allclose(theirs, _our_logits(base, ids), atol=1e-4)  # the adapter is in the export
+    n = tiny_tokenizer.n_vocab
+    torch.testing.assert_close(theirs, _our_logits(merged, ids)[..., :n], atol=1e-4, rtol=0)
+    assert not torch.allclose(theirs, _our_logits(base, ids)[..., :n], atol=1e-4)  # the adapter is in the export
 
 
 def test_old_out_dir_spelling_and_command_line_errors(tiny_run, tiny_tokenizer, tmp_path):
