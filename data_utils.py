@@ -352,18 +352,20 @@ def read_chunks(files, chunk_bytes, bad, text_field="text", max_line_bytes=MAX_L
     chunk's `resume`). The one reader of corpus files: prepare.py tokenises the chunks in a pool,
     tokenizer.py samples from them (`iter_records`). Memory is bounded by the chunk size whatever the
     file size: jsonl is streamed (decompressed on the fly), parquet decoded a batch at a time.
-    `sources[i]` is the input file i came from, passed on in its chunks."""
+    `sources[i]` is the input file i came from, passed on in its chunks; `text_field` is one name or
+    one per input."""
     first, offset, lineno = start
     for index in range(first, len(files)):
-        path = files[index]
+        path, source = files[index], sources[index] if sources else 0
+        field = text_field if isinstance(text_field, str) else text_field[source]
         if source_format(path) == "parquet":
-            chunks = _parquet_chunks(index, path, chunk_bytes, text_field, bad, offset if index == first else 0)
+            chunks = _parquet_chunks(index, path, chunk_bytes, field, bad, offset if index == first else 0)
         else:
             at = (offset, lineno) if index == first else (0, 1)
             chunks = _jsonl_chunks(index, path, chunk_bytes, max_line_bytes, bad, *at)
         try:
             for chunk in chunks:
-                yield chunk._replace(source=sources[index] if sources else 0)
+                yield chunk._replace(source=source)
         except (OSError, EOFError, ValueError) as e:  # a truncated or corrupt compressed stream
             bad.add(str(path), f"unreadable ({str(e)[:200]}); the rest of the file is skipped")
 
@@ -793,7 +795,7 @@ class BlockData:
         self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
 
 
-def evaluate_blocks(model, data, indices, tok, batch_size, device, ctx=None):
+def evaluate_blocks(model, data, indices, tok, batch_size, device, ctx=None, rank=0, world=1):
     """Masked mean loss, perplexity and bits per character over the given blocks of `data`.
 
     Sums over every masked target (not a mean of batch means), so the numbers do not depend on the
@@ -801,27 +803,45 @@ def evaluate_blocks(model, data, indices, tok, batch_size, device, ctx=None):
     targets decoded with `tok.decode` (special tokens count in the loss but have no characters).
     Used by training (val_ppl, val_bpc) and evaluations/perplexity.py alike. `ctx` is the context
     each forward runs in, e.g. autocast (None: no context).
+
+    Under DDP (`world` > 1, torch.distributed initialised) the ranks share the work as they share
+    a training step: the blocks are cut into global batches of `batch_size * world`, each rank scores
+    its interleaved slice, and one all-reduce of the per-(batch, rank) sums (each entry non-zero on
+    one rank only, so adding the zeros is exact) gives every rank the same numbers, added in the
+    same order. 2 ranks x 8 blocks thus score exactly the blocks 1 x 16 scores (equal to float32
+    rounding: the forwards are cut differently).
     """
     import torch
 
     ctx = nullcontext() if ctx is None else ctx
     indices = list(indices)
+    step = batch_size * world
+    starts = range(0, len(indices), step)
+    sums = torch.zeros(len(starts), world, 3, dtype=torch.float64)  # nats, tokens, chars
     was_training = model.training
     model.eval()
-    nats, tokens, chars = 0.0, 0, 0
-    for start in range(0, len(indices), batch_size):
-        x, y, mask = data.batch(indices[start:start + batch_size], device)
+    for j, start in enumerate(starts):
+        part = indices[start:start + step][rank::world]
+        if not part:
+            continue
+        x, y, mask = data.batch(part, device)
         with ctx, torch.no_grad():
             _, loss = model(x, y, mask)
         n = int(mask.sum())
-        nats += float(loss) * n
-        tokens += n
-        for row, keep in zip(y.cpu(), mask.cpu()):
-            chars += count_chars(tok.decode(row[keep].tolist()))
+        chars = sum(count_chars(tok.decode(row[keep].tolist())) for row, keep in zip(y.cpu(), mask.cpu()))
+        sums[j, rank] = torch.tensor([float(loss) * n, n, chars], dtype=torch.float64)
     model.train(was_training)
+    if world > 1:
+        import torch.distributed as dist
+
+        on_device = sums.to(device)  # NCCL reduces device tensors only
+        dist.all_reduce(on_device)
+        sums = on_device.cpu()
+    sums = sums.reshape(-1, 3)
+    nats = sum(sums[:, 0].tolist())  # in batch order, as one process adds them
+    tokens, chars = int(sums[:, 1].sum()), int(sums[:, 2].sum())
     if tokens == 0:
         raise ValueError("no target tokens to score in these blocks (all padding, or no answer spans)")
     loss = nats / tokens
     return {"loss": loss, "ppl": math.exp(loss), "bpc": nats / math.log(2) / chars if chars else None,
             "tokens": tokens, "chars": chars, "blocks": len(indices)}
-

@@ -95,11 +95,11 @@ def mix_copies(key, rate, split):
 class Worker:
     """Turns one chunk of records into the rows of each split (runs in a pool process)."""
 
-    def __init__(self, tokenizer, block_size, val_fraction, min_chars, pack, dtype, text_field="text", clean="wiki",
-                 rates=(1.0,)):
+    def __init__(self, tokenizer, block_size, val_fraction, min_chars, pack, dtype, text_fields=("text",),
+                 cleans=("wiki",), rates=(1.0,)):
         self.tok = load_tokenizer(tokenizer)
         self.block_size, self.val_fraction, self.min_chars, self.pack = block_size, val_fraction, min_chars, pack
-        self.dtype, self.text_field, self.clean, self.rates = np.dtype(dtype), text_field, clean, rates
+        self.dtype, self.text_fields, self.cleans, self.rates = np.dtype(dtype), text_fields, cleans, rates
         enc = self.tok.enc
         # tokens that start inside a UTF-8 character: an over-long sentence is not cut before them
         self.mid_character = np.array([not self.tok.is_special(i) and enc.decode_single_token_bytes(i)[0] & 0xC0 == 0x80
@@ -108,17 +108,17 @@ class Worker:
     def __call__(self, chunk):
         bad, counts = BadLines(), Counter()
         articles = {split: [] for split in SPLITS}
-        rate = self.rates[chunk.source]
-        for _, obj in chunk_records(chunk, self.text_field, bad):
+        rate, field, clean = self.rates[chunk.source], self.text_fields[chunk.source], self.cleans[chunk.source]
+        for _, obj in chunk_records(chunk, field, bad):
             counts["articles_read"] += 1
             if obj is None:
                 counts["malformed"] += 1
                 continue
-            body = clean_document(obj[self.text_field], self.clean)  # lone surrogates were refused on parsing
+            body = clean_document(obj[field], clean)  # lone surrogates were refused on parsing
             if len(body) < max(self.min_chars, 1):
                 counts["too_short"] += 1
                 continue
-            key = article_key(obj, self.text_field)
+            key = article_key(obj, field)
             split = split_of(key, self.val_fraction)
             copies = mix_copies(key, rate, split)
             if not copies:
@@ -325,13 +325,15 @@ def parse_inputs(specs):
     return inputs
 
 
-def get_tokenizer(spec, inputs, vocab_size, text_field, clean):
+def get_tokenizer(spec, inputs, vocab_size, text_fields, cleans):
     """Load the tokenizer, training one on the inputs first when its folder is absent or empty."""
     if spec != "gpt2" and not (Path(spec).is_dir() and any(Path(spec).iterdir())):
         paths = [path for path, _ in inputs]
         print(f"no tokenizer at {spec}: training a {vocab_size}-token tokenizer on {', '.join(paths)} first")
         t0 = time.time()
-        tok = train_tokenizer(sample_texts(paths, text_field=text_field, clean=clean), spec, vocab_size)
+        texts = chain.from_iterable(sample_texts(path, 16_000_000 // len(paths), field, clean)
+                                    for path, field, clean in zip(paths, text_fields, cleans))
+        tok = train_tokenizer(texts, spec, vocab_size)
         print(f"trained tokenizer in {time.time() - t0:.0f}s -> {spec}")
         return tok
     try:
@@ -379,7 +381,7 @@ def prepare(args):
         print(f"error: no corpus files (.jsonl, .jsonl.gz, .jsonl.zst, .parquet) in {' '.join(args.input)}",
               file=sys.stderr)
         raise SystemExit(1)
-    tok = get_tokenizer(args.tokenizer, inputs, args.vocab_size, args.text_field, args.clean)
+    tok = get_tokenizer(args.tokenizer, inputs, args.vocab_size, args.text_field, args.clean)  # one per input
     dtype = token_dtype(tok.n_vocab).name
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -438,7 +440,7 @@ def stream(args, files, sources, inputs, tok, dtype, writers, settings, progress
                 bad.add(f"{path}:0", "empty file")
                 counts["empty_files"] += 1
     worker_args = (tok.identity, args.block_size, args.val_fraction, args.min_chars, args.pack, dtype,
-                   args.text_field, args.clean, tuple(weight for _, weight in inputs))
+                   tuple(args.text_field), tuple(args.clean), tuple(weight for _, weight in inputs))
     total_bytes = sum(p.stat().st_size for p in files)
     t0 = time.time() - seconds
     read_bad = BadLines()  # over-long lines and unreadable files, found by the reader in this process
@@ -487,14 +489,14 @@ def build_meta(tok, args, dtype, counts, bad, inputs, per_source):
         for what in ("articles", "blocks", "tokens", "chars", "eot"):
             summary[f"{what}_{split}"] = counts[f"{what}_{split}"]
     total_train = max(counts["tokens_train"], 1)
-    sources = [{"input": path, "weight": weight, "articles_read": c["articles_read"],
-                "articles_train": c["articles_train"], "tokens_train": c["tokens_train"],
+    sources = [{"input": path, "weight": weight, "text_field": field, "clean": clean,
+                "articles_read": c["articles_read"], "articles_train": c["articles_train"],
+                "tokens_train": c["tokens_train"],
                 "share_of_train_tokens": round(c["tokens_train"] / total_train, 4)}
-               for (path, weight), c in zip(inputs, per_source)]
+               for (path, weight), field, clean, c in zip(inputs, args.text_field, args.clean, per_source)]
     return {"block_size": args.block_size, "dtype": dtype, "vocab_size": tok.n_vocab,
             "tokenizer": tok.identity.to_json(), "schema": 1, "special": tok.special, "kind": "pretrain",
-            "pack": args.pack, "val_fraction": args.val_fraction, "text_field": args.text_field,
-            "clean": args.clean, "sources": sources, "counts": summary}
+            "pack": args.pack, "val_fraction": args.val_fraction, "sources": sources, "counts": summary}
 
 
 def print_summary(meta, out, bad):
@@ -524,10 +526,11 @@ def main(argv=None):
                     help="files or folders (walked for *.jsonl, *.jsonl.gz, *.jsonl.zst, *.parquet); several are "
                          "mixed, each article of one taken WEIGHT times on average (default 1; 0.3 keeps 30%%)")
     ap.add_argument("--out", default="data/processed")
-    ap.add_argument("--text_field", default="text", help="the field (jsonl) or column (parquet) holding the text")
-    ap.add_argument("--clean", choices=CLEAN_MODES, default="wiki",
+    ap.add_argument("--text_field", nargs="+", default=["text"],
+                    help="the field (jsonl) or column (parquet) holding the text: one for all inputs, or one per input")
+    ap.add_argument("--clean", nargs="+", choices=CLEAN_MODES, default=["wiki"],
                     help="wiki: drop the title line, headings and extraction leftovers; none: only Unicode NFC, "
-                         "control characters and --min_chars (web corpora)")
+                         "control characters and --min_chars (web corpora); one for all inputs, or one per input")
     ap.add_argument("--block_size", type=int, default=512)
     ap.add_argument("--tokenizer", default="data/tokenizer", help="tokenizer folder (trained when absent) or gpt2")
     ap.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="when a tokenizer is trained")
@@ -548,6 +551,11 @@ def main(argv=None):
         ap.error("--block_size must be at least 2")
     if args.shard_tokens < 0 or args.chunk_bytes < 1:
         ap.error("--shard_tokens must be >= 0 and --chunk_bytes >= 1")
+    for name in ("text_field", "clean"):
+        values = getattr(args, name)
+        if len(values) not in (1, len(args.input)):
+            ap.error(f"--{name}: give one value for all inputs or one per input ({len(args.input)}), not {len(values)}")
+        setattr(args, name, values * len(args.input) if len(values) == 1 else values)
     prepare(args)
 
 

@@ -350,10 +350,18 @@ def test_text_field_and_clean_none_keep_web_text(tmp_path, tiny_tokenizer):
     expected = "标题行也是正文.\n第一段有控制字符 和制表符。\nCafé 用分解的重音写成。\n新的一行。"
     assert documents(rows["train"], tok) == [expected]
     assert meta["counts"]["dropped"] == {"malformed": 1, "too_short": 1, "mixed_out": 0}
-    assert meta["clean"] == "none" and meta["text_field"] == "content"
-    _, wiki_rows = run(tmp_path, tok, tmp_path / "web.jsonl", "--text_field", "content", "--val_fraction", "0",
-                       "--min_chars", "5", out="wiki")
-    assert "标题行" not in documents(wiki_rows["train"], tok)[0]  # the wiki cleaning drops the first line
+    assert meta["sources"][0]["clean"] == "none" and meta["sources"][0]["text_field"] == "content"
+    # one setting per input: the web file as it is, the wiki without its title line
+    wiki = write_jsonl(tmp_path / "wiki.jsonl", [article(1)])
+    prepare_main(["--input", str(tmp_path / "web.jsonl"), str(wiki), "--text_field", "content", "text",
+                  "--clean", "none", "wiki", "--val_fraction", "0", "--min_chars", "20", "--out", str(tmp_path / "two"),
+                  "--tokenizer", tok.identity.path, "--quiet"])
+    meta, bins = read_outputs(tmp_path / "two")
+    rows = np.frombuffer(bins["train"], dtype=meta["dtype"]).reshape(-1, meta["block_size"])
+    assert documents(rows, tok) == [expected, clean_article(article(1)["text"])]
+    assert [(s["text_field"], s["clean"]) for s in meta["sources"]] == [("content", "none"), ("text", "wiki")]
+    with pytest.raises(SystemExit):
+        prepare_main(["--input", str(wiki), "--clean", "none", "wiki", "--out", str(tmp_path / "x")])
 
 
 def test_weighted_mix_is_deterministic_and_recorded(tmp_path, tiny_tokenizer):
