@@ -2,6 +2,11 @@
 
 - Reading wiki jsonl robustly: malformed lines are counted and the first few reported with
   file:line, never fatal (`iter_jsonl`, `BadLines`).
+- Reading any pretraining corpus (`read_chunks`, the one reader of data/prepare.py and tokenizer.py):
+  jsonl plain, .gz or .zst (decompressed as a stream) and parquet (pyarrow, a batch of rows at a
+  time, never a whole file), cut into chunks of about a megabyte that carry the position to resume
+  from; `chunk_records` parses a chunk in a worker process. `clean_document` is the `--clean` mode:
+  the wiki cleaning or `clean_plain` (NFC, control characters, nothing else).
 - Cleaning a wiki article the same way everywhere (`clean_article`, `split_sentences`), so the text
   the model is pretrained on, the text QA pairs are generated from and the text evaluations prompt
   with all agree.
@@ -9,7 +14,10 @@
   `block_size` tokens, `[tokens..., EOT, PAD...]` (pretraining rows cut inside an article have
   no EOT: it marks only true document ends), and the model sees `x = block[:-1]`,
   `y = block[1:]`. The mask is computed from the tokens alone (vectorised), so no mask file is
-  stored and pretraining and SFT data share one format.
+  stored and pretraining and SFT data share one format. A split may be numbered shards (meta.json
+  `shards`), memory-mapped and indexed as one array (`ShardedBlocks`).
+- Scoring blocks (`evaluate_blocks`): one function for training's validation (shared out to DDP
+  ranks, all-reduced exactly) and evaluations/perplexity.py.
 - Untrusted input has limits: a line longer than `MAX_LINE_BYTES` is skipped without being read
   into memory (`read_lines`), JSON nested too deeply or holding a lone surrogate ("\\ud800") is a
   malformed line (`load_json`), and paths that are not regular files (FIFOs, symlink loops,

@@ -41,7 +41,7 @@ def reading(pid, folder):
     try:
         for fd in Path(f"/proc/{pid}/fd").iterdir():
             target = os.readlink(fd)
-            if target.startswith(str(folder)):
+            if target.startswith(str(folder) + os.sep):
                 return Path(target).name
     except (FileNotFoundError, PermissionError):
         pass

@@ -1,6 +1,17 @@
-"""Pretraining data: wiki jsonl -> `train.bin`, `val.bin`, `meta.json` (the block layout of data_utils).
+"""Pretraining data: a corpus -> `train.bin`, `val.bin`, `meta.json` (the block layout of data_utils).
 
     python data/prepare.py --input ../shared/data/zhwiki --out data/processed --block_size 512
+    python data/prepare.py --input data/raw/fineweb2 ../shared/data/zhwiki:2 --clean none wiki \
+        --out data/web --shard_tokens 500000000          # parquet web text mixed with the wiki, sharded
+
+Inputs (`data_utils.read_chunks`, the one reader, which tokenizer.py samples through too): jsonl,
+.jsonl.gz, .jsonl.zst and parquet (decoded a batch of rows at a time), files or folders; the text
+is in `--text_field`; `--clean wiki` is the wiki cleaning, `--clean none` only NFC, control
+characters and the minimum length (web text has no title line to drop). Several inputs are mixed by
+weight, `PATH:WEIGHT`: each article is taken WEIGHT times on average (`mix_copies`: floor(WEIGHT)
+copies plus one for a sha1-chosen share, so the mix is deterministic); each input's tokens and share
+go to meta.json `sources`. Files no training set may read (`data_utils.TRAINING_HELD_OUT`: DRCD
+test, which pipeline.py writes into data/) are reported and never read.
 
 Design:
 - Blocks: every row is exactly `block_size` tokens, `[tokens..., EOT, PAD...]`, made of whole
@@ -22,12 +33,19 @@ Design:
 - Speed: tiktoken's BPE is most of the cost, so the gain comes from using every core; around it, no
   Python work per token: sentence and row boundaries are numpy cumsums and searches, and a chunk's
   rows are filled by one fancy-indexed assignment (`fill_rows`).
+- Shards and resume: `--shard_tokens` cuts each split into numbered shards of whole blocks
+  (`SplitWriter`), listed in meta.json `shards` and read as one array by data_utils.BlockData.
+  Each completed shard is a checkpoint (`PROGRESS`: the reader's position, the counts, the open
+  shard's length), so a killed run, started again with the same settings and files, truncates the
+  open shard to its checkpointed length and goes on: at most one shard is done twice.
 - Robust and atomic: malformed lines (bad JSON or UTF-8, nesting too deep, lone surrogates, lines
   over `--max_line_bytes`, skipped without being read whole) are counted and the first ones
   reported with file:line; FIFOs, symlink loops and folders named `*.jsonl` are reported and never
-  opened. The bins go to temporaries renamed at the end, the old meta.json is removed just before
-  and the new one written last, so an interrupted run never looks complete; the temporaries a
-  killed run left behind are removed at the next start. Exit 1 only when nothing usable was found.
+  opened; a corrupt parquet file or a truncated compressed stream is reported and the rest of that
+  file skipped. The bins are written as hidden `.NAME.part` files renamed at the end, the old
+  meta.json is removed just before and the new one written last, so an interrupted run never looks
+  complete; parts that no checkpoint can resume are removed at the next start. Exit 1 only when
+  nothing usable was found.
 """
 import argparse
 import json
