@@ -341,8 +341,9 @@ def _parquet_chunks(index, path, chunk_bytes, text_field, bad, row=0):
         rows, text_bytes, start, drop = [], 0, row, row - before
         batches = pf.iter_batches(PARQUET_BATCH_ROWS, row_groups=range(first_group, len(sizes)), columns=columns)
         for batch in batches:
-            records = batch.to_pylist()[drop:]
-            drop = 0
+            records = batch.to_pylist()
+            if drop:  # resuming inside a row group: skip the rows before the position
+                records, drop = records[drop:], max(0, drop - len(records))
             rows.extend(records)
             text_bytes += sum(len(r[text_field]) for r in records if isinstance(r[text_field], str))
             if text_bytes >= chunk_bytes:

@@ -367,6 +367,10 @@ def find_inputs(inputs):
         found = find_sources(path, skipped, held_out)
         files += found
         sources += [i] * len(found)
+        if not found and len(inputs) > 1:  # a mistyped input would silently change the mix
+            skipped.report("paths that are not regular files")
+            print(f"error: no corpus files (.jsonl, .jsonl.gz, .jsonl.zst, .parquet) in {path}", file=sys.stderr)
+            raise SystemExit(1)
     skipped.report("paths that are not regular files")
     held_out.report("files held out of training (evaluation data)")
     return files, sources, skipped.count + held_out.count

@@ -389,6 +389,9 @@ def test_weighted_mix_is_deterministic_and_recorded(tmp_path, tiny_tokenizer):
     assert [(s["input"], s["weight"]) for s in sources] == [(str(wiki.parent), 2.0), (str(web.parent), 0.5)]
     assert sources[1]["articles_train"] == len(web_train) and meta["counts"]["dropped"]["mixed_out"] > 0
     assert sum(s["tokens_train"] for s in sources) == meta["counts"]["tokens_train"]
+    with pytest.raises(SystemExit):  # a mistyped input is an error, not a silently different mix
+        prepare_main(["--out", str(tmp_path / "typo"), "--input", str(wiki.parent), f"{tmp_path / 'wbe'}:0.5"])
+    assert not (tmp_path / "typo").exists()
 
 
 def test_files_held_out_of_training_are_never_read(tmp_path, tiny_tokenizer, capsys):
