@@ -361,7 +361,7 @@ def read_chunks(files, chunk_bytes, bad, text_field="text", max_line_bytes=MAX_L
                 sources=None):
     """Chunks (`Chunk`) of about `chunk_bytes` of records, file by file, from position `start` (a
     chunk's `resume`). The one reader of corpus files: prepare.py tokenises the chunks in a pool,
-    tokenizer.py samples from them (`iter_records`). Memory is bounded by the chunk size whatever the
+    tokenizer.py samples from them. Memory is bounded by the chunk size whatever the
     file size: jsonl is streamed (decompressed on the fly), parquet decoded a batch at a time.
     `sources[i]` is the input file i came from, passed on in its chunks; `text_field` is one name or
     one per input."""
@@ -397,15 +397,6 @@ def chunk_records(chunk, text_field, bad):
         else:
             bad.add(where, f"no string field {text_field!r}")
             yield where, None
-
-
-def iter_records(path, text_field="text", bad=None, skipped=None):
-    """(where, object) of every well-formed record of an input (file or folder, any corpus format)."""
-    bad = bad if bad is not None else BadLines()
-    for chunk in read_chunks(find_sources(path, skipped), 1 << 20, bad, text_field):
-        for where, obj in chunk_records(chunk, text_field, bad):
-            if obj is not None:
-                yield where, obj
 
 
 # ----------------------------------------------------------------------------- QA inputs
