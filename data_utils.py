@@ -2,6 +2,11 @@
 
 - Reading wiki jsonl robustly: malformed lines are counted and the first few reported with
   file:line, never fatal (`iter_jsonl`, `BadLines`).
+- Reading any pretraining corpus (`read_chunks`, the one reader of data/prepare.py and tokenizer.py):
+  jsonl plain, .gz or .zst (decompressed as a stream) and parquet (pyarrow, a batch of rows at a
+  time, never a whole file), cut into chunks of about a megabyte that carry the position to resume
+  from; `chunk_records` parses a chunk in a worker process. `clean_document` is the `--clean` mode:
+  the wiki cleaning or `clean_plain` (NFC, control characters, nothing else).
 - Cleaning a wiki article the same way everywhere (`clean_article`, `split_sentences`), so the text
   the model is pretrained on, the text QA pairs are generated from and the text evaluations prompt
   with all agree.
@@ -9,7 +14,10 @@
   `block_size` tokens, `[tokens..., EOT, PAD...]` (pretraining rows cut inside an article have
   no EOT: it marks only true document ends), and the model sees `x = block[:-1]`,
   `y = block[1:]`. The mask is computed from the tokens alone (vectorised), so no mask file is
-  stored and pretraining and SFT data share one format.
+  stored and pretraining and SFT data share one format. A split may be numbered shards (meta.json
+  `shards`), memory-mapped and indexed as one array (`ShardedBlocks`).
+- Scoring blocks (`evaluate_blocks`): one function for training's validation (shared out to DDP
+  ranks, all-reduced exactly) and evaluations/perplexity.py.
 - Untrusted input has limits: a line longer than `MAX_LINE_BYTES` is skipped without being read
   into memory (`read_lines`), JSON nested too deeply or holding a lone surrogate ("\\ud800") is a
   malformed line (`load_json`), and paths that are not regular files (FIFOs, symlink loops,
@@ -35,8 +43,10 @@ import re
 import shutil
 import stat
 import time
+import unicodedata
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -202,12 +212,195 @@ def split_of(key, val_fraction, salt="minigpt-split"):
     return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
 
 
-def article_key(obj):
+def article_key(obj, text_field="text"):
     """The key an article is split by: its id, else its title, else its text."""
-    for field in ("id", "title", "text"):
+    for field in ("id", "title", text_field):
         if obj.get(field) not in (None, ""):
             return str(obj[field])
     return ""
+
+
+# ----------------------------------------------------------------------------- corpus sources
+
+CORPUS_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.parquet")
+PARQUET_BATCH_ROWS = 1024  # rows pyarrow decodes at a time: a row group is never read whole
+
+
+class Chunk(NamedTuple):
+    """A unit of work read from one corpus file: `kind` 'jsonl' (payload: bytes of whole lines) or
+    'rows' (payload: a list of parquet row dicts); `first` is the number of its first line (1-based)
+    or row (0-based); `disk_bytes` the bytes of the file read since the previous chunk (progress);
+    `resume` where reading continues after it, (file index, offset, line) for `read_chunks(start=)`;
+    `source` the index of the input it came from (the mix weight)."""
+    path: str
+    first: int
+    kind: str
+    payload: object
+    disk_bytes: int
+    resume: tuple
+    source: int = 0
+
+
+def source_format(path):
+    name = Path(path).name.lower()
+    for suffix, fmt in ((".parquet", "parquet"), (".jsonl.gz", "gz"), (".jsonl.zst", "zst")):
+        if name.endswith(suffix):
+            return fmt
+    return "jsonl"
+
+
+def find_sources(path, skipped=None, held_out=None):
+    """The corpus files of an input (jsonl, .jsonl.gz, .jsonl.zst, parquet; a file or a folder walked
+    recursively), in a stable order, without the files no training set may read
+    (`TRAINING_HELD_OUT`), which go to `held_out` (a BadLines) so the caller can say so."""
+    files = []
+    for p in find_jsonl(path, CORPUS_PATTERNS, skipped):
+        if held_out_of_training(p):
+            if held_out is not None:
+                held_out.add(str(p), "held out of training (data_utils.TRAINING_HELD_OUT)")
+        else:
+            files.append(p)
+    return files
+
+
+@contextmanager
+def open_decoded(path):
+    """(decoded byte stream, the raw file under it) of a jsonl file, plain or compressed."""
+    fmt = source_format(path)
+    with open(path, "rb") as raw:
+        if fmt == "gz":
+            import gzip
+            with gzip.GzipFile(fileobj=raw) as f:
+                yield f, raw
+        elif fmt == "zst":
+            import zstandard
+            with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False) as f:
+                yield f, raw
+        else:
+            yield raw, raw
+
+
+def _skip_bytes(f, n):
+    """Read past the first `n` decoded bytes (a seek where the stream allows it)."""
+    if f.seekable():
+        f.seek(n)
+        return
+    while n > 0:
+        got = len(f.read(min(n, 1 << 24)))
+        if not got:
+            raise ValueError("the file is shorter than when reading stopped")
+        n -= got
+
+
+def _jsonl_chunks(index, path, chunk_bytes, max_line_bytes, bad, offset=0, lineno=1):
+    """Chunks of whole lines of one jsonl file (plain or compressed), from decoded byte `offset`.
+
+    A line longer than `max_line_bytes` is dropped as soon as it is known to be too long and the
+    rest of it is skipped unread into memory, so one line never takes more than about
+    `max_line_bytes + chunk_bytes`; it is reported to `bad` (the caller counts it as malformed)."""
+    with open_decoded(path) as (f, raw):
+        _skip_bytes(f, offset)
+        rest, skipping, disk = b"", False, raw.tell()
+        while block := f.read(chunk_bytes):
+            offset += len(block)
+            if skipping:
+                newline = block.find(b"\n")
+                if newline < 0:
+                    continue
+                block, skipping, lineno = block[newline + 1:], False, lineno + 1
+            block = rest + block
+            cut = block.rfind(b"\n") + 1
+            rest = block[cut:]
+            if cut:
+                now = raw.tell()
+                yield Chunk(str(path), lineno, "jsonl", block[:cut], now - disk, (index, offset - len(rest),
+                                                                                 lineno + block.count(b"\n", 0, cut)))
+                lineno, disk = lineno + block.count(b"\n", 0, cut), now
+            if len(rest) > max_line_bytes:
+                bad.add(f"{path}:{lineno}", f"line longer than {max_line_bytes} bytes")
+                rest, skipping = b"", True
+        if rest or raw.tell() > disk:
+            yield Chunk(str(path), lineno, "jsonl", rest, raw.tell() - disk, (index + 1, 0, 1))
+
+
+def _parquet_chunks(index, path, chunk_bytes, text_field, bad, row=0):
+    """Chunks of parquet rows (the text field, plus id and title when present), decoded
+    `PARQUET_BATCH_ROWS` at a time from row `row` on; a chunk closes once its text passes `chunk_bytes`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering reads ahead the whole file (+63 MB of 63)
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            bad.add(str(path), f"no column {text_field!r} (columns: {', '.join(names[:10])})")
+            return
+        columns = [text_field] + [c for c in ("id", "title") if c in names and c != text_field]
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        first_group, before = 0, 0
+        while first_group < len(sizes) and before + sizes[first_group] <= row:
+            before += sizes[first_group]
+            first_group += 1
+        per_row = Path(path).stat().st_size / max(sum(sizes), 1)  # for the progress bar
+        rows, text_bytes, start, drop = [], 0, row, row - before
+        # one row group per reader, so nothing beyond the group being decoded is ever buffered
+        batches = (batch for group in range(first_group, len(sizes))
+                   for batch in pf.iter_batches(PARQUET_BATCH_ROWS, row_groups=[group], columns=columns))
+        for batch in batches:
+            records = batch.to_pylist()
+            if drop:  # resuming inside a row group: skip the rows before the position
+                records, drop = records[drop:], max(0, drop - len(records))
+            rows.extend(records)
+            text_bytes += sum(len(r[text_field]) for r in records if isinstance(r[text_field], str))
+            if text_bytes >= chunk_bytes:
+                row = start + len(rows)
+                yield Chunk(str(path), start, "rows", rows, round(len(rows) * per_row), (index, row, 0))
+                rows, text_bytes, start = [], 0, row
+        yield Chunk(str(path), start, "rows", rows, round(len(rows) * per_row), (index + 1, 0, 1))
+    except (OSError, pa.ArrowException) as e:  # not parquet, truncated, corrupt: the rest of the file is lost
+        bad.add(str(path), f"unreadable parquet ({str(e).splitlines()[0][:200]})")
+
+
+def read_chunks(files, chunk_bytes, bad, text_field="text", max_line_bytes=MAX_LINE_BYTES, start=(0, 0, 1),
+                sources=None):
+    """Chunks (`Chunk`) of about `chunk_bytes` of records, file by file, from position `start` (a
+    chunk's `resume`). The one reader of corpus files: prepare.py tokenises the chunks in a pool,
+    tokenizer.py samples from them. Memory is bounded by the chunk size whatever the
+    file size: jsonl is streamed (decompressed on the fly), parquet decoded a batch at a time.
+    `sources[i]` is the input file i came from, passed on in its chunks; `text_field` is one name or
+    one per input."""
+    first, offset, lineno = start
+    for index in range(first, len(files)):
+        path, source = files[index], sources[index] if sources else 0
+        field = text_field if isinstance(text_field, str) else text_field[source]
+        if source_format(path) == "parquet":
+            chunks = _parquet_chunks(index, path, chunk_bytes, field, bad, offset if index == first else 0)
+        else:
+            at = (offset, lineno) if index == first else (0, 1)
+            chunks = _jsonl_chunks(index, path, chunk_bytes, max_line_bytes, bad, *at)
+        try:
+            for chunk in chunks:
+                yield chunk._replace(source=source)
+        except (OSError, EOFError, ValueError) as e:  # a truncated or corrupt compressed stream
+            bad.add(str(path), f"unreadable ({str(e)[:200]}); the rest of the file is skipped")
+
+
+def chunk_records(chunk, text_field, bad):
+    """(where, object or None) of each non-blank record of a chunk: None for a malformed one,
+    reported to `bad` (bad JSON or UTF-8, not an object, no string `text_field`)."""
+    if chunk.kind == "jsonl":
+        for offset, raw in enumerate(chunk.payload.split(b"\n")):
+            if raw.strip():
+                where = f"{chunk.path}:{chunk.first + offset}"
+                yield where, parse_jsonl_line(raw, where, bad, (text_field,))
+        return
+    for offset, obj in enumerate(chunk.payload):
+        where = f"{chunk.path}:row {chunk.first + offset}"
+        if isinstance(obj.get(text_field), str):
+            yield where, obj
+        else:
+            bad.add(where, f"no string field {text_field!r}")
+            yield where, None
 
 
 # ----------------------------------------------------------------------------- QA inputs
@@ -366,6 +559,28 @@ def clean_article(text, drop_title=True):
     return "\n".join(lines)
 
 
+# Control characters but tab and newline (C0, DEL, C1): never text, often extraction debris.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x85]")
+CLEAN_MODES = ("wiki", "none")
+
+
+def clean_plain(text):
+    """What every corpus needs and no more (`--clean none`): Unicode NFC (so one character has one
+    encoding and one tokenisation; not NFKC, which would turn full-width ，。 into ASCII), line
+    breaks made "\n", control characters dropped, tabs made spaces, lines stripped and blank ones
+    dropped (paragraphs joined by single newlines, as `clean_article` returns). No title line is
+    assumed and nothing else is removed; the minimum length is the caller's (`--min_chars`)."""
+    text = unicodedata.normalize("NFC", _LINE_BREAKS.sub("\n", text))
+    text = _CONTROL.sub("", text.replace("\t", " "))
+    return "\n".join(line for line in (raw.strip() for raw in text.split("\n")) if line)
+
+
+def clean_document(text, mode="wiki"):
+    """A document's cleaned body by `--clean` mode: 'wiki' (`clean_article`) or 'none' (`clean_plain`)."""
+    return clean_article(text) if mode == "wiki" else clean_plain(text)
+
+
 def split_sentences(text):
     """Split cleaned text into sentences that keep their end punctuation (and newlines as ends).
 
@@ -519,6 +734,33 @@ def loss_mask(y, special, kind, mask_eot=False):
     return (last_start > last_stop) & (y != pad)
 
 
+class ShardedBlocks:
+    """The blocks of numbered shard files (meta.json `shards`), indexed as one `(n_blocks, block_size)`
+    array: `blocks[indices]` gathers rows from each shard's memmap, so memory holds only the rows asked."""
+
+    def __init__(self, paths, dtype, block_size):
+        self.maps = [np.memmap(p, dtype=np.dtype(dtype), mode="r").reshape(-1, block_size)
+                     for p in paths if Path(p).stat().st_size]  # np.memmap cannot map an empty file
+        self.starts = np.cumsum([0] + [len(m) for m in self.maps])
+        self.block_size, self.dtype = block_size, np.dtype(dtype)
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.ndim == 0:
+            return self[indices[None]][0]
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"block index out of range 0..{len(self) - 1}")
+        shard = np.searchsorted(self.starts, indices, side="right") - 1
+        out = np.empty((len(indices), self.block_size), dtype=self.dtype)
+        for s in np.unique(shard).tolist():
+            take = shard == s
+            out[take] = self.maps[s][indices[take] - self.starts[s]]
+        return out
+
+
 class BlockData:
     """Memory-mapped blocks of one split, `(n_blocks, block_size)`, with two ways to draw batches.
 
@@ -530,10 +772,14 @@ class BlockData:
     def __init__(self, data_dir, split, seed=1337):
         self.meta = load_meta(data_dir)
         self.block_size = self.meta["block_size"]
-        path = Path(data_dir) / f"{split}.bin"
-        if path.stat().st_size == 0:  # np.memmap cannot map an empty file
-            raise ValueError(f"{path} holds no blocks (raise --val_fraction when preparing a small corpus)")
-        self.data = np.memmap(path, dtype=np.dtype(self.meta["dtype"]), mode="r").reshape(-1, self.block_size)
+        names = self.meta.get("shards", {}).get(split, [f"{split}.bin"])
+        paths = [Path(data_dir) / name for name in names]
+        if sum(p.stat().st_size for p in paths) == 0:
+            where = paths[0] if len(paths) == 1 else f"{data_dir} ({split} shards)"
+            raise ValueError(f"{where} holds no blocks (raise --val_fraction when preparing a small corpus)")
+        self.data = ShardedBlocks(paths, self.meta["dtype"], self.block_size)
+        if len(self.data.maps) == 1:
+            self.data = self.data.maps[0]  # one file: the memmap itself, no gather
         self.n_blocks = len(self.data)
         self.seed, self.epoch, self.cursor = seed, 0, 0
         self._order = None
@@ -585,7 +831,7 @@ class BlockData:
         self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
 
 
-def evaluate_blocks(model, data, indices, tok, batch_size, device, ctx=None):
+def evaluate_blocks(model, data, indices, tok, batch_size, device, ctx=None, rank=0, world=1):
     """Masked mean loss, perplexity and bits per character over the given blocks of `data`.
 
     Sums over every masked target (not a mean of batch means), so the numbers do not depend on the
@@ -593,27 +839,45 @@ def evaluate_blocks(model, data, indices, tok, batch_size, device, ctx=None):
     targets decoded with `tok.decode` (special tokens count in the loss but have no characters).
     Used by training (val_ppl, val_bpc) and evaluations/perplexity.py alike. `ctx` is the context
     each forward runs in, e.g. autocast (None: no context).
+
+    Under DDP (`world` > 1, torch.distributed initialised) the ranks share the work as they share
+    a training step: the blocks are cut into global batches of `batch_size * world`, each rank scores
+    its interleaved slice, and one all-reduce of the per-(batch, rank) sums (each entry non-zero on
+    one rank only, so adding the zeros is exact) gives every rank the same numbers, added in the
+    same order. 2 ranks x 8 blocks thus score exactly the blocks 1 x 16 scores (equal to float32
+    rounding: the forwards are cut differently).
     """
     import torch
 
     ctx = nullcontext() if ctx is None else ctx
     indices = list(indices)
+    step = batch_size * world
+    starts = range(0, len(indices), step)
+    sums = torch.zeros(len(starts), world, 3, dtype=torch.float64)  # nats, tokens, chars
     was_training = model.training
     model.eval()
-    nats, tokens, chars = 0.0, 0, 0
-    for start in range(0, len(indices), batch_size):
-        x, y, mask = data.batch(indices[start:start + batch_size], device)
+    for j, start in enumerate(starts):
+        part = indices[start:start + step][rank::world]
+        if not part:
+            continue
+        x, y, mask = data.batch(part, device)
         with ctx, torch.no_grad():
             _, loss = model(x, y, mask)
         n = int(mask.sum())
-        nats += float(loss) * n
-        tokens += n
-        for row, keep in zip(y.cpu(), mask.cpu()):
-            chars += count_chars(tok.decode(row[keep].tolist()))
+        chars = sum(count_chars(tok.decode(row[keep].tolist())) for row, keep in zip(y.cpu(), mask.cpu()))
+        sums[j, rank] = torch.tensor([float(loss) * n, n, chars], dtype=torch.float64)
     model.train(was_training)
+    if world > 1:
+        import torch.distributed as dist
+
+        on_device = sums.to(device)  # NCCL reduces device tensors only
+        dist.all_reduce(on_device)
+        sums = on_device.cpu()
+    sums = sums.reshape(-1, 3)
+    nats = sum(sums[:, 0].tolist())  # in batch order, as one process adds them
+    tokens, chars = int(sums[:, 1].sum()), int(sums[:, 2].sum())
     if tokens == 0:
         raise ValueError("no target tokens to score in these blocks (all padding, or no answer spans)")
     loss = nats / tokens
     return {"loss": loss, "ppl": math.exp(loss), "bpc": nats / math.log(2) / chars if chars else None,
             "tokens": tokens, "chars": chars, "blocks": len(indices)}
-

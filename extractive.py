@@ -8,8 +8,9 @@
   across lines (a RAG prompt puts one passage a line), never starting or ending with whitespace,
   deduplicated by text. `gate` > 0 keeps only substrings of the `gate` sentences sharing most
   terms with the question (`retrieval.overlaps`, the bigrams BM25, `fit_passage` and the
-  best-overlap rule use). The default is 1: issue 23 measured it best with the pipeline's fine-tuned model (DRCD test F1 14.9, against
-  9.6 over every sentence), and it is 10x cheaper (BENCHMARKS.md, "Max-likelihood span search").
+  best-overlap rule use). The default is 1: issue 23 measured it best with the pipeline's
+  fine-tuned model (DRCD test F1 14.9, against 9.6 over every sentence), and it is
+  10x cheaper (BENCHMARKS.md, "Max-likelihood span search").
 - Each candidate is written as `tok.encode(text)`: the tokens the model was trained to emit for that
   answer. An answer whose characters sit inside merged passage tokens (the passage has `长江大桥`
   as one token, the answer is `长江`) is a candidate like any other; copying passage tokens could not

@@ -355,33 +355,44 @@ def ranks_from_hf(hf):
     return ranks
 
 
-def sample_texts(input_path, max_chars=16_000_000):
-    """Cleaned article bodies from wiki jsonl, about `max_chars` in total, spread over all files."""
-    from data_utils import clean_article, find_jsonl, iter_jsonl
+def sample_texts(inputs, max_chars=16_000_000, text_field="text", clean="wiki", min_chars=50):
+    """Cleaned document bodies, about `max_chars` in total, spread over all files of the inputs (a
+    path or a list of them; any corpus format data/prepare.py reads, through the same reader
+    `data_utils.read_chunks`, and never the files held out of training)."""
+    from data_utils import BadLines, chunk_records, clean_document, find_sources, read_chunks
 
-    files = find_jsonl(input_path)
+    paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    files = [f for path in paths for f in find_sources(path)]
     per_file = max_chars // max(len(files), 1)
+    bad = BadLines()
     for path in files:
         got = 0
-        for _, obj in iter_jsonl(path):
-            body = clean_article(obj["text"])
-            if len(body) >= 50:
+        records = (obj for chunk in read_chunks([path], 1 << 20, bad, text_field)
+                   for _, obj in chunk_records(chunk, text_field, bad) if obj is not None)
+        for obj in records:
+            body = clean_document(obj[text_field], clean)
+            if len(body) >= min_chars:
                 yield body
                 got += len(body)
                 if got >= per_file:
                     break
+    bad.report()
 
 
 if __name__ == "__main__":
     import argparse
     import time
 
-    ap = argparse.ArgumentParser(description="Train the Chinese byte-level BPE tokenizer on wiki jsonl.")
-    ap.add_argument("--input", required=True, help="folder (walked for *.jsonl) or one jsonl file")
+    ap = argparse.ArgumentParser(description="Train the Chinese byte-level BPE tokenizer on a corpus.")
+    ap.add_argument("--input", required=True, nargs="+",
+                    help="files or folders (walked for *.jsonl, *.jsonl.gz, *.jsonl.zst, *.parquet)")
+    ap.add_argument("--text_field", default="text", help="the field (jsonl) or column (parquet) holding the text")
+    ap.add_argument("--clean", choices=("wiki", "none"), default="wiki", help="as data/prepare.py --clean")
     ap.add_argument("--out", default="data/tokenizer")
     ap.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE)
     ap.add_argument("--max_chars", type=int, default=16_000_000, help="characters sampled for training")
     args = ap.parse_args()
     t0 = time.time()
-    tok = train_tokenizer(sample_texts(args.input, args.max_chars), args.out, args.vocab_size)
+    tok = train_tokenizer(sample_texts(args.input, args.max_chars, args.text_field, args.clean), args.out,
+                          args.vocab_size)
     print(f"trained {tok.n_vocab}-token tokenizer in {time.time() - t0:.0f}s -> {args.out} ({tok.identity.short()})")

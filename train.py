@@ -24,7 +24,14 @@ Design choices:
   differ per rank; a checkpoint keeps rank 0's, and a resumed DDP run re-seeds the others.)
 - val_loss / val_ppl / val_bpc come from one fixed set of validation blocks, chosen once from the
   seed, so evaluations are comparable with each other (data_utils.evaluate_blocks computes them,
-  as evaluations/perplexity.py does).
+  as evaluations/perplexity.py does). The set is eval_iters global micro-batches (eval_iters x
+  batch_size x processes blocks), as the training batch is: 1 process x 16 blocks and 2 x 8
+  score the same blocks (each rank its interleaved share, sums all-reduced) and report the same
+  val loss, to float32 rounding; a rank's evaluation work does not grow with the world size.
+- Several machines: torchrun's c10d rendezvous (`--nnodes=2 --rdzv_backend=c10d
+  --rdzv_endpoint=HOST:PORT`) starts the same ranks one launcher with more processes would, and
+  nothing here depends on which machine a rank runs on; checkpoints are written by rank 0 and
+  resume under any world size (the sampling state is global).
 - Nothing loses a run: last.pt is written (atomically) at every evaluation and when Ctrl-C (exit
   130) or SIGTERM (exit 143, as a shell reports a killed process: a stopped run is not a
   finished one, and pipeline.py must not mark its stage done) stops the run at a step boundary;
@@ -83,7 +90,8 @@ overwrite = False  # let 'scratch' replace a run already in out_dir
 max_iters = 5000
 max_epochs = None  # when set, max_iters = this many passes over the training blocks
 eval_interval = 250
-eval_iters = 20  # the validation set: eval_iters * batch_size fixed blocks (all of val when fewer)
+eval_iters = 20  # the validation set: eval_iters * batch_size * processes fixed blocks (all of val when fewer):
+# fixed by the global batch, so 1 x 16 and 2 x 8 score the same blocks (the ranks share the scoring)
 log_interval = 10
 wandb_log = False
 wandb_project = "minigpt-zh"
@@ -334,6 +342,20 @@ def train_step(model, batches, optimizer, scaler, cfg, rt, dpo=None):
     return total, count, grad_norm
 
 
+def ranks_agree(model, rt):
+    """Whether every rank holds the same weights, from one all-gather of a float64 checksum (sum and
+    sum of squares). DDP keeps them equal; a machine running other code or kernels would drift
+    silently, so this runs at each evaluation (a few hundred bytes)."""
+    if not rt.ddp:
+        return True
+    with torch.no_grad():
+        params = list(model.parameters())
+        check = torch.stack([sum(p.double().sum() for p in params), sum(p.double().square().sum() for p in params)])
+    gathered = [torch.zeros_like(check) for _ in range(rt.world)]
+    dist.all_gather(gathered, check)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def lr_at(it, cfg):
     """Linear warmup to learning_rate, then either cosine decay to min_lr at lr_decay_iters
     (lr_schedule 'cosine', also when cfg has none) or 'wsd': warmup, stable at learning_rate, and a
@@ -556,14 +578,14 @@ def train(cfg, rt, argv):
             for stale in ("best.pt", "last.pt"):
                 (out_dir / stale).unlink(missing_ok=True)
     log = Log(out_dir / "log.jsonl", cfg, rt, iter_num if cfg.init_from == "resume" else None)
-    n_val = min(cfg.eval_iters * cfg.batch_size, val_data.n_blocks)
+    n_val = min(cfg.eval_iters * cfg.batch_size * rt.world, val_data.n_blocks)  # set by the global batch
     val_indices = np.sort(np.random.default_rng(cfg.seed).choice(val_data.n_blocks, n_val, replace=False))
     peak = peak_flops(rt)
     flops_per_token = raw_model.flops_per_token(meta["block_size"] - 1)
 
     say(f"data: {cfg.data_dir} ({kind}): {train_data.n_blocks:,} train / {val_data.n_blocks:,} val blocks of "
         f"{meta['block_size']} tokens; vocabulary {meta['vocab_size']:,} (padded to {model_args['vocab_size']:,}), "
-        f"tokenizer {tok.identity.short()}")
+        f"tokenizer {tok.identity.short()}; validating on {n_val} of {val_data.n_blocks:,} blocks")
     say(f"model: {model_args.get('arch', 'gpt2')}, "
         f"{model_args['n_layer']} layers, {model_args['n_head']} heads, {model_args['n_embd']} wide: "
         f"{raw_model.num_params() / 1e6:.2f}M parameters ({raw_model.num_params(False) / 1e6:.2f}M with positions); "
@@ -614,9 +636,13 @@ def train(cfg, rt, argv):
 
             if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters:
                 t_eval = time.time()
-                metrics = evaluate_blocks(eval_model, val_data, val_indices, tok, cfg.batch_size, rt.device, rt.ctx)
+                metrics = evaluate_blocks(eval_model, val_data, val_indices, tok, cfg.batch_size, rt.device, rt.ctx,
+                                          rt.rank, rt.world)
                 if dpo is not None:  # DPO loss, margin and accuracy on the validation pairs; best.pt by that loss
                     metrics |= dpo.evaluate(eval_model, val_data, val_indices, cfg.batch_size, rt.device, rt.ctx)
+                if not ranks_agree(raw_model, rt):
+                    raise TrainingError(f"the ranks hold different weights at iteration {iter_num}: check that "
+                                        f"every machine runs the same code, data and library versions")
                 score = metrics["loss"] if dpo is None else metrics["dpo_loss"]
                 if not math.isfinite(score):
                     fail_nonfinite("the validation loss")
@@ -627,7 +653,8 @@ def train(cfg, rt, argv):
                 say(f"eval {iter_num}: val loss {metrics['loss']:.4f}, ppl {metrics['ppl']:.2f}, "
                     f"bpc {metrics['bpc'] or float('nan'):.4f}"
                     + (f"; DPO loss {metrics['dpo_loss']:.4f}, margin {metrics['dpo_margin']:.3f}, "
-                       f"accuracy {metrics['dpo_acc']:.2f}" if dpo else ""))
+                       f"accuracy {metrics['dpo_acc']:.2f}" if dpo else "")
+                    + (f"; the {rt.world} ranks hold identical weights" if rt.ddp else ""))
                 if rt.master:
                     if score < best_val_loss:
                         best_val_loss = score

@@ -233,3 +233,34 @@ def test_atomic_write_first_removes_stale_temporaries_of_its_own_name(tmp_path):
     with atomic_write(tmp_path / "out.json", "w") as f:
         f.write("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.json", other.name, live.name])
+
+
+@pytest.mark.parametrize("name", ["c.jsonl", "c.jsonl.gz", "c.jsonl.zst", "c.parquet"])
+def test_reading_resumes_at_any_chunk_in_every_format(tmp_path, name):
+    """A chunk's `resume` position, given back as `start`, yields exactly the records after it, in
+    every format, also inside a parquet row group larger than a decoded batch (5000 rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_prepare import write_as
+
+    from data_utils import PARQUET_BATCH_ROWS, chunk_records, read_chunks
+
+    objs = [{"id": str(i), "text": f"第{i}行" + "字" * (i % 13)} for i in range(5000)]
+    if name.endswith(".parquet"):  # one row group of 5000 rows: decoded 1024 at a time
+        pq.write_table(pa.Table.from_pylist(objs), tmp_path / name, row_group_size=5000)
+        files = [tmp_path / name]
+    else:
+        files = [write_as(tmp_path / name, objs)]
+    files.append(write_as(tmp_path / "d.jsonl", objs[:10]))
+    bad = BadLines()
+
+    def texts(chunks):
+        return [obj["text"] for c in chunks for _, obj in chunk_records(c, "text", bad)]
+
+    chunks = list(read_chunks(files, 3000, bad))
+    assert texts(chunks) == [o["text"] for o in objs + objs[:10]] and len(chunks) > 5
+    inside = [c for c in chunks if c.resume[0] == 0 and c.resume[1] > PARQUET_BATCH_ROWS][:3]
+    for chunk in [*inside, chunks[len(chunks) // 2], chunks[-3]]:
+        rest = chunks[chunks.index(chunk) + 1:]
+        assert texts(read_chunks(files, 3000, bad, start=chunk.resume)) == texts(rest)
+    assert bad.count == 0

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -217,7 +218,7 @@ def test_interrupted_run_keeps_the_previous_output(tmp_path, tiny_tokenizer):
                              "--tokenizer", tok.identity.path, "--workers", "1", "--chunk_bytes", "65536"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while not any(p.name.startswith(".train.bin.tmp") and p.stat().st_size for p in out.iterdir()):
+    while not any(p.name.startswith(".train.bin") and p.stat().st_size for p in out.iterdir()):
         assert proc.poll() is None and time.time() < deadline, "prepare.py ended before it could be interrupted"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -287,3 +288,190 @@ def test_temporaries_of_a_killed_run_are_removed_at_start(tmp_path, tiny_tokeniz
     (out / "notes.tmp1").write_text("not ours")
     run(tmp_path, tiny_tokenizer, write_jsonl(tmp_path / "in.jsonl", [article(1)]), "--val_fraction", "0")
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "notes.tmp1", "train.bin", "val.bin"]
+
+
+# ----------------------------------------------------------------------------- corpus formats, mixes, shards
+
+
+def write_as(path, objs):
+    """The same records as .jsonl, .jsonl.gz, .jsonl.zst or parquet (row groups of 7 rows), by suffix."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs).encode()
+    if path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(lines))
+    elif path.name.endswith(".zst"):
+        path.write_bytes(zstandard.ZstdCompressor().compress(lines))
+    elif path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(objs), path, row_group_size=7)
+    else:
+        path.write_bytes(lines)
+    return path
+
+
+def read_outputs(out):
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    names = meta.get("shards", {s: [f"{s}.bin"] for s in ("train", "val")})
+    return meta, {s: b"".join((out / n).read_bytes() for n in names[s]) for s in ("train", "val")}
+
+
+def test_compressed_and_parquet_inputs_give_byte_identical_output(tmp_path, tiny_tokenizer):
+    """.jsonl.gz, .jsonl.zst and parquet (read in row groups, chunks smaller than a group) give the
+    bytes plain jsonl gives for the same records, also through the tokenizer's sampler."""
+    from tokenizer import sample_texts
+
+    objs = [article(i) for i in range(60)]
+    outputs = {}
+    for name in ("in.jsonl", "in.jsonl.gz", "in.jsonl.zst", "in.parquet"):
+        path = write_as(tmp_path / name.replace(".", "_") / name, objs)
+        run(tmp_path, tiny_tokenizer, path, "--val_fraction", "0.2", "--chunk_bytes", "2000", out=f"out_{name}")
+        outputs[name] = read_outputs(tmp_path / f"out_{name}")
+        assert list(sample_texts(path, 10_000)) == list(sample_texts(tmp_path / "in_jsonl", 10_000))
+    plain_meta, plain = outputs["in.jsonl"]
+    assert plain_meta["counts"]["articles_kept"] == 60 and plain["train"] and plain["val"]
+    for name, (meta, bins) in outputs.items():
+        assert bins == plain, name
+        assert meta["counts"]["tokens"] == plain_meta["counts"]["tokens"]
+
+
+def test_text_field_and_clean_none_keep_web_text(tmp_path, tiny_tokenizer):
+    """--text_field content --clean none: no title line dropped, no heading removed; only NFC, line
+    breaks, control characters, tabs and blank lines are touched; short documents still dropped."""
+    tok = tiny_tokenizer
+    web = "标题行也是正文.\r\n第一段有\x00控制\x07字符\t和制表符。\n\n\nCafe\u0301 用分解的重音写成。\u2028新的一行。"
+    objs = [{"content": web, "url": "u1"}, {"content": "太短。", "url": "u2"}, {"text": "没有 content 字段。" * 9}]
+    meta, rows = run(tmp_path, tok, write_jsonl(tmp_path / "web.jsonl", objs), "--text_field", "content",
+                     "--clean", "none", "--val_fraction", "0", "--min_chars", "20")
+    expected = "标题行也是正文.\n第一段有控制字符 和制表符。\nCafé 用分解的重音写成。\n新的一行。"
+    assert documents(rows["train"], tok) == [expected]
+    assert meta["counts"]["dropped"] == {"malformed": 1, "too_short": 1, "mixed_out": 0}
+    assert meta["sources"][0]["clean"] == "none" and meta["sources"][0]["text_field"] == "content"
+    # one setting per input: the web file as it is, the wiki without its title line
+    wiki = write_jsonl(tmp_path / "wiki.jsonl", [article(1)])
+    prepare_main(["--input", str(tmp_path / "web.jsonl"), str(wiki), "--text_field", "content", "text",
+                  "--clean", "none", "wiki", "--val_fraction", "0", "--min_chars", "20", "--out", str(tmp_path / "two"),
+                  "--tokenizer", tok.identity.path, "--quiet"])
+    meta, bins = read_outputs(tmp_path / "two")
+    rows = np.frombuffer(bins["train"], dtype=meta["dtype"]).reshape(-1, meta["block_size"])
+    assert documents(rows, tok) == [expected, clean_article(article(1)["text"])]
+    assert [(s["text_field"], s["clean"]) for s in meta["sources"]] == [("content", "none"), ("text", "wiki")]
+    with pytest.raises(SystemExit):
+        prepare_main(["--input", str(wiki), "--clean", "none", "wiki", "--out", str(tmp_path / "x")])
+
+
+def test_weighted_mix_is_deterministic_and_recorded(tmp_path, tiny_tokenizer):
+    """wiki:2 web:0.5 takes every wiki training article twice, a fixed half of the web ones once,
+    validation articles at most once; the same bytes on every run; the mix is in meta.json."""
+    tok = tiny_tokenizer
+    wiki = write_jsonl(tmp_path / "wiki" / "a.jsonl", [article(i) for i in range(40)])
+    web = write_as(tmp_path / "web" / "b.parquet", [{"id": f"w{i}", "text": f"网页{i}\n\n" +
+                                                     article(100 + i)["text"].split("\n\n")[1]} for i in range(80)])
+    args = ("--val_fraction", "0.2", "--input", f"{wiki.parent}:2", f"{web.parent}:0.5")
+    prepare_main(["--out", str(tmp_path / "mix"), "--tokenizer", tok.identity.path, "--quiet", *args])
+    prepare_main(["--out", str(tmp_path / "again"), "--tokenizer", tok.identity.path, "--quiet", *args])
+    meta, bins = read_outputs(tmp_path / "mix")
+    assert read_outputs(tmp_path / "again")[1] == bins
+    rows = {s: np.frombuffer(bins[s], dtype=meta["dtype"]).reshape(-1, meta["block_size"]) for s in bins}
+    train, val = Counter(documents(rows["train"], tok)), Counter(documents(rows["val"], tok))
+    wiki_docs = {clean_article(article(i)["text"]) for i in range(40)}
+    web_docs = {article(100 + i)["text"].split("\n\n")[1] for i in range(80)}
+    assert set(train) | set(val) <= wiki_docs | web_docs and max(val.values()) == 1
+    assert all(train[d] == 2 for d in wiki_docs - set(val)) and not set(train) & set(val)
+    web_train = [d for d in train if d in web_docs]
+    web_val = [d for d in val if d in web_docs]
+    assert all(train[d] == 1 for d in web_train) and 0.3 < (len(web_train) + len(web_val)) / 80 < 0.7
+    sources = meta["sources"]
+    assert [(s["input"], s["weight"]) for s in sources] == [(str(wiki.parent), 2.0), (str(web.parent), 0.5)]
+    assert sources[1]["articles_train"] == len(web_train) and meta["counts"]["dropped"]["mixed_out"] > 0
+    assert sum(s["tokens_train"] for s in sources) == meta["counts"]["tokens_train"]
+    with pytest.raises(SystemExit):  # a mistyped input is an error, not a silently different mix
+        prepare_main(["--out", str(tmp_path / "typo"), "--input", str(wiki.parent), f"{tmp_path / 'wbe'}:0.5"])
+    assert not (tmp_path / "typo").exists()
+
+
+def test_files_held_out_of_training_are_never_read(tmp_path, tiny_tokenizer, capsys):
+    """pipeline.py writes data/drcd_test_passages.jsonl: prepare.py on data/ must not pretrain on it."""
+    folder = tmp_path / "data"
+    write_jsonl(folder / "wiki.jsonl", [article(i) for i in range(3)])
+    write_jsonl(folder / "drcd_test_passages.jsonl", [article(50 + i) for i in range(3)])
+    meta, rows = run(tmp_path, tiny_tokenizer, folder, "--val_fraction", "0")
+    assert documents(rows["train"], tiny_tokenizer) == [clean_article(article(i)["text"]) for i in range(3)]
+    assert "held out of training" in capsys.readouterr().out and meta["counts"]["skipped_paths"] == 1
+
+
+def test_bad_records_in_every_format_are_counted_not_fatal(tmp_path, tiny_tokenizer, capsys):
+    folder = tmp_path / "in"
+    write_as(folder / "a.parquet", [article(1), {"id": "x", "text": None}])
+    (folder / "b.parquet").write_bytes(b"PAR1 not really")
+    good = zstandard_bytes([article(2)] * 1)
+    (folder / "c.jsonl.zst").write_bytes(good[: len(good) // 2])  # truncated stream
+    write_as(folder / "d.jsonl.gz", [article(3)])
+    write_as(folder / "e.parquet", [{"id": "y", "body": "no text column"}])
+    meta, rows = run(tmp_path, tiny_tokenizer, folder, "--val_fraction", "0")
+    assert documents(rows["train"], tiny_tokenizer) == [clean_article(article(i)["text"]) for i in (1, 3)]
+    out = capsys.readouterr().out
+    assert "a.parquet:row 1" in out and "unreadable parquet" in out and "no column 'text'" in out
+    assert meta["counts"]["dropped"]["malformed"] >= 1
+
+
+def zstandard_bytes(objs):
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress("".join(json.dumps(o, ensure_ascii=False) + "\n"
+                                                       for o in objs).encode())
+
+
+def test_shards_are_one_dataset_to_the_loader(tmp_path, tiny_tokenizer):
+    """--shard_tokens writes numbered shards of whole blocks whose concatenation is the unsharded
+    output, and BlockData reads them as one array."""
+    from data_utils import BlockData
+
+    path = write_jsonl(tmp_path / "in.jsonl", [article(i, 12) for i in range(80)])
+    common = ["--input", str(path), "--tokenizer", tiny_tokenizer.identity.path, "--quiet", "--block_size", "64",
+              "--val_fraction", "0.1"]
+    prepare_main([*common, "--out", str(tmp_path / "one")])
+    prepare_main([*common, "--out", str(tmp_path / "sharded"), "--shard_tokens", "2000"])
+    _, one = read_outputs(tmp_path / "one")
+    meta, sharded = read_outputs(tmp_path / "sharded")
+    assert sharded == one and len(meta["shards"]["train"]) > 3
+    sizes = [(tmp_path / "sharded" / n).stat().st_size for n in meta["shards"]["train"]]
+    assert set(sizes[:-1]) == {32 * 64 * 2} and 0 < sizes[-1] <= 32 * 64 * 2  # ceil(2000/64) blocks each
+    a, b = BlockData(tmp_path / "one", "train"), BlockData(tmp_path / "sharded", "train")
+    assert a.n_blocks == b.n_blocks
+    idx = np.array([0, 31, 32, a.n_blocks - 1, 5, 64])
+    assert all((x == y).all() for x, y in zip(a.batch(idx), b.batch(idx)))
+    # a later unsharded run into the same folder leaves no stale shard behind
+    prepare_main([*common, "--out", str(tmp_path / "sharded")])
+    assert not list((tmp_path / "sharded").glob("*-*.bin")) and read_outputs(tmp_path / "sharded")[1] == one
+
+
+def test_killed_sharded_run_resumes_at_its_last_shard(tmp_path, tiny_tokenizer):
+    """SIGKILL after a shard was checkpointed: the next run says it resumes, re-does only what came
+    after the checkpoint, and ends with the bytes of an uninterrupted run."""
+    tok = tiny_tokenizer
+    big = write_as(tmp_path / "big.jsonl.zst", [article(i, 30) for i in range(1500)])
+    args = ["--input", str(big), "--tokenizer", tok.identity.path, "--workers", "1", "--chunk_bytes", "16384",
+            "--block_size", "128", "--shard_tokens", "20000", "--quiet"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "data" / "prepare.py"), *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / ".prepare-progress.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "prepare.py ended before it could be interrupted"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    progress = json.loads((out / ".prepare-progress.json").read_text())
+    assert not (out / "meta.json").exists() and progress["writers"]["train"]["done"]
+    result = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), *args, "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "resuming the killed run" in result.stdout
+    prepare_main([*args, "--out", str(tmp_path / "fresh")])
+    assert read_outputs(out)[1] == read_outputs(tmp_path / "fresh")[1]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
