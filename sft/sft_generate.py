@@ -56,6 +56,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import sys
 import threading
@@ -515,8 +516,9 @@ class Store:
 # ----------------------------------------------------------------------------- running
 
 
-def run_concurrently(generate, articles, workers, stop):
-    """Yield (article, outcome) as requests finish, with at most 2 * workers articles in flight."""
+def run_concurrently(generate, articles, workers, stop, interrupted=None):
+    """Yield (article, outcome) as requests finish, with at most 2 * workers articles in flight;
+    raises KeyboardInterrupt within 0.1 s of `interrupted` being set, also while requests are held."""
     pool, pending, articles = ThreadPoolExecutor(workers), {}, iter(articles)
     exhausted = False
     try:
@@ -528,7 +530,9 @@ def run_concurrently(generate, articles, workers, stop):
                     pending[pool.submit(generate, article)] = article
             if not pending:
                 return
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            finished, _ = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+            if interrupted is not None and interrupted.is_set():
+                raise KeyboardInterrupt
             for future in finished:
                 yield pending.pop(future), future.result()
     finally:
@@ -655,14 +659,19 @@ def generate(args):
                 seen.add(article.id)
                 yield article
 
+    # Ctrl-C only sets a flag, acted on between articles: a KeyboardInterrupt raised anywhere (inside
+    # the store's write, holding its lock) could tear a line or hang the exit (seen under load)
+    interrupted = threading.Event()
     if backend:
-        results = run_concurrently(backend, todo(), args.workers, stop)
+        results = run_concurrently(backend, todo(), args.workers, stop, interrupted)
     else:
         balance = Balance()
         results = ((a, extractive_outcome(a, limits, balance)) for a in todo())
     done, pairs, verbatim, failures, started = 0, 0, 0, Counter(), time.time()
     histogram, families = [0] * 10, Counter()
     bar = tqdm(total=args.limit or reader.count_lines(), unit="article", mininterval=0.5)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set()) if in_main else None
     try:
         for article, outcome in results:
             store.record(article, outcome)
@@ -677,12 +686,16 @@ def generate(args):
             rate = pairs / max(time.time() - started, 1e-9)
             bar.set_postfix(pairs=pairs, pairs_per_s=f"{rate:.1f}", failed=sum(failures.values()), refresh=False)
             bar.update(0)
+            if interrupted.is_set():
+                raise KeyboardInterrupt
         bar.n = reader.eligible if args.limit else reader.lines
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted: finished articles are saved; run again to resume", file=sys.stderr)
         return 130
     finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
         results.close()  # stops the workers' retries and cancels articles not yet sent
         bar.close()
         store.close()
