@@ -12,31 +12,17 @@ import json
 import socket
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 import requests
+from test_server import LONG, serving
 
 from inference import load_run
 from server import create_app, make_server
 
-LONG = 20000  # a generation that would take far longer than any test waits
 KEY = "s3cret"
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
-
-
-@contextmanager
-def serving(run_dir, **options):
-    app = create_app(load_run(run_dir), **options)
-    server = make_server(app, "127.0.0.1", 0, clients=16)
-    threading.Thread(target=server.run, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.effective_port}", server.effective_port
-    finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
-        app.extensions["batcher"].close()
 
 
 def metrics(url, headers=None):
