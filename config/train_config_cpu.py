@@ -41,7 +41,9 @@ grad_clip = 1.0
 device = "cpu"
 # precision and compilation are measured choices (issue 20, BENCHMARKS.md "bf16 and torch.compile on the
 # CPU"): dtype 'auto' is bf16 autocast only on a CPU with native bf16 (on this avx2-only machine bf16
-# steps measured 5x slower than float32), and compile 'auto' compiles when the run repays the warm-up
-# (here: 1.07x per step for ~27 s, so the 800-step run compiles and a --max_iters=50 try does not)
+# steps measured 5x slower than float32). compile is off: its 1.07x was measured with one thread, and
+# with the two threads this preset trains on (the pipeline on 2 cores) compiled steps measured 1.01x
+# eager (878 vs 872 tokens/s, medians of 8 intervals each, alternating; BENCHMARKS.md), no gain to
+# repay a warm-up. `--compile=auto` applies train.choose_compile's rule instead.
 dtype = "auto"
-compile = "auto"
+compile = False
