@@ -66,7 +66,7 @@ def health(url):
     return requests.get(f"{url}/health", timeout=5).json()["queue"]
 
 
-def wait_until(condition, timeout=5.0):
+def wait_until(condition, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import requests
-from test_server import LONG, serving
+from test_server import LONG, serving, wait_until
 
 from inference import load_run
 from server import create_app, make_server
@@ -30,15 +30,6 @@ def metrics(url, headers=None):
     text = requests.get(f"{url}/metrics", headers=headers, timeout=10).text
     return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
             if line and not line.startswith("#") and "{" not in line}
-
-
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def send_raw(port, path, body, headers=""):
